@@ -1,0 +1,153 @@
+"""Typed schema for every config group, registered in Hydra's ConfigStore.
+
+The primary config (`conf/train.yaml`) lists `rmexp_schema` first in its defaults, so each YAML
+group option is merged onto these dataclasses: an unknown key (`lora.rr=3`) or a wrong type
+(`lora.r=abc`) fails while Hydra composes, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# Where the conf/ tree lives: next to src/ in the repository (editable install).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+class QuantType(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class LoggerBackend(str, Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class OnError(str, Enum):
+    raise_ = "raise"
+    skip = "skip"
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local HF directory, or `builtin:<name>` for a model rmexp builds locally.
+    name_or_path: str = MISSING
+    revision: Optional[str] = None
+    trust_remote_code: bool = False  # off unless asked: remote code runs with your privileges
+    # dtype of the weights that stay unquantized (embeddings, norms, score head)
+    dtype: str = "bfloat16"
+    attn_implementation: Optional[str] = "sdpa"
+    # where builtin models are built and cached
+    cache_dir: str = "${oc.env:RMEXP_CACHE,${oc.env:HOME}/.cache/rmexp}"
+
+
+@dataclass
+class QuantizationConfig:
+    # Keys keep BitsAndBytesConfig's names; both flags false means no quantization.
+    load_in_4bit: bool = True
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: QuantType = QuantType.nf4
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class LoraConfig:
+    # Keys keep peft.LoraConfig's names; task_type is always SEQ_CLS.
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    bias: str = "none"
+    # the reward head is new: train it fully and save it with the adapter
+    modules_to_save: list[str] = field(default_factory=lambda: ["score"])
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    eval_path: Optional[str] = None
+    eval_fraction: float = 0.1  # held out, seeded by split_seed, when eval_path is null
+    split_seed: int = 42  # fixed apart from trainer.seed so every sweep job sees the same split
+    max_pairs: Optional[int] = None  # read only the first N pairs of each file
+    system_prompt: Optional[str] = None  # prepended as a system message to every prompt
+    on_error: OnError = OnError.raise_
+
+
+@dataclass
+class TrainerConfig:
+    # Keys keep trl.RewardConfig / transformers.TrainingArguments names.
+    learning_rate: float = 1e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # per sequence; longer pairs lose prompt tokens from the left
+    warmup_steps: float = 0.0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    center_rewards_coefficient: Optional[float] = None
+    gradient_checkpointing: bool = True
+    bf16: bool = True  # bf16 autocast on CUDA and CPU
+    eval_strategy: str = "steps"
+    eval_steps: float = 50
+    save_strategy: str = "no"
+    save_steps: float = 500
+    save_total_limit: Optional[int] = 2
+    logging_steps: float = 5
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    # any other RewardConfig field, passed through as is
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.wandb
+    mode: Optional[WandbMode] = None  # null: online when W&B credentials exist, else offline
+    project: str = "rmexp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0  # seconds before an online start falls back to offline
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class RMExpConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="rmexp_schema", node=RMExpConfig)
+
+
+register_configs()

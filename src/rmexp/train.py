@@ -1,0 +1,210 @@
+"""Train a 4-bit QLoRA reward model: `python -m rmexp.train [overrides]`.
+
+One linear path: config -> data -> model -> TRL RewardTrainer -> final held-out evaluation ->
+adapter, tokenizer, scores.jsonl and metrics.json in the run dir. `main(cfg)` is what tests call;
+it returns the held-out pairwise accuracy so a Hydra sweeper can optimise it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rmexp.config import CONF_DIR
+from rmexp.data import load_pairs, split_pairs, tokenize_pairs
+from rmexp.model import build_bnb_config, build_lora_config, load_reward_model
+
+log = logging.getLogger("rmexp.train")
+
+
+def build_reward_config(trainer_cfg, run_dir: Path, report_to: str):
+    """The `trainer` group as TRL's RewardConfig (HF names), checkpoints under <run_dir>/checkpoints."""
+    from trl import RewardConfig
+
+    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
+    kwargs.update(kwargs.pop("extra") or {})
+    cuda = torch.cuda.is_available()
+    return RewardConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        report_to=report_to,
+        use_cpu=not cuda,
+        bf16=bool(kwargs.pop("bf16")) and (not cuda or torch.cuda.is_bf16_supported()),
+        disable_dropout=False,  # keep lora_dropout as configured
+        logging_first_step=True,
+        **kwargs,
+    )
+
+
+def load_data(data_cfg):
+    """Train and eval pairs, and what was read/skipped, before any model is loaded."""
+    on_error = getattr(data_cfg.on_error, "value", data_cfg.on_error)
+    pairs, stats = load_pairs(data_cfg.path, data_cfg.max_pairs, on_error)
+    if data_cfg.eval_path:
+        eval_pairs, eval_stats = load_pairs(data_cfg.eval_path, data_cfg.max_pairs, on_error)
+        return pairs, eval_pairs, {"train_file": stats.as_dict(), "eval_file": eval_stats.as_dict()}
+    train_pairs, eval_pairs = split_pairs(pairs, data_cfg.eval_fraction, data_cfg.split_seed)
+    return train_pairs, eval_pairs, {"train_file": stats.as_dict()}
+
+
+def job_identity(run_dir: Path) -> tuple[str, str | None]:
+    """W&B run name (the job's overrides) and group (the sweep dir) when run under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return run_dir.name, None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return hc.job.override_dirname or run_dir.name, None
+    from rmexp.sweep import sweep_group, sweep_keys
+
+    keys = sweep_keys(hc.sweep.dir)
+    values = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    name = ",".join(f"{k}={values[k]}" for k in keys if k in values) or hc.job.override_dirname or run_dir.name
+    return name, sweep_group(hc.sweep.dir)  # every job of a sweep shares one group
+
+
+def write_json(path: Path, obj) -> None:
+    """Write via a temp file and rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_scores(path: Path, rewards: torch.Tensor) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, (c, r) in enumerate(rewards.tolist()):
+            f.write(json.dumps({"index": i, "reward_chosen": c, "reward_rejected": r, "correct": c > r}) + "\n")
+    os.replace(tmp, path)
+
+
+def last_eval_at(trainer, step: int) -> dict | None:
+    """The metrics of an evaluation the trainer already ran at `step`, so the final one is not repeated."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_pairwise_accuracy" in entry:
+            return entry if entry.get("step") == step and trainer.last_eval_rewards is not None else None
+    return None
+
+
+def main(cfg: DictConfig, callbacks: list | None = None) -> float:
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = {"status": "running"}
+    run = None
+    try:
+        # Everything that can be checked without a model is checked first.
+        lora_config = build_lora_config(cfg.lora)
+        build_bnb_config(cfg.quantization)
+        train_pairs, eval_pairs, data_stats = load_data(cfg.data)
+
+        model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization)
+        train_ds, train_trunc = tokenize_pairs(tokenizer, train_pairs, cfg.trainer.max_length)
+        eval_ds, eval_trunc = tokenize_pairs(tokenizer, eval_pairs, cfg.trainer.max_length)
+        truncation = {"train": train_trunc, "eval": eval_trunc}
+        for split, counts in truncation.items():
+            if counts.get("n_truncated"):
+                log.warning("%s: %d of %d pairs truncated to trainer.max_length=%d (%d lost prompt tokens, "
+                            "%d lost answer tokens); none dropped", split, counts["n_truncated"],
+                            len(train_ds if split == "train" else eval_ds), cfg.trainer.max_length,
+                            counts.get("n_prompt_truncated", 0), counts.get("n_answer_truncated", 0))
+
+        use_wandb = getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb"
+        if use_wandb:
+            from rmexp.tracking import start_run
+
+            name, group = job_identity(run_dir)
+            run = start_run(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir, name, group)
+            run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
+        args = build_reward_config(cfg.trainer, run_dir, "wandb" if run is not None else "none")
+
+        from rmexp.trainer import PairwiseRewardTrainer
+
+        trainer = PairwiseRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                        processing_class=tokenizer, peft_config=lora_config, callbacks=callbacks)
+        # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
+        if len(trainer.train_dataset) != len(train_ds):
+            raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
+        train_output = trainer.train()
+        final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
+
+        trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer
+        write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
+        result = {
+            "status": "ok",
+            "pairwise_accuracy": final["eval_pairwise_accuracy"],
+            "n_eval_pairs": final["eval_n_pairs"],
+            "n_ties": final["eval_n_ties"],
+            "mean_margin": final["eval_mean_margin"],
+            "reward_mean": final["eval_reward_mean"],
+            "reward_std": final["eval_reward_std"],
+            "eval_loss": final["eval_loss"],
+            "train_loss": train_output.training_loss,
+            "n_train_pairs": len(train_ds),
+            "global_step": trainer.state.global_step,
+            "data": data_stats,
+            "truncation": truncation,
+            "model": model_path,
+        }
+        if run is not None:
+            run.summary.update({"eval/pairwise_accuracy": result["pairwise_accuracy"],
+                                "eval/n_pairs": result["n_eval_pairs"], "status": "ok"})
+        return result["pairwise_accuracy"]
+    except BaseException as e:
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=20)}
+        if run is not None:
+            run.summary.update({"status": "failed", "error": result["error"]})
+        raise
+    finally:
+        result["runtime_s"] = round(time.time() - started, 2)
+        write_json(run_dir / "metrics.json", result)
+        if run is not None:
+            import wandb
+
+            wandb.finish(exit_code=0 if result["status"] == "ok" else 1)
+        if result["status"] == "ok":
+            print(f"held-out pairwise accuracy: {result['pairwise_accuracy']:.4f} "
+                  f"({result['n_eval_pairs']} pairs, eval loss {result['eval_loss']:.4f}) -> {run_dir}")
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def free_memory() -> None:
+    """Between sequential sweep jobs in one process: drop the last job's model, optimizer and CUDA cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def cli(cfg: DictConfig) -> float:
+    if not in_multirun():
+        return main(cfg)
+    try:  # a failed job is recorded in its metrics.json; the sweep goes on and fails at the end
+        return main(cfg)
+    except Exception as e:  # noqa: BLE001
+        log.error("job failed: %s: %s", type(e).__name__, e)
+        return float("nan")
+    finally:
+        free_memory()
+
+
+if __name__ == "__main__":
+    cli()

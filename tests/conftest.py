@@ -1,0 +1,40 @@
+"""Shared fixtures: configs composed through Hydra's compose API, and one real tiny training run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from rmexp.config import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+HH_PAIRS = SHARED_DATA / "hh-rlhf-harmless" / "pairs.jsonl"
+DPO_ZH = SHARED_DATA / "llamafactory-dpo" / "dpo_zh_200.json"
+DPO_EN = SHARED_DATA / "llamafactory-dpo" / "dpo_en_300.json"
+
+needs_shared = pytest.mark.skipif(not HH_PAIRS.is_file(), reason="../shared/data is absent")
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)  # tests never go online
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    """The same config `python -m rmexp.train <overrides>` would get (minus hydra's own node)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def tiny_overrides(out: Path, *extra: str) -> list[str]:
+    return ["model=tiny", f"paths.output_dir={out}", "logger.mode=offline", f"data.path={ROOT / 'data/preference.jsonl'}",
+            "trainer.max_steps=8", "trainer.eval_steps=4", "trainer.logging_steps=2", "trainer.learning_rate=5e-3",
+            *extra]
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)

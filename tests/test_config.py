@@ -1,0 +1,66 @@
+"""Every group option composes; the schema rejects bad overrides before any model loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import ROOT, compose_cfg
+from rmexp.model import build_bnb_config, build_lora_config
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "conf").iterdir() if g.is_dir()}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}", "data.path=data/preference.jsonl"]
+    cfg = compose_cfg(*overrides)
+    assert cfg.lora.r > 0
+    build_lora_config(cfg.lora)
+    if group != "quantization" or option != "int8":
+        build_bnb_config(cfg.quantization)
+
+
+def test_defaults_are_the_seed_recipe_on_gemma():
+    cfg = compose_cfg()
+    assert cfg.model.name_or_path == "builtin:gemma3_270m"
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 16, 0.05)
+    assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    bnb = build_bnb_config(cfg.quantization)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert build_lora_config(cfg.lora).task_type == "SEQ_CLS"
+    assert compose_cfg("experiment=seed_llama3_8b").model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("lora.r=abc", "lora.r"),
+    ("lora.rr=3", "rr"),
+    ("trainer.learning_rate=fast", "trainer.learning_rate"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("quantization.bnb_4bit_quant_type=nf5", "bnb_4bit_quant_type"),
+    ("data.on_error=ignore", "data.on_error"),
+])
+def test_schema_rejects_bad_overrides(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as err:
+        compose_cfg(override)
+    text = str(err.value) + str(err.value.__cause__ or "")
+    assert key in text
+
+
+def test_bad_lora_values_fail_before_the_model():
+    cfg = compose_cfg("lora.r=-1")
+    with pytest.raises(ValueError, match="lora.r"):
+        build_lora_config(cfg.lora)
+
+
+def test_cli_typo_fails_fast_naming_the_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rmexp.train", "lora.r=abc", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode != 0
+    assert "lora.r" in proc.stderr + proc.stdout
+    assert not (Path(tmp_path) / "metrics.json").exists()  # failed in composition, no model touched

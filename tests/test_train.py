@@ -1,0 +1,129 @@
+"""A real 4-bit QLoRA training run on the tiny model: what changes, what must not, what is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import HH_PAIRS, ROOT, compose_cfg, needs_shared, tiny_overrides
+from rmexp.data import DataError, tokenize_pairs
+from rmexp.model import load_reward_model, load_tokenizer, resolve_model_path
+from rmexp.scoring import score_pairs
+from rmexp.train import load_data, main
+from wandb_records import OfflineRun
+
+
+class Probe(TrainerCallback):
+    """Snapshots the quantized base, the trainable weights and the eval rewards around training."""
+
+    def __init__(self, eval_ds, pad_id):
+        self.eval_ds, self.pad_id = eval_ds, pad_id
+
+    def snapshot(self, model):
+        return {
+            "q4": {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)},
+            "trainable": {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "rewards": score_pairs(model, self.eval_ds, self.pad_id),
+        }
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = self.snapshot(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = self.snapshot(model)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose_cfg(*tiny_overrides(out))
+    _, eval_pairs, _ = load_data(cfg.data)
+    tok = load_tokenizer(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))
+    eval_ds, _ = tokenize_pairs(tok, eval_pairs, cfg.trainer.max_length)
+    probe = Probe(eval_ds, tok.pad_token_id)
+    accuracy = main(cfg, callbacks=[probe])
+    return SimpleNamespace(out=out, cfg=cfg, accuracy=accuracy, probe=probe, eval_ds=eval_ds,
+                           metrics=json.loads((out / "metrics.json").read_text()))
+
+
+def test_training_changes_rewards_and_keeps_the_4bit_base_frozen(tiny_run):
+    before, after = tiny_run.probe.before, tiny_run.probe.after
+    assert before["q4"], "no 4-bit layers: the base was not quantized"
+    assert all(torch.equal(before["q4"][n], after["q4"][n]) for n in before["q4"])
+    changed = {n for n in before["trainable"] if not torch.equal(before["trainable"][n], after["trainable"][n])}
+    assert any("lora_A" in n or "lora_B" in n for n in changed)
+    assert any("score" in n for n in changed)  # the reward head trains in full
+    assert not any("lora" not in n and "score" not in n for n in before["trainable"])  # nothing else trains
+    assert (before["rewards"] - after["rewards"]).abs().max() > 1e-3
+
+
+def test_metrics_json_and_run_dir(tiny_run):
+    m, out = tiny_run.metrics, tiny_run.out
+    assert m["status"] == "ok" and m["pairwise_accuracy"] == tiny_run.accuracy
+    assert m["n_eval_pairs"] == len(tiny_run.eval_ds) > 0 and m["global_step"] == 8
+    assert m["eval_loss"] > 0 and m["data"]["train_file"]["n_skipped"] == 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and "score" in adapter["modules_to_save"] and adapter["task_type"] == "SEQ_CLS"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == m["n_eval_pairs"]
+    assert sum(s["correct"] for s in scores) / len(scores) == pytest.approx(m["pairwise_accuracy"])
+
+
+def test_saved_adapter_reloads_and_reproduces_eval_scores(tiny_run):
+    from peft import PeftModel
+
+    base, tok, _ = load_reward_model(tiny_run.cfg.model, tiny_run.cfg.quantization)
+    model = PeftModel.from_pretrained(base, str(tiny_run.out))
+    rewards = score_pairs(model, tiny_run.eval_ds, tok.pad_token_id)
+    saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
+                          for s in map(json.loads, (tiny_run.out / "scores.jsonl").read_text().splitlines())])
+    assert torch.allclose(rewards, saved, atol=2e-2), (rewards - saved).abs().max()
+    assert torch.allclose(rewards, tiny_run.probe.after["rewards"], atol=2e-2)
+
+
+def test_bad_data_fails_before_the_model_with_a_named_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "chosen": "a", "rejected": "b"}\n{"question": "q2", "chosen": 1, "rejected": "b"}\n')
+    cfg = compose_cfg(*tiny_overrides(tmp_path / "run", f"data.path={bad}"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'chosen' must be a string"):
+        main(cfg)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["status"] == "failed" and "bad.jsonl:2" in m["error"]
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+
+
+def test_non_finite_loss_stops_the_run_without_an_adapter(tmp_path):
+    from rmexp.trainer import NonFiniteLossError
+
+    cfg = compose_cfg(*tiny_overrides(tmp_path, "trainer.learning_rate=1e30", "trainer.max_grad_norm=0",
+                                      "logger=none"))
+    with pytest.raises(NonFiniteLossError):
+        main(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+@needs_shared
+def test_cli_run_on_hh_rlhf_logs_the_same_accuracy_to_wandb(tmp_path):
+    """The issue's acceptance command, through the real CLI and Hydra."""
+    cmd = [sys.executable, "-m", "rmexp.train", "model=tiny", "lora.r=16", "data=file", f"data.path={HH_PAIRS}",
+           "data.max_pairs=120", "trainer.max_steps=6", "logger.mode=offline", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "held-out pairwise accuracy" in proc.stdout
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 16
+    run = OfflineRun(tmp_path)
+    assert run.summary["eval/pairwise_accuracy"] == metrics["pairwise_accuracy"]
+    assert any(h.get("eval/pairwise_accuracy") == metrics["pairwise_accuracy"] for h in run.history)
+    assert run.config["lora"]["r"] == 16 and run.exit_code == 0
+    assert metrics["n_eval_pairs"] == 12
