@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint clean
+.PHONY: help install train sweep report bench test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-8s %s\n", $$1, $$2}'
@@ -21,6 +21,20 @@ install: $(STAMP) ## create .venv with the pinned stack (CPU torch) and rmexp in
 
 train: $(STAMP) ## train the embedded default (4-bit gemma3_270m on data/preference.jsonl); ARGS= adds overrides
 	$(PY) -m rmexp.train $(ARGS)
+
+SWEEP_DIR ?= outputs/multirun/make-sweep
+sweep: $(STAMP) ## a small CPU sweep end to end (tiny model, lora.r x learning rate), then its report
+	rm -rf $(SWEEP_DIR)
+	$(PY) -m rmexp.train -m model=tiny lora.r=4,8 trainer.learning_rate=1e-4,1e-3 trainer.max_steps=10 \
+		trainer.eval_steps=5 logger.mode=offline hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+	$(PY) -m rmexp.report $(SWEEP_DIR)
+
+report: $(STAMP) ## summarise a sweep: make report SWEEP_DIR=outputs/multirun/<date>/<time>
+	$(PY) -m rmexp.report $(SWEEP_DIR)
+
+BENCH_DATA ?= ../shared/data/hh-rlhf-harmless/pairs.jsonl
+bench: $(STAMP) ## training throughput, packed vs TRL (gemma3_270m, 96 HH-RLHF pairs, batch 8)
+	$(PY) bench/throughput.py --model gemma3_270m --data $(BENCH_DATA) --pairs 96 --batch 8 $(ARGS)
 
 test: $(STAMP) ## run the test suite (CPU, tiny model)
 	$(PY) -m pytest -q $(ARGS)

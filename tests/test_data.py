@@ -174,7 +174,7 @@ def test_over_long_answer_is_cut_and_counted(tmp_path, tokenizer):
 
 
 def test_chat_template_is_used_when_present(tokenizer):
-    from rmexp.data import Pair, render
+    from rmexp.data import render
 
     head, answer = render(tokenizer, [{"role": "user", "content": "hi"}], "there")
     assert "<|user|>" in head and head.endswith("<|assistant|>\n") and answer.startswith("there")

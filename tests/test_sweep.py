@@ -38,7 +38,7 @@ def test_grid_multirun_gives_one_dir_and_one_wandb_run_per_job_and_a_report(tmp_
     assert len({r.run_id for r in runs}) == 4
     assert len({r.group for r in runs}) == 1 and runs[0].group.startswith("sweep-")
     assert {r.name for r in runs} == {f"lora.r={r},trainer.learning_rate={lr}" for r in (4, 8) for lr in ("0.0001", "0.001")}
-    for r, j in zip(runs, sorted(metrics)):  # each job logged into its own run, with its own values
+    for r, j in zip(runs, sorted(metrics), strict=True):  # each job logged into its own run, with its own values
         assert r.summary["eval/pairwise_accuracy"] == metrics[j]["pairwise_accuracy"]
         assert f"lora.r={r.config['lora']['r']}" in r.name
 

@@ -27,10 +27,12 @@ class Probe(TrainerCallback):
         self.eval_ds, self.pad_id = eval_ds, pad_id
 
     def snapshot(self, model):
+        rewards = score_pairs(model, self.eval_ds, self.pad_id)
         return {
-            "q4": {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)},
+            "rewards": rewards,
+            "q4": {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+                   for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)},
             "trainable": {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "rewards": score_pairs(model, self.eval_ds, self.pad_id),
         }
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -56,7 +58,7 @@ def tiny_run(tmp_path_factory):
 def test_training_changes_rewards_and_keeps_the_4bit_base_frozen(tiny_run):
     before, after = tiny_run.probe.before, tiny_run.probe.after
     assert before["q4"], "no 4-bit layers: the base was not quantized"
-    assert all(torch.equal(before["q4"][n], after["q4"][n]) for n in before["q4"])
+    assert all(torch.equal(b, a) for n in before["q4"] for b, a in zip(before["q4"][n], after["q4"][n], strict=True))
     changed = {n for n in before["trainable"] if not torch.equal(before["trainable"][n], after["trainable"][n])}
     assert any("lora_A" in n or "lora_B" in n for n in changed)
     assert any("score" in n for n in changed)  # the reward head trains in full
@@ -127,3 +129,43 @@ def test_cli_run_on_hh_rlhf_logs_the_same_accuracy_to_wandb(tmp_path):
     assert any(h.get("eval/pairwise_accuracy") == metrics["pairwise_accuracy"] for h in run.history)
     assert run.config["lora"]["r"] == 16 and run.exit_code == 0
     assert metrics["n_eval_pairs"] == 12
+
+
+def test_load_data_adds_the_system_prompt_and_reports_skips(tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    rows = [{"question": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(10)] + [{"question": "x"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = compose_cfg("data=file", f"data.path={f}", "data.on_error=skip", "data.system_prompt=Be kind.")
+    train, held, stats = load_data(cfg.data)
+    assert len(train) + len(held) == 10 and stats["train_file"]["skipped"] == {"missing_field": 1}
+    assert all(p.prompt[0] == {"role": "system", "content": "Be kind."} for p in train + held)
+    assert "skipped 1 of 11 records" in capsys.readouterr().out
+
+
+def test_an_evaluation_between_steps_leaves_the_gradients_intact():
+    """bitsandbytes repacks 4-bit weights for CPU inference at an eval forward; training must not see it."""
+    from peft import get_peft_model
+
+    from rmexp.model import build_lora_config, keep_4bit_layers_trainable
+
+    cfg = compose_cfg("model=tiny", "data.path=data/preference.jsonl", "lora.lora_dropout=0")  # deterministic
+    base, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    model = get_peft_model(base, build_lora_config(cfg.lora))
+    assert keep_4bit_layers_trainable(model) > 0
+    ids = torch.tensor([tok("a question and its answer")["input_ids"]])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids).logits.float().sum().backward()
+        return {n: p.grad.clone() for n, p in trainable.items()}
+
+    before = grads()
+    assert any(g.abs().sum() > 0 for n, g in before.items() if "layers.0." in n)  # gradient reaches layer 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)  # an evaluation
+    after = grads()
+    assert all(torch.equal(after[n], before[n]) for n in before)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -35,6 +35,11 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+class Batching(str, Enum):
+    packed = "packed"
+    padded = "padded"
+
+
 class OnError(str, Enum):
     raise_ = "raise"
     skip = "skip"
@@ -44,11 +49,11 @@ class OnError(str, Enum):
 class ModelConfig:
     # A hub id, a local HF directory, or `builtin:<name>` for a model rmexp builds locally.
     name_or_path: str = MISSING
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False  # off unless asked: remote code runs with your privileges
     # dtype of the weights that stay unquantized (embeddings, norms, score head)
     dtype: str = "bfloat16"
-    attn_implementation: Optional[str] = "sdpa"
+    attn_implementation: str | None = "sdpa"
     # where builtin models are built and cached
     cache_dir: str = "${oc.env:RMEXP_CACHE,${oc.env:HOME}/.cache/rmexp}"
 
@@ -80,17 +85,20 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = MISSING
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
     eval_fraction: float = 0.1  # held out, seeded by split_seed, when eval_path is null
     split_seed: int = 42  # fixed apart from trainer.seed so every sweep job sees the same split
-    max_pairs: Optional[int] = None  # read only the first N pairs of each file
-    system_prompt: Optional[str] = None  # prepended as a system message to every prompt
+    max_pairs: int | None = None  # read only the first N pairs of each file
+    system_prompt: str | None = None  # prepended as a system message to every prompt
     on_error: OnError = OnError.raise_
 
 
 @dataclass
 class TrainerConfig:
-    # Keys keep trl.RewardConfig / transformers.TrainingArguments names.
+    # rmexp's own keys: how pairs become batches (see rmexp.packing)
+    batching: Batching = Batching.packed  # packed: prompt once, no padding; padded: TRL's collator
+    packed_row_tokens: int = 4096  # token budget of one packed row
+    # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = 1e-4
     num_train_epochs: float = 1.0
     max_steps: int = -1
@@ -103,14 +111,14 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    center_rewards_coefficient: Optional[float] = None
+    center_rewards_coefficient: float | None = None
     gradient_checkpointing: bool = True
     bf16: bool = True  # bf16 autocast on CUDA and CPU
     eval_strategy: str = "steps"
     eval_steps: float = 50
     save_strategy: str = "no"
     save_steps: float = 500
-    save_total_limit: Optional[int] = 2
+    save_total_limit: int | None = 2
     logging_steps: float = 5
     seed: int = 42
     dataloader_num_workers: int = 0
@@ -121,11 +129,11 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     backend: LoggerBackend = LoggerBackend.wandb
-    mode: Optional[WandbMode] = None  # null: online when W&B credentials exist, else offline
+    mode: WandbMode | None = None  # null: online when W&B credentials exist, else offline
     project: str = "rmexp"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
     tags: list[str] = field(default_factory=list)
     init_timeout: float = 60.0  # seconds before an online start falls back to offline
 

@@ -19,9 +19,10 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "model": "assistant", "system": "system", "bot": "assistant"}
@@ -161,7 +162,7 @@ def split_hh_dialogue(text: str) -> list[dict[str, str]]:
     messages = []
     if parts[0].strip():
         messages.append({"role": "user", "content": parts[0].strip()})
-    for speaker, content in zip(parts[1::2], parts[2::2]):
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
         role = "user" if speaker == "Human" else "assistant"
         if content.strip():
             messages.append({"role": role, "content": content.strip()})

@@ -175,6 +175,30 @@ def device_map_for(bnb_config) -> dict | None:
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
+def keep_4bit_layers_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight to a CPU layout at
+    its first eval-mode forward and from then on multiplies with `gemv_4bit`, which has no autograd
+    kernel: training after an evaluation would silently drop the gradient through every frozen base
+    layer. Training keeps the plain layout (and undoes a conversion already made). Returns how many
+    layers were touched.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+            n += 1
+    return n
+
+
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

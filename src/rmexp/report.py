@@ -128,7 +128,7 @@ def _scatter(cells, path: Path, row_key: str, col_key: str) -> bool:
     ok = [(float(r), float(c), j.metrics["pairwise_accuracy"]) for r, c, j in cells if j.status == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if ok:
-        r, c, a = zip(*ok)
+        r, c, a = zip(*ok, strict=True)
         points = ax.scatter(c, r, c=a, cmap="viridis", s=90)
         for x, y, v in ok:
             ax.annotate(f"{v:.3f}", (x, y), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)

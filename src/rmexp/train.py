@@ -31,6 +31,8 @@ def build_reward_config(trainer_cfg, run_dir: Path, report_to: str):
 
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.update(kwargs.pop("extra") or {})
+    for own_key in ("batching", "packed_row_tokens"):  # rmexp's keys, not RewardConfig's
+        kwargs.pop(own_key)
     cuda = torch.cuda.is_available()
     return RewardConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -43,15 +45,45 @@ def build_reward_config(trainer_cfg, run_dir: Path, report_to: str):
     )
 
 
+def build_collator(trainer_cfg, model, tokenizer):
+    """PackedPairCollator for `trainer.batching=packed` (and the model switched to block-wise SDPA);
+    None lets TRL use its padded collator."""
+    if getattr(trainer_cfg.batching, "value", trainer_cfg.batching) == "padded":
+        return None
+    from rmexp.packing import PACKED_ATTENTION, PackedPairCollator, sliding_window_of, use_packed_attention
+
+    attn = model.config._attn_implementation
+    if attn not in ("sdpa", PACKED_ATTENTION):
+        raise ValueError(f"trainer.batching=packed needs model.attn_implementation=sdpa (got {attn}); "
+                         "use trainer.batching=padded for other attention kernels")
+    use_packed_attention(model)
+    return PackedPairCollator(pad_token_id=tokenizer.pad_token_id, row_tokens=trainer_cfg.packed_row_tokens,
+                              sliding_window=sliding_window_of(model.config))
+
+
 def load_data(data_cfg):
     """Train and eval pairs, and what was read/skipped, before any model is loaded."""
     on_error = getattr(data_cfg.on_error, "value", data_cfg.on_error)
-    pairs, stats = load_pairs(data_cfg.path, data_cfg.max_pairs, on_error)
+    files = {"train_file": data_cfg.path}
     if data_cfg.eval_path:
-        eval_pairs, eval_stats = load_pairs(data_cfg.eval_path, data_cfg.max_pairs, on_error)
-        return pairs, eval_pairs, {"train_file": stats.as_dict(), "eval_file": eval_stats.as_dict()}
-    train_pairs, eval_pairs = split_pairs(pairs, data_cfg.eval_fraction, data_cfg.split_seed)
-    return train_pairs, eval_pairs, {"train_file": stats.as_dict()}
+        files["eval_file"] = data_cfg.eval_path
+    loaded, stats = {}, {}
+    for role, path in files.items():
+        loaded[role], file_stats = load_pairs(path, data_cfg.max_pairs, on_error)
+        stats[role] = file_stats.as_dict()
+        if file_stats.skipped:
+            msg = (f"{path}: skipped {stats[role]['n_skipped']} of {file_stats.n_records} records "
+                   f"(data.on_error=skip): {dict(file_stats.skipped)}")
+            log.warning(msg)
+            print(msg)
+    if data_cfg.system_prompt:
+        for pair in (p for ps in loaded.values() for p in ps):
+            if not pair.prompt or pair.prompt[0]["role"] != "system":
+                pair.prompt.insert(0, {"role": "system", "content": data_cfg.system_prompt})
+    if data_cfg.eval_path:
+        return loaded["train_file"], loaded["eval_file"], stats
+    train_pairs, eval_pairs = split_pairs(loaded["train_file"], data_cfg.eval_fraction, data_cfg.split_seed)
+    return train_pairs, eval_pairs, stats
 
 
 def job_identity(run_dir: Path) -> tuple[str, str | None]:
@@ -130,15 +162,19 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
         from rmexp.trainer import PairwiseRewardTrainer
 
         trainer = PairwiseRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                        processing_class=tokenizer, peft_config=lora_config, callbacks=callbacks)
+                                        processing_class=tokenizer, peft_config=lora_config, callbacks=callbacks,
+                                        data_collator=build_collator(cfg.trainer, model, tokenizer))
         # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
         train_output = trainer.train()
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
-        trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer
-        write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
+        try:
+            trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer
+            write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
+        except OSError as e:  # a full disk or a vanished mount: say where
+            raise OSError(e.errno, f"cannot save the trained adapter to {run_dir}: {e.strerror or e}") from e
         result = {
             "status": "ok",
             "pairwise_accuracy": final["eval_pairwise_accuracy"],

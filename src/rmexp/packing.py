@@ -1,0 +1,186 @@
+"""Prefix-shared, packed pair batches: every token of a batch computed once, no padding.
+
+A pair becomes one segment `[prompt][chosen][rejected]`. Chosen tokens attend to the prompt and to
+earlier chosen tokens; rejected tokens attend to the prompt and to earlier rejected tokens, never to
+chosen ones, and their position ids continue from the prompt's end as if chosen were absent. So each
+answer sees exactly what it would see in its own sequence, while the prompt is run once. Segments
+are packed into rows up to `row_tokens`; a batch is usually one row, so nothing is padded.
+
+The reward of an answer is read where the plain sequence-classification forward reads it: the last
+token that is not the pad token (with pad = eos, the token before a trailing eos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing bins of segment indices, each bin's total <= row_tokens (an oversize segment gets its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def _last_non_pad(ids: list[int], pad_token_id: int | None) -> int:
+    for k in range(len(ids) - 1, -1, -1):
+        if ids[k] != pad_token_id:
+            return k
+    return len(ids) - 1
+
+
+@dataclass
+class PackedPairCollator:
+    """Collate `{chosen_ids, rejected_ids, prompt_len[, margin]}` examples into packed rows.
+
+    Returns input_ids and position_ids (rows x L), a boolean block mask (rows x 1 x L x L, True =
+    attend), the flat indices (into rows*L) of each pair's chosen and rejected reward token, in
+    example order, and the count of real tokens.
+    """
+
+    pad_token_id: int
+    row_tokens: int = 2048
+    sliding_window: int | None = None  # set for models with sliding-window layers (Gemma 3)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        segments = []
+        for ex in examples:
+            p = int(ex["prompt_len"])
+            segments.append((ex["chosen_ids"][:p], ex["chosen_ids"][p:], ex["rejected_ids"][p:]))
+        lengths = [len(p) + len(c) + len(r) for p, c, r in segments]
+        rows = pack_rows(lengths, self.row_tokens)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, 1, width, width), dtype=torch.bool)
+        chosen_index = torch.empty(len(segments), dtype=torch.long)
+        rejected_index = torch.empty(len(segments), dtype=torch.long)
+        tril = torch.ones(width, width, dtype=torch.bool).tril()
+        spans: list[list[tuple[int, int]]] = []
+        for r, row in enumerate(rows):
+            o = 0
+            spans.append([])
+            for i in row:
+                prompt, chosen, rejected = segments[i]
+                P, C, R = len(prompt), len(chosen), len(rejected)
+                input_ids[r, o:o + P + C + R] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+                position_ids[r, o:o + P + C] = torch.arange(P + C)
+                position_ids[r, o + P + C:o + P + C + R] = torch.arange(P, P + R)
+                m = mask[r, 0]
+                m[o:o + P, o:o + P] = tril[:P, :P]
+                m[o + P:o + P + C, o:o + P] = True
+                m[o + P:o + P + C, o + P:o + P + C] = tril[:C, :C]
+                m[o + P + C:o + P + C + R, o:o + P] = True
+                m[o + P + C:o + P + C + R, o + P + C:o + P + C + R] = tril[:R, :R]
+                chosen_index[i] = r * width + o + P + _last_non_pad(chosen, self.pad_token_id)
+                rejected_index[i] = r * width + o + P + C + _last_non_pad(rejected, self.pad_token_id)
+                spans[r].append((o, o + P + C + R))
+                o += P + C + R
+            idle = torch.arange(o, width)
+            mask[r, 0, idle, idle] = True  # padding attends to itself only: no all-masked (NaN) rows
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+                 "chosen_index": chosen_index, "rejected_index": rejected_index,
+                 "num_real_tokens": torch.tensor(sum(lengths)), "segments": spans}
+        if self.sliding_window:
+            distance = position_ids[:, :, None] - position_ids[:, None, :]
+            batch["sliding_attention_mask"] = mask & (distance < self.sliding_window)[:, None]
+        if "margin" in examples[0]:
+            batch["margin"] = torch.tensor([float(ex["margin"]) for ex in examples])
+        return batch
+
+
+def sliding_window_of(config) -> int | None:
+    """The window of a model whose layers mix sliding and full attention; None when it has none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window and "sliding_attention" in (getattr(text, "layer_types", None) or []):
+        return int(window)
+    return None
+
+
+def model_mask(batch: dict[str, Any]):
+    """The attention_mask argument for the model: one 4D mask, or the per-layer-type dict Gemma 3 takes."""
+    if "sliding_attention_mask" in batch:
+        return {"full_attention": batch["attention_mask"], "sliding_attention": batch["sliding_attention_mask"]}
+    return batch["attention_mask"]
+
+
+PACKED_ATTENTION = "rmexp_packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, rmexp_segments=None,
+                **kwargs):
+    """SDPA run block by block over the segments of packed rows.
+
+    Segments never attend to each other, so each segment's diagonal block of the mask is all the
+    attention it needs: the cost is the sum of squared segment lengths, not the squared row length.
+    Without segment spans (ordinary batches) it is plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if rmexp_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    kwargs.pop("is_causal", None)
+    width = query.shape[2]
+    rows = []
+    for r, spans in enumerate(rmexp_segments):
+        pieces = []
+        for start, end in spans:
+            out, _ = sdpa_attention_forward(
+                module, query[r:r + 1, :, start:end], key[r:r + 1, :, start:end], value[r:r + 1, :, start:end],
+                attention_mask[r:r + 1, :, start:end, start:end], dropout=dropout, scaling=scaling, is_causal=False,
+                **kwargs)
+            pieces.append(out)
+        used = spans[-1][1] if spans else 0
+        if used < width:  # row padding: its output is never read
+            pieces.append(query.new_zeros(1, width - used, query.shape[1], value.shape[-1]))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def use_packed_attention(model) -> None:
+    """Switch an SDPA model to `packed_sdpa` (plain SDPA for any batch that is not packed)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+
+
+def reward_head(model):
+    """The sequence-classification head (`score`, or `classifier`) under any peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.score if hasattr(base, "score") else base.classifier
+
+
+def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected rewards of a PackedPairCollator batch from one forward of `model`.
+
+    The head's per-token output is read through a hook, so the forward still goes through the
+    whole (peft-, DDP- or autocast-) wrapped model.
+    """
+    captured = []
+    handle = (head if head is not None else reward_head(model)).register_forward_hook(
+        lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=model_mask(batch), position_ids=batch["position_ids"],
+              use_cache=False, rmexp_segments=batch["segments"])
+    finally:
+        handle.remove()
+    token_rewards = captured[-1].float().reshape(-1)
+    return token_rewards[batch["chosen_index"]], token_rewards[batch["rejected_index"]]

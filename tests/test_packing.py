@@ -1,0 +1,97 @@
+"""The packed, prefix-shared forward gives every pair the rewards of the plain per-sequence forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_cfg, tiny_overrides
+from rmexp.data import Pair, load_pairs, tokenize_pairs
+from rmexp.model import load_reward_model
+from rmexp.packing import PackedPairCollator, pack_rows, packed_rewards, sliding_window_of, use_packed_attention
+from rmexp.scoring import score_sequences
+from rmexp.train import main
+
+
+def fp32_model(name: str):
+    cfg = compose_cfg(f"model={name}", "quantization=none", "model.dtype=float32", "data.path=data/preference.jsonl")
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    return model.eval(), tok
+
+
+def pairs_with_a_long_one(n: int, long_words: int) -> list[Pair]:
+    pairs, _ = load_pairs(ROOT / "data" / "preference.jsonl", max_pairs=n)
+    story = " ".join(f"The river {i} flows past the old mill and the town." for i in range(long_words))
+    return pairs + [Pair(prompt=[{"role": "user", "content": story + " Summarise this."}],
+                         chosen="A river runs by a mill.", rejected="I like turtles.")]
+
+
+def assert_packed_equals_plain(model, tok, pairs, max_length, row_tokens):
+    ds, counts = tokenize_pairs(tok, pairs, max_length)
+    assert counts.get("n_truncated", 0) >= 1  # a pair cut by truncation is among them
+    examples = [ds[i] for i in range(len(ds))]
+    plain_c = score_sequences(model, [list(e["chosen_ids"]) for e in examples], tok.pad_token_id, batch_size=1)
+    plain_r = score_sequences(model, [list(e["rejected_ids"]) for e in examples], tok.pad_token_id, batch_size=1)
+    collator = PackedPairCollator(tok.pad_token_id, row_tokens=row_tokens, sliding_window=sliding_window_of(model.config))
+    batch = collator(examples)
+    assert batch["input_ids"].shape[0] < len(examples)  # several pairs share rows
+    for kernel in ("sdpa with the dense 4D block mask", "block-wise sdpa"):
+        if kernel == "block-wise sdpa":
+            use_packed_attention(model)
+        with torch.no_grad():
+            chosen, rejected = packed_rewards(model, batch)
+        diff = max((chosen - plain_c).abs().max().item(), (rejected - plain_r).abs().max().item())
+        assert diff < 1e-4, f"{kernel}: packed vs plain max abs diff {diff}"
+    # the plain path still works (and agrees) once the model uses the packed kernel
+    again = score_sequences(model, [list(e["chosen_ids"]) for e in examples], tok.pad_token_id, batch_size=4)
+    assert (again - plain_c).abs().max().item() < 1e-4
+
+
+def test_packed_forward_equals_plain_forward_tiny():
+    model, tok = fp32_model("tiny")
+    assert_packed_equals_plain(model, tok, pairs_with_a_long_one(12, 40), max_length=256, row_tokens=700)
+
+
+def test_packed_forward_equals_plain_forward_gemma3_270m():
+    """Gemma 3 mixes sliding-window (512) and full layers: a 700-token prompt exercises both masks."""
+    model, tok = fp32_model("gemma3_270m")
+    assert sliding_window_of(model.config) == 512
+    assert_packed_equals_plain(model, tok, pairs_with_a_long_one(6, 80), max_length=700, row_tokens=1400)
+
+
+def test_mask_keeps_answers_apart_and_positions_continue_from_the_prompt():
+    ex = {"chosen_ids": [1, 2, 3, 10, 11], "rejected_ids": [1, 2, 3, 20], "prompt_len": 3}
+    batch = PackedPairCollator(pad_token_id=0)([ex, ex])
+    assert batch["input_ids"].shape == (1, 12)  # two 6-token segments, one row, no padding
+    m = batch["attention_mask"][0, 0]
+    assert batch["position_ids"][0, :6].tolist() == [0, 1, 2, 3, 4, 3]  # rejected continues at the prompt's end
+    assert m[5, :3].all() and not m[5, 3:5].any() and m[5, 5]  # rejected sees prompt and itself, not chosen
+    assert m[4, :5].all() and not m[4, 5:].any()  # chosen is causal over prompt + chosen
+    assert not m[6:, :6].any()  # the second pair never sees the first
+    assert batch["chosen_index"].tolist() == [4, 10] and batch["rejected_index"].tolist() == [5, 11]
+
+
+def test_rows_respect_the_token_budget():
+    rows = pack_rows([5, 9, 3, 7, 2], row_tokens=10)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 9, 3, 7, 2][i] for i in r) <= 10 for r in rows) and len(rows) == 3
+
+
+def test_packed_and_padded_training_reach_the_same_accuracy(tmp_path):
+    results = {}
+    for batching in ("packed", "padded"):
+        out = tmp_path / batching
+        cfg = compose_cfg(*tiny_overrides(out, f"trainer.batching={batching}", "trainer.bf16=false", "logger=none"))
+        main(cfg)
+        results[batching] = json.loads((out / "metrics.json").read_text())
+        scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+        results[batching]["rewards"] = torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores])
+    packed, padded = results["packed"], results["padded"]
+    assert abs(packed["pairwise_accuracy"] - padded["pairwise_accuracy"]) <= 0.01
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-3)
+    assert torch.allclose(packed["rewards"], padded["rewards"], atol=1e-3)
+    assert packed["train_loss"] == pytest.approx(padded["train_loss"], abs=1e-3)
+    assert OmegaConf.select(compose_cfg(), "trainer.batching").value == "packed"  # the default
