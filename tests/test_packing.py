@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 from conftest import ROOT, compose_cfg, tiny_overrides
 from rmexp.data import Pair, load_pairs, tokenize_pairs
 from rmexp.model import load_reward_model
-from rmexp.packing import PackedPairCollator, pack_rows, packed_rewards, sliding_window_of, use_packed_attention
+from rmexp.packing import (
+    PackedPairCollator,
+    pack_rows,
+    packed_rewards,
+    sliding_window_of,
+    use_packed_attention,
+)
 from rmexp.scoring import score_sequences
 from rmexp.train import main
 

@@ -98,6 +98,8 @@ class TrainerConfig:
     # rmexp's own keys: how pairs become batches (see rmexp.packing)
     batching: Batching = Batching.packed  # packed: prompt once, no padding; padded: TRL's collator
     packed_row_tokens: int = 4096  # token budget of one packed row
+    # null: start fresh; auto: continue this run dir from its last complete checkpoint; or a checkpoint path
+    resume: str | None = None
     # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = 1e-4
     num_train_epochs: float = 1.0
@@ -116,8 +118,8 @@ class TrainerConfig:
     bf16: bool = True  # bf16 autocast on CUDA and CPU
     eval_strategy: str = "steps"
     eval_steps: float = 50
-    save_strategy: str = "no"
-    save_steps: float = 500
+    save_strategy: str = "steps"
+    save_steps: float = 200
     save_total_limit: int | None = 2
     logging_steps: float = 5
     seed: int = 42

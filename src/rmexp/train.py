@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from rmexp.config import CONF_DIR
 from rmexp.data import load_pairs, split_pairs, tokenize_pairs
@@ -31,7 +34,7 @@ def build_reward_config(trainer_cfg, run_dir: Path, report_to: str):
 
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.update(kwargs.pop("extra") or {})
-    for own_key in ("batching", "packed_row_tokens"):  # rmexp's keys, not RewardConfig's
+    for own_key in ("batching", "packed_row_tokens", "resume"):  # rmexp's keys, not RewardConfig's
         kwargs.pop(own_key)
     cuda = torch.cuda.is_available()
     return RewardConfig(
@@ -119,6 +122,61 @@ def write_scores(path: Path, rewards: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint-N holding every file a resume needs; a half-written one is skipped."""
+    found = sorted((int(d.name.split("-")[1]), d) for d in checkpoints.glob("checkpoint-*")
+                   if d.name.split("-")[1].isdigit())
+    for _, d in reversed(found):
+        if all((d / f).is_file() for f in CHECKPOINT_FILES):
+            return d
+        log.warning("skipping incomplete checkpoint %s", d)
+    return None
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpt = last_complete_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            log.warning("trainer.resume=auto: no complete checkpoint under %s/checkpoints; starting fresh", run_dir)
+            return None
+        log.info("resuming from %s", ckpt)
+        return str(ckpt)
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume}")
+    return resume
+
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (SLURM's notice before a kill): save a checkpoint at the end of this step, then stop."""
+
+    received: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = control.should_training_stop = True
+        return control
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.received = signum
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
 def last_eval_at(trainer, step: int) -> dict | None:
     """The metrics of an evaluation the trainer already ran at `step`, so the final one is not repeated."""
     for entry in reversed(trainer.state.log_history):
@@ -161,13 +219,21 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
 
         from rmexp.trainer import PairwiseRewardTrainer
 
+        stop_on_sigterm = StopOnSigterm()
+        callbacks = [*(callbacks or []), stop_on_sigterm]
+
         trainer = PairwiseRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                         processing_class=tokenizer, peft_config=lora_config, callbacks=callbacks,
                                         data_collator=build_collator(cfg.trainer, model, tokenizer))
         # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
-        train_output = trainer.train()
+        resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)
+        with stop_on_sigterm:
+            train_output = trainer.train(resume_from_checkpoint=resumed_from)
+        if stop_on_sigterm.received is not None:
+            raise InterruptedError(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint is in "
+                                   f"{run_dir}/checkpoints: continue with hydra.run.dir={run_dir} trainer.resume=auto")
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
         try:
@@ -187,6 +253,7 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
             "train_loss": train_output.training_loss,
             "n_train_pairs": len(train_ds),
             "global_step": trainer.state.global_step,
+            "resumed_from": resumed_from,
             "data": data_stats,
             "truncation": truncation,
             "model": model_path,
