@@ -185,9 +185,15 @@ def last_eval_at(trainer, step: int) -> dict | None:
     return None
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (and a plain single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(cfg: DictConfig, callbacks: list | None = None) -> float:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    main_process = is_main_process()  # only rank 0 logs to W&B and writes metrics.json and scores.jsonl
     started = time.time()
     result = {"status": "running"}
     run = None
@@ -209,7 +215,7 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
                             counts.get("n_prompt_truncated", 0), counts.get("n_answer_truncated", 0))
 
         use_wandb = getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb"
-        if use_wandb:
+        if use_wandb and main_process:
             from rmexp.tracking import start_run
 
             name, group = job_identity(run_dir)
@@ -237,8 +243,9 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
         try:
-            trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer
-            write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
+            trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
+            if main_process:
+                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
         except OSError as e:  # a full disk or a vanished mount: say where
             raise OSError(e.errno, f"cannot save the trained adapter to {run_dir}: {e.strerror or e}") from e
         result = {
@@ -270,12 +277,13 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
         raise
     finally:
         result["runtime_s"] = round(time.time() - started, 2)
-        write_json(run_dir / "metrics.json", result)
+        if main_process:
+            write_json(run_dir / "metrics.json", result)
         if run is not None:
             import wandb
 
             wandb.finish(exit_code=0 if result["status"] == "ok" else 1)
-        if result["status"] == "ok":
+        if result["status"] == "ok" and main_process:
             print(f"held-out pairwise accuracy: {result['pairwise_accuracy']:.4f} "
                   f"({result['n_eval_pairs']} pairs, eval loss {result['eval_loss']:.4f}) -> {run_dir}")
 
