@@ -169,3 +169,24 @@ def test_an_evaluation_between_steps_leaves_the_gradients_intact():
         model(input_ids=ids)  # an evaluation
     after = grads()
     assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_a_failed_save_names_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from rmexp.trainer import PairwiseRewardTrainer
+
+    def full_disk(self, output_dir=None, _internal_call=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PairwiseRewardTrainer, "save_model", full_disk)
+    cfg = compose_cfg(*tiny_overrides(tmp_path, "logger=none", "trainer.max_steps=2"))
+    with pytest.raises(OSError, match=f"cannot write the run to {tmp_path}: No space left"):
+        main(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_outputs_are_safetensors_and_remote_code_is_off(tiny_run):
+    assert compose_cfg().model.trust_remote_code is False
+    assert not [p.name for p in tiny_run.out.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    assert (tiny_run.out / "adapter_model.safetensors").is_file()

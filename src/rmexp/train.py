@@ -7,6 +7,8 @@ it returns the held-out pairwise accuracy so a Hydra sweeper can optimise it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -177,6 +179,17 @@ class StopOnSigterm(TrainerCallback):
         return False
 
 
+@contextlib.contextmanager
+def writes_to(run_dir: Path):
+    """A full disk, a quota or a read-only mount while saving: an error that names the run dir."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        raise OSError(e.errno, f"cannot write the run to {run_dir}: {e.strerror or e}") from e
+
+
 def last_eval_at(trainer, step: int) -> dict | None:
     """The metrics of an evaluation the trainer already ran at `step`, so the final one is not repeated."""
     for entry in reversed(trainer.state.log_history):
@@ -235,19 +248,18 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
         resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)
-        with stop_on_sigterm:
+        with stop_on_sigterm, writes_to(run_dir):  # checkpoints are saved while training
             train_output = trainer.train(resume_from_checkpoint=resumed_from)
         if stop_on_sigterm.received is not None:
             raise InterruptedError(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint is in "
                                    f"{run_dir}/checkpoints: continue with hydra.run.dir={run_dir} trainer.resume=auto")
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
-        try:
+        with writes_to(run_dir):
             trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
             if main_process:
+                (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in .hydra/
                 write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
-        except OSError as e:  # a full disk or a vanished mount: say where
-            raise OSError(e.errno, f"cannot save the trained adapter to {run_dir}: {e.strerror or e}") from e
         result = {
             "status": "ok",
             "pairwise_accuracy": final["eval_pairwise_accuracy"],
