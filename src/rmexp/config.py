@@ -156,8 +156,19 @@ class RMExpConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = MISSING  # a training run dir or an exported model dir
+    batch_size: int = 8  # pairs per forward
+    worst_pairs: int = 20  # rows of the W&B table of the most wrongly scored pairs
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="rmexp_schema", node=RMExpConfig)
+    ConfigStore.instance().store(name="rmexp_eval_schema", node=EvaluateConfig)
 
 
 register_configs()

@@ -26,6 +26,8 @@ from transformers import TrainerCallback
 from rmexp.config import CONF_DIR
 from rmexp.data import load_pairs, split_pairs, tokenize_pairs
 from rmexp.model import build_bnb_config, build_lora_config, load_reward_model
+from rmexp.reward_model import RUN_CONFIG
+from rmexp.tracking import scrub_secrets
 
 log = logging.getLogger("rmexp.train")
 
@@ -227,12 +229,15 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
                             len(train_ds if split == "train" else eval_ds), cfg.trainer.max_length,
                             counts.get("n_prompt_truncated", 0), counts.get("n_answer_truncated", 0))
 
+        resolved = scrub_secrets(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+        if main_process:  # the run dir describes itself, Hydra or not (RewardModel.load reads it)
+            (run_dir / RUN_CONFIG).write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
         use_wandb = getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb"
         if use_wandb and main_process:
             from rmexp.tracking import start_run
 
             name, group = job_identity(run_dir)
-            run = start_run(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir, name, group)
+            run = start_run(cfg.logger, resolved, run_dir, name, group)
             run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
         args = build_reward_config(cfg.trainer, run_dir, "wandb" if run is not None else "none")
 

@@ -1,0 +1,108 @@
+"""Evaluate a reward model on a pairs file: `python -m rmexp.evaluate checkpoint=<dir> data=file data.path=<file>`.
+
+Writes into its own run dir `eval_metrics.json` (pairwise accuracy with a 95% Wilson interval, ties,
+margins, reward mean/std, accuracy by prompt length and by `source`/`subset`) and `scores.jsonl`
+(one line per pair), and logs them, with a table of the worst-scored pairs, to W&B when it is on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rmexp.config import CONF_DIR
+from rmexp.data import encode_pair, load_pairs
+from rmexp.metrics import pairwise_metrics
+from rmexp.train import write_json, write_scores
+
+PROMPT_BUCKETS = (64, 128, 256, 512)  # prompt-length bucket edges, in tokens
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: sensible at 0, 1 and small n, unlike the normal one."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bucket_of(n_tokens: int) -> str:
+    lower = 0
+    for edge in PROMPT_BUCKETS:
+        if n_tokens < edge:
+            return f"{lower}-{edge - 1}"
+        lower = edge
+    return f"{lower}+"
+
+
+def accuracy_by(labels: list[str], correct: list[bool]) -> dict[str, dict]:
+    groups: dict[str, list[bool]] = {}
+    for label, ok in zip(labels, correct, strict=True):
+        groups.setdefault(label, []).append(ok)
+    return {k: {"pairwise_accuracy": sum(v) / len(v), "n_pairs": len(v)} for k, v in sorted(groups.items())}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from rmexp.reward_model import RewardModel
+
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    on_error = getattr(cfg.data.on_error, "value", cfg.data.on_error)
+    pairs, stats = load_pairs(cfg.data.path, cfg.data.max_pairs, on_error)
+    model = RewardModel.load(cfg.checkpoint)
+    encoded = [encode_pair(model.tokenizer, p, model.max_length) for p in pairs]
+    rewards = model.score_encoded(encoded, batch_size=cfg.batch_size, progress=True)
+    chosen, rejected = rewards[:, 0].numpy(), rewards[:, 1].numpy()
+    correct = [bool(c > r) for c, r in zip(chosen, rejected, strict=True)]
+    metrics = pairwise_metrics(chosen, rejected)
+    metrics["ci_low"], metrics["ci_high"] = wilson_interval(sum(correct), len(correct))
+    metrics["by_prompt_tokens"] = accuracy_by([bucket_of(len(e.prompt_ids)) for e in encoded], correct)
+    if any(p.source for p in pairs):
+        metrics["by_source"] = accuracy_by([p.source or "(none)" for p in pairs], correct)
+    metrics["n_truncated"] = sum(e.prompt_truncated or e.answer_truncated for e in encoded)
+    metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
+                   max_length=model.max_length, runtime_s=round(time.time() - started, 2))
+    write_json(out_dir / "eval_metrics.json", metrics)
+    write_scores(out_dir / "scores.jsonl", rewards)
+    print(f"pairwise accuracy {metrics['pairwise_accuracy']:.4f} (95% CI {metrics['ci_low']:.4f}-"
+          f"{metrics['ci_high']:.4f}) on {metrics['n_pairs']} pairs of {cfg.data.path} -> {out_dir}")
+    if getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb":
+        log_to_wandb(cfg, out_dir, metrics, pairs, rewards)
+    return metrics
+
+
+def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
+    import wandb
+
+    from rmexp.tracking import start_run
+
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    run = start_run(cfg.logger, config, out_dir, f"eval-{Path(str(cfg.checkpoint)).name}", None)
+    try:
+        run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        margins = (rewards[:, 0] - rewards[:, 1]).tolist()
+        worst = sorted(range(len(pairs)), key=lambda i: margins[i])[:cfg.worst_pairs]
+        table = wandb.Table(columns=["index", "margin", "prompt", "chosen", "rejected"])
+        for i in worst:
+            prompt = pairs[i].prompt[-1]["content"] if pairs[i].prompt else ""
+            table.add_data(i, margins[i], prompt[-500:], pairs[i].chosen[:500], pairs[i].rejected[:500])
+        run.log({"eval/worst_pairs": table})
+        run.summary.update({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    finally:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def cli(cfg: DictConfig) -> float:
+    return evaluate(cfg)["pairwise_accuracy"]
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,149 @@
+"""Evaluate, score and export a trained tiny reward model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, compose_cfg, tiny_overrides
+from rmexp import RewardModel
+from rmexp.config import CONF_DIR
+from rmexp.data import load_pairs
+from rmexp.evaluate import evaluate, wilson_interval
+from rmexp.export import export
+from rmexp.train import main
+
+EXPORT_TOLERANCE = 1e-2  # measured 2.2e-3 on the tiny model: bf16 rounding of the merged weights
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_run")
+    main(compose_cfg(*tiny_overrides(out, "logger=none")))
+    return SimpleNamespace(dir=out, model=RewardModel.load(out), tmp=tmp_path_factory.mktemp("eval_files"))
+
+
+def run_evaluate(checkpoint, data_path, out_dir, *extra):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"checkpoint={checkpoint}", f"data.path={data_path}",
+                                             f"paths.output_dir={out_dir}", "logger=none", *extra])
+    metrics = evaluate(cfg)
+    scores = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
+    return metrics, scores
+
+
+FORMATS = {
+    "seed.jsonl": [{"question": "What is 2+2?", "chosen": "4.", "rejected": "5.", "source": "math"},
+                   {"question": "天空是什么颜色？", "chosen": "蓝色。", "rejected": "绿色。", "source": "zh"},
+                   {"question": "Capital of France?", "chosen": "Paris.", "rejected": "Rome.", "source": "geo"}],
+    "trl.jsonl": [{"prompt": "Say hi.", "chosen": "Hello!", "rejected": "Go away."},
+                  {"prompt": [{"role": "user", "content": "Sky?"}], "chosen": [{"role": "assistant", "content": "Blue."}],
+                   "rejected": [{"role": "assistant", "content": "Red."}]}],
+    "hh.jsonl": [{"chosen": "\n\nHuman: Boil an egg?\n\nAssistant: Eight minutes.",
+                  "rejected": "\n\nHuman: Boil an egg?\n\nAssistant: An hour."},
+                 {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello, how can I help?",
+                  "rejected": "\n\nHuman: Hi\n\nAssistant: What."}],
+    "sharegpt.json": [{"conversations": [{"from": "human", "value": "1+1?"}], "chosen": {"from": "gpt", "value": "2"},
+                       "rejected": {"from": "gpt", "value": "3"}}] * 1,
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_evaluate_reads_every_format_and_its_outputs_agree(run, name):
+    f = run.tmp / name
+    rows = FORMATS[name]
+    f.write_text(json.dumps(rows) if name.endswith(".json") else "\n".join(json.dumps(r) for r in rows),
+                 encoding="utf-8")
+    metrics, scores = run_evaluate(run.dir, f, run.tmp / f"out-{name}")
+    assert metrics["n_pairs"] == len(rows) == len(scores)
+    assert metrics["ci_low"] <= metrics["pairwise_accuracy"] <= metrics["ci_high"]
+    assert metrics["pairwise_accuracy"] == pytest.approx(sum(s["correct"] for s in scores) / len(scores))
+    assert all(s["correct"] == (s["reward_chosen"] > s["reward_rejected"]) for s in scores)
+    assert sum(b["n_pairs"] for b in metrics["by_prompt_tokens"].values()) == len(rows)
+    if name == "seed.jsonl":
+        assert set(metrics["by_source"]) == {"math", "zh", "geo"}
+
+
+def test_evaluate_scores_match_the_training_run_scores(run):
+    # the run's own held-out pairs, rebuilt with its split, scored again through RewardModel
+    from rmexp.train import load_data
+
+    _, held, _ = load_data(compose_cfg(*tiny_overrides(run.dir)).data)
+    rewards = run.model.score_pairs(held)
+    saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
+                          for s in map(json.loads, (run.dir / "scores.jsonl").read_text().splitlines())])
+    assert torch.allclose(rewards, saved, atol=2e-2)
+
+
+def test_max_pairs_is_honoured(run):
+    metrics, scores = run_evaluate(run.dir, ROOT / "data/preference.jsonl", run.tmp / "maxpairs", "data.max_pairs=7")
+    assert metrics["n_pairs"] == len(scores) == 7
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(8, 10)
+    assert 0.44 < low < 0.8 < high < 0.97
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+
+
+@pytest.mark.parametrize("question,answer", [("What is the capital of Japan?", "Tokyo is the capital of Japan."),
+                                             ("日本的首都是哪里？", "日本的首都是东京。")])
+def test_score_chinese_and_english_is_finite_deterministic_and_batched_alike(run, question, answer):
+    one = run.model.score(question, answer)
+    assert math.isfinite(one) and one == run.model.score(question, answer)
+    batch = run.model.score_batch([(question, answer), (question, "no"), (question, answer)])
+    assert batch[0] == pytest.approx(one, abs=1e-2) and batch[2] == batch[0]
+
+
+def test_export_loads_in_plain_transformers_and_matches_the_adapter(run):
+    from transformers import AutoModelForSequenceClassification
+
+    out = export(run.dir, run.tmp / "exported")
+    plain = AutoModelForSequenceClassification.from_pretrained(out)
+    assert plain.config.num_labels == 1 and plain.dtype == torch.bfloat16
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    assert plain.config.rmexp["reward_mean"] == metrics["reward_mean"]
+    assert plain.config.rmexp["reward_std"] == metrics["reward_std"]
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+
+    pairs, _ = load_pairs(ROOT / "data/preference.jsonl", max_pairs=40)
+    adapter = run.model.score_pairs(pairs)
+    exported = RewardModel.load(out)
+    merged = exported.score_pairs(pairs)
+    assert (adapter - merged).abs().max().item() < EXPORT_TOLERANCE
+    # through plain transformers, no rmexp code: the same rewards as RewardModel on the exported dir
+    tok = exported.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": pairs[0].prompt[0]["content"]},
+                                   {"role": "assistant", "content": pairs[0].chosen}], return_tensors="pt",
+                                  return_dict=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = plain(**ids).logits.float().item()
+    assert direct == pytest.approx(merged[0, 0].item(), abs=EXPORT_TOLERANCE)
+
+
+def test_score_and_evaluate_clis(run):
+    proc = subprocess.run([sys.executable, "-m", "rmexp.score", f"checkpoint={run.dir}", "question=你好吗？",
+                           "answer=很好，谢谢！"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert math.isfinite(float(proc.stdout.strip().splitlines()[-1]))
+    bad = subprocess.run([sys.executable, "-m", "rmexp.score", f"checkpoint={run.dir}", "questoin=x", "answer=y"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "questoin" in bad.stderr
+
+    out = run.tmp / "cli-eval"
+    proc = subprocess.run([sys.executable, "-m", "rmexp.evaluate", f"checkpoint={run.dir}",
+                           f"data.path={ROOT / 'data/preference.jsonl'}", "data.max_pairs=20", "logger.mode=offline",
+                           f"hydra.run.dir={out}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "eval_metrics.json").read_text())["n_pairs"] == 20
+    from wandb_records import OfflineRun
+
+    logged = {k for h in OfflineRun(out).history for k in h}
+    assert "eval/pairwise_accuracy" in logged and any(k.startswith("eval/worst_pairs") for k in logged)
