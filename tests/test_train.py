@@ -27,7 +27,7 @@ class Probe(TrainerCallback):
         self.eval_ds, self.pad_id = eval_ds, pad_id
 
     def snapshot(self, model):
-        rewards = score_pairs(model, self.eval_ds, self.pad_id)
+        rewards = score_pairs(model, list(self.eval_ds["chosen_ids"]), list(self.eval_ds["rejected_ids"]), self.pad_id)
         return {
             "rewards": rewards,
             "q4": {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
@@ -84,7 +84,8 @@ def test_saved_adapter_reloads_and_reproduces_eval_scores(tiny_run):
 
     base, tok, _ = load_reward_model(tiny_run.cfg.model, tiny_run.cfg.quantization)
     model = PeftModel.from_pretrained(base, str(tiny_run.out))
-    rewards = score_pairs(model, tiny_run.eval_ds, tok.pad_token_id)
+    rewards = score_pairs(model, list(tiny_run.eval_ds["chosen_ids"]), list(tiny_run.eval_ds["rejected_ids"]),
+                          tok.pad_token_id)
     saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
                           for s in map(json.loads, (tiny_run.out / "scores.jsonl").read_text().splitlines())])
     assert torch.allclose(rewards, saved, atol=2e-2), (rewards - saved).abs().max()

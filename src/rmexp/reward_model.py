@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rmexp.data import Pair, encode_pair
-from rmexp.scoring import score_sequences
+from rmexp.scoring import score_pairs, score_sequences
 
 RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with, written by rmexp.train
 
@@ -74,17 +74,10 @@ class RewardModel:
         return self.score_encoded(encoded, batch_size, progress)
 
     def score_encoded(self, encoded, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-        """Rewards (n x 2) of `rmexp.data.encode_pair` outputs; chosen and rejected share a batch."""
-        from tqdm.auto import tqdm
-
-        out = []
-        steps = range(0, len(encoded), batch_size)
-        for i in tqdm(steps, desc="scoring pairs", unit="batch", disable=not progress or len(steps) < 4):
-            chunk = encoded[i:i + batch_size]
-            seqs = [e.prompt_ids + e.chosen_ids for e in chunk] + [e.prompt_ids + e.rejected_ids for e in chunk]
-            r = score_sequences(self.model, seqs, self.tokenizer.pad_token_id, batch_size=len(seqs))
-            out.append(torch.stack(r.chunk(2), dim=1))
-        return torch.cat(out)
+        """Rewards (n x 2) of `rmexp.data.encode_pair` outputs."""
+        return score_pairs(self.model, [e.prompt_ids + e.chosen_ids for e in encoded],
+                           [e.prompt_ids + e.rejected_ids for e in encoded], self.tokenizer.pad_token_id,
+                           batch_size, progress)
 
     def info(self) -> dict:
         """What an exported model recorded about itself (reward mean/std, max_length), if anything."""

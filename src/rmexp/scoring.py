@@ -37,16 +37,19 @@ def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_
     return torch.cat(out) if out else torch.empty(0)
 
 
-def score_pairs(model, dataset, pad_token_id: int, pairs_per_batch: int = 8) -> torch.Tensor:
-    """Rewards (n_pairs x 2: chosen, rejected) of a dataset with `chosen_ids`/`rejected_ids`.
+def score_pairs(model, chosen: list[list[int]], rejected: list[list[int]], pad_token_id: int,
+                pairs_per_batch: int = 8, progress: bool = False) -> torch.Tensor:
+    """Rewards (n_pairs x 2: chosen, rejected) of token sequences.
 
     Chosen and rejected of a batch share one padded forward, as in TRL's collator, so scores match
     the trainer's evaluation.
     """
+    from tqdm.auto import tqdm
+
     rows = []
-    for i in range(0, len(dataset), pairs_per_batch):
-        batch = dataset[i:i + pairs_per_batch]
-        r = score_sequences(model, batch["chosen_ids"] + batch["rejected_ids"], pad_token_id,
-                            batch_size=2 * len(batch["chosen_ids"]))
-        rows.append(torch.stack(r.chunk(2), dim=1))
+    steps = range(0, len(chosen), pairs_per_batch)
+    for i in tqdm(steps, desc="scoring pairs", unit="batch", disable=not progress or len(steps) < 4):
+        c, r = chosen[i:i + pairs_per_batch], rejected[i:i + pairs_per_batch]
+        rewards = score_sequences(model, [list(x) for x in c + r], pad_token_id, batch_size=2 * len(c))
+        rows.append(torch.stack(rewards.chunk(2), dim=1))
     return torch.cat(rows)
