@@ -45,7 +45,12 @@ def accuracy_by(labels: list[str], correct: list[bool]) -> dict[str, dict]:
     groups: dict[str, list[bool]] = {}
     for label, ok in zip(labels, correct, strict=True):
         groups.setdefault(label, []).append(ok)
-    return {k: {"pairwise_accuracy": sum(v) / len(v), "n_pairs": len(v)} for k, v in sorted(groups.items())}
+    def order(label: str):  # numeric buckets by their lower edge, names alphabetically
+        head = label.split("-")[0].rstrip("+")
+        return (0, int(head), "") if head.isdigit() else (1, 0, label)
+
+    return {k: {"pairwise_accuracy": sum(v) / len(v), "n_pairs": len(v)}
+            for k, v in sorted(groups.items(), key=lambda kv: order(kv[0]))}
 
 
 def evaluate(cfg: DictConfig) -> dict:
