@@ -29,6 +29,22 @@ def compose_cfg(*overrides: str) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
+def compose_evaluate(checkpoint, data_path, out_dir, *extra: str) -> DictConfig:
+    """The config `python -m rmexp.evaluate checkpoint=... data.path=...` would get, W&B off."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("evaluate", overrides=[f"checkpoint={checkpoint}", f"data.path={data_path}",
+                                              f"paths.output_dir={out_dir}", "logger=none", *extra])
+
+
+@pytest.fixture
+def tokenizer():
+    """The tiny model's tokenizer, fresh for each test (tests may change its chat template)."""
+    from rmexp.model import load_tokenizer, resolve_model_path
+
+    cfg = compose_cfg("model=tiny", "data.path=data/preference.jsonl")
+    return load_tokenizer(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))
+
+
 def tiny_overrides(out: Path, *extra: str) -> list[str]:
     return ["model=tiny", f"paths.output_dir={out}", "logger.mode=offline", f"data.path={ROOT / 'data/preference.jsonl'}",
             "trainer.max_steps=8", "trainer.eval_steps=4", "trainer.logging_steps=2", "trainer.learning_rate=5e-3",

@@ -11,18 +11,12 @@ from hypothesis import strategies as st
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, needs_shared
 from rmexp.data import DataError, encode_pair, load_pairs, split_pairs, tokenize_pairs
-from rmexp.model import load_tokenizer, resolve_model_path
 
 
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
                     encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(resolve_model_path("builtin:tiny", str(Path.home() / ".cache/rmexp")))
 
 
 def test_seed_format(tmp_path):
@@ -156,11 +150,12 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_answers(tmp_path, to
     pairs, _ = load_pairs(f)
     full = encode_pair(tokenizer, pairs[0], 10_000)
     cut = encode_pair(tokenizer, pairs[0], 64)
-    assert cut.prompt_truncated and not cut.answer_truncated
-    assert cut.chosen_ids == full.chosen_ids and cut.rejected_ids == full.rejected_ids
-    assert len(cut.prompt_ids) + len(cut.chosen_ids) == 64
-    assert cut.prompt_ids[0] == tokenizer.bos_token_id  # BOS kept, the oldest prompt tokens dropped
-    assert cut.prompt_ids[-5:] == full.prompt_ids[-5:]
+    for side in ("chosen", "rejected"):
+        f, c = getattr(full, side), getattr(cut, side)
+        assert c.prompt_truncated and not c.answer_truncated
+        assert c.ids[c.prompt_len:] == f.ids[f.prompt_len:]  # the answer is whole
+        assert len(c.ids) == 64 and c.ids[0] == tokenizer.bos_token_id  # BOS kept, the oldest prompt tokens dropped
+        assert c.ids[c.prompt_len - 5:c.prompt_len] == f.ids[f.prompt_len - 5:f.prompt_len]
     ds, counts = tokenize_pairs(tokenizer, pairs, 64)
     assert len(ds) == 2 and counts["n_truncated"] == 1 and counts["n_prompt_truncated"] == 1
     assert max(len(x) for x in list(ds["chosen_ids"]) + list(ds["rejected_ids"])) <= 64

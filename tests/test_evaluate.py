@@ -10,14 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, compose_cfg, tiny_overrides
+from conftest import ROOT, compose_cfg, compose_evaluate, tiny_overrides
 from rmexp import RewardModel
-from rmexp.config import CONF_DIR
 from rmexp.data import load_pairs
-from rmexp.evaluate import evaluate, wilson_interval
+from rmexp.evaluate import evaluate
 from rmexp.export import export
+from rmexp.metrics import wilson_interval
 from rmexp.train import main
 
 EXPORT_TOLERANCE = 1e-2  # measured 2.2e-3 on the tiny model: bf16 rounding of the merged weights
@@ -31,10 +30,7 @@ def run(tmp_path_factory):
 
 
 def run_evaluate(checkpoint, data_path, out_dir, *extra):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"checkpoint={checkpoint}", f"data.path={data_path}",
-                                             f"paths.output_dir={out_dir}", "logger=none", *extra])
-    metrics = evaluate(cfg)
+    metrics = evaluate(compose_evaluate(checkpoint, data_path, out_dir, *extra))
     scores = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
     return metrics, scores
 

@@ -13,9 +13,9 @@ from rmexp.data import Pair, load_pairs, tokenize_pairs
 from rmexp.model import load_reward_model
 from rmexp.packing import (
     PackedPairCollator,
+    attention_layout,
     pack_rows,
     packed_rewards,
-    sliding_window_of,
     use_packed_attention,
 )
 from rmexp.scoring import score_sequences
@@ -41,7 +41,7 @@ def assert_packed_equals_plain(model, tok, pairs, max_length, row_tokens):
     examples = [ds[i] for i in range(len(ds))]
     plain_c = score_sequences(model, [list(e["chosen_ids"]) for e in examples], tok.pad_token_id, batch_size=1)
     plain_r = score_sequences(model, [list(e["rejected_ids"]) for e in examples], tok.pad_token_id, batch_size=1)
-    collator = PackedPairCollator(tok.pad_token_id, row_tokens=row_tokens, sliding_window=sliding_window_of(model.config))
+    collator = PackedPairCollator.for_model(model, tok.pad_token_id, row_tokens=row_tokens)
     batch = collator(examples)
     assert batch["input_ids"].shape[0] < len(examples)  # several pairs share rows
     for kernel in ("sdpa with the dense 4D block mask", "block-wise sdpa"):
@@ -64,8 +64,23 @@ def test_packed_forward_equals_plain_forward_tiny():
 def test_packed_forward_equals_plain_forward_gemma3_270m():
     """Gemma 3 mixes sliding-window (512) and full layers: a 700-token prompt exercises both masks."""
     model, tok = fp32_model("gemma3_270m")
-    assert sliding_window_of(model.config) == 512
+    assert attention_layout(model.config) == (512, False)
     assert_packed_equals_plain(model, tok, pairs_with_a_long_one(6, 80), max_length=700, row_tokens=1400)
+
+
+def test_packed_forward_equals_plain_forward_mistral_sliding_window():
+    """Mistral-style: one `sliding_window` for every layer and no `layer_types`."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    _, tok = fp32_model("tiny")
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           sliding_window=16, num_labels=1, pad_token_id=tok.pad_token_id,
+                           attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = MistralForSequenceClassification(config).eval()
+    assert attention_layout(model.config) == (16, True)
+    assert_packed_equals_plain(model, tok, pairs_with_a_long_one(6, 10), max_length=96, row_tokens=300)
 
 
 def test_mask_keeps_answers_apart_and_positions_continue_from_the_prompt():

@@ -51,8 +51,8 @@ class ModelConfig:
     name_or_path: str = MISSING
     revision: str | None = None
     trust_remote_code: bool = False  # off unless asked: remote code runs with your privileges
-    # dtype of the weights that stay unquantized (embeddings, norms, score head)
-    dtype: str = "bfloat16"
+    # dtype of the weights that stay unquantized (embeddings, norms); auto: bf16 where the hardware has it, else fp32
+    dtype: str = "auto"
     attn_implementation: str | None = "sdpa"
     # where builtin models are built and cached
     cache_dir: str = "${oc.env:RMEXP_CACHE,${oc.env:HOME}/.cache/rmexp}"
@@ -65,7 +65,7 @@ class QuantizationConfig:
     load_in_8bit: bool = False
     bnb_4bit_quant_type: QuantType = QuantType.nf4
     bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_compute_dtype: str = "auto"  # auto: bf16 where the hardware has it, else fp32
 
 
 @dataclass
@@ -100,6 +100,11 @@ class TrainerConfig:
     packed_row_tokens: int = 4096  # token budget of one packed row
     # null: start fresh; auto: continue this run dir from its last complete checkpoint; or a checkpoint path
     resume: str | None = None
+    # null: the score head learns at learning_rate; else its own rate (it starts from random weights)
+    head_learning_rate: float | None = None
+    # seconds of training: the learning rate decays over the clock and training stops when it runs out
+    # (num_train_epochs / max_steps still cap it); null: train for the steps/epochs set
+    time_budget_s: float | None = None
     # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = 1e-4
     num_train_epochs: float = 1.0
@@ -114,8 +119,8 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     center_rewards_coefficient: float | None = None
-    gradient_checkpointing: bool = True
-    bf16: bool = True  # bf16 autocast on CUDA and CPU
+    gradient_checkpointing: str = "auto"  # auto (on only when activations would not fit), true, false
+    bf16: str = "auto"  # bf16 autocast: auto (where the hardware computes bf16), true, false
     eval_strategy: str = "steps"
     eval_steps: float = 50
     save_strategy: str = "steps"

@@ -38,14 +38,34 @@ class DataError(ValueError):
         self.reason = reason
 
 
+Answer = str | list[dict[str, str]]  # an assistant reply, or the rest of a dialogue where two branches part
+
+
 @dataclass
 class Pair:
     prompt: list[dict[str, str]]  # chat messages before the answer; may be empty
-    chosen: str
-    rejected: str
+    chosen: Answer
+    rejected: Answer
     margin: float | None = None
     source: str | None = None  # a record's `source`/`subset` field, for per-source evaluation
+    group: str | None = None  # a record's `group`: pairs of one group stay on one side of the split
     where: str = ""  # "file:line" for messages
+
+    def key(self) -> str:
+        """Identity of the pair's content, for duplicate and train/eval leakage checks."""
+        return json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False)
+
+
+def with_system_prompt(prompt: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """`prompt` with `system_prompt` as its first message, unless it has a system message already."""
+    if not system_prompt or (prompt and prompt[0]["role"] == "system"):
+        return prompt
+    return [{"role": "system", "content": system_prompt}, *prompt]
+
+
+def answer_text(answer: Answer) -> str:
+    """The answer as plain text (for tables and logs)."""
+    return answer if isinstance(answer, str) else "\n\n".join(m["content"] for m in answer)
 
 
 @dataclass
@@ -182,12 +202,21 @@ def _split_implicit(chosen: str, rejected: str) -> tuple[list[dict[str, str]], s
     return split_hh_dialogue(chosen[:cut]), chosen[cut:].strip(), rejected[cut:].strip()
 
 
+def _as_answer(messages: list[dict[str, str]]) -> Answer:
+    if len(messages) == 1 and messages[0]["role"] == "assistant":
+        return messages[0]["content"]
+    return messages
+
+
 def parse_record(record: Any, where: str) -> Pair:
     if not isinstance(record, dict):
         raise DataError(f"{where}: record is a {type(record).__name__}, expected a JSON object",
                         reason="not_an_object")
     chosen = _text(record, "chosen", where)
     rejected = _text(record, "rejected", where)
+    # An answer given as several messages (a reply, a follow-up, a reply...) keeps every turn.
+    chosen, rejected = (_as_answer(_messages(record[k], where, k)) if isinstance(record[k], list) and len(record[k]) > 1
+                        else text for k, text in (("chosen", chosen), ("rejected", rejected)))
     if "conversations" in record:
         prompt = _messages(record["conversations"], where, "conversations")
     elif "question" in record:
@@ -203,7 +232,8 @@ def parse_record(record: Any, where: str) -> Pair:
         k = 0
         while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
             k += 1
-        prompt = c[:k]
+        # Everything after the shared turns is the answer, however many turns it holds.
+        prompt, chosen, rejected = c[:k], _as_answer(c[k:]), _as_answer(r[k:])
     else:
         prompt, chosen, rejected = _split_implicit(chosen, rejected)
         if not chosen.strip() or not rejected.strip():
@@ -217,9 +247,11 @@ def parse_record(record: Any, where: str) -> Pair:
         raise DataError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}",
                         reason="bad_field")
     source = record.get("source", record.get("subset"))
+    group = record.get("group")
     return Pair(prompt=prompt, chosen=chosen, rejected=rejected,
                 margin=None if margin is None else float(margin),
-                source=None if source is None else str(source), where=where)
+                source=None if source is None else str(source),
+                group=None if group is None else str(group), where=where)
 
 
 def load_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "raise") -> tuple[list[Pair], LoadStats]:
@@ -230,7 +262,7 @@ def load_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "
         raise DataError(f"{path}: data.max_pairs must be positive, got {max_pairs}", reason="config")
     stats = LoadStats()
     pairs: list[Pair] = []
-    seen: dict[tuple, str] = {}
+    seen: dict[str, str] = {}
     records = iter_records(path)
     while True:
         try:
@@ -247,7 +279,7 @@ def load_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "
             if isinstance(record, DataError):
                 raise record
             pair = parse_record(record, where)
-            key = (json.dumps(pair.prompt, ensure_ascii=False), pair.chosen, pair.rejected)
+            key = pair.key()
             if key in seen:
                 raise DataError(f"{where}: duplicate of the pair at {seen[key]}", reason="duplicate_pair")
             seen[key] = where
@@ -270,78 +302,163 @@ def load_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "
 
 
 def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Seeded held-out split; both sides keep at least one pair."""
+    """Seeded held-out split by `group` (a pair without one is its own group); both sides keep a group.
+
+    Grouping keeps an item and its translation (or paraphrase) on one side, so the eval set never
+    scores an answer the model was trained on in another language.
+    """
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"data.eval_fraction must be in (0, 1), got {eval_fraction}", reason="config")
-    if len(pairs) < 2:
-        raise DataError(f"{pairs[0].where if pairs else 'data'}: need at least 2 pairs to hold some out for "
-                        "evaluation; set data.eval_path", reason="no_pairs")
-    order = list(range(len(pairs)))
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p.group if p.group is not None else f"\0{i}", []).append(i)
+    if len(groups) < 2:
+        raise DataError(f"{pairs[0].where if pairs else 'data'}: need at least 2 pairs (or groups) to hold some out "
+                        "for evaluation; set data.eval_path", reason="no_pairs")
+    order = list(groups)
     random.Random(seed).shuffle(order)
-    n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * eval_fraction)))
-    held = set(order[:n_eval])
+    n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
+    held = {i for g in order[:n_eval] for i in groups[g]}
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def drop_leaked(train: list[Pair], eval_: list[Pair], on_error: str) -> tuple[list[Pair], int]:
+    """Train pairs that also stand in the eval file: a DataError naming both places, or skipped and counted."""
+    in_eval = {p.key(): p.where for p in eval_}
+    leaked = [p for p in train if p.key() in in_eval]
+    if leaked and on_error == "raise":
+        p = leaked[0]
+        raise DataError(f"{p.where}: the same pair is in the eval file at {in_eval[p.key()]} ({len(leaked)} such "
+                        "pairs): train/eval leakage (data.on_error=skip drops them from training and counts them)",
+                        reason="in_eval_file")
+    return [p for p in train if p.key() not in in_eval], len(leaked)
 
 
 # ---------------------------------------------------------------- formatting and tokens
 
 
-def render(tokenizer, prompt: list[dict[str, str]], answer: str) -> tuple[str, str]:
-    """Text of the prompt and of the answer, through the chat template when the tokenizer has one."""
+def _answer_messages(answer: Answer) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+
+
+def render(tokenizer, prompt: list[dict[str, str]], answer: Answer) -> tuple[str | None, str]:
+    """Text of the prompt and of the answer, through the chat template when the tokenizer has one.
+
+    Returns (None, whole text) for a template that rewrites earlier turns once an answer follows, so
+    that the prompt render is not a prefix of the whole.
+    """
+    messages = _answer_messages(answer)
+    replies = messages[0]["role"] == "assistant"
     if getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if prompt else ""
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-        if full.startswith(head):
-            return head, full[len(head):]
-        return "", full  # a template that rewrites earlier turns: score the whole text as one
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=replies) if prompt else ""
+        full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
+        return (head, full[len(head):]) if full.startswith(head) else (None, full)
     names = {"user": "Human", "assistant": "Assistant", "system": "System"}
     head = "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in prompt)
-    return head + ("Assistant: " if prompt else ""), answer
+    turns = [f"{names[m['role']]}: {m['content']}" for m in messages]
+    if replies:
+        turns[0] = messages[0]["content"]
+        head += "Assistant: " if prompt else ""
+    return head, "\n\n".join(turns)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass
 class Encoded:
-    prompt_ids: list[int]
-    chosen_ids: list[int]  # answer tokens only
-    rejected_ids: list[int]
+    """One answer's token ids (prompt + answer, fitted to max_length)."""
+
+    ids: list[int]
+    prompt_len: int  # prompt tokens kept in `ids`
+    prompt_tokens: int  # prompt tokens before truncation
+    answer_tokens: int  # answer tokens before truncation
     prompt_truncated: bool
     answer_truncated: bool
 
 
-def encode_pair(tokenizer, pair: Pair, max_length: int) -> Encoded:
-    """Tokens of prompt and answers; each full sequence fits max_length.
+def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_length: int) -> Encoded:
+    """Tokens of one answer after its prompt, fitted to max_length on its own.
 
-    Over-long pairs lose prompt tokens from the left (a leading BOS is kept), and only when an
-    answer alone is too long is it cut from the right.
+    Over-long sequences lose prompt tokens from the left (a leading BOS is kept), and only an answer
+    that alone is too long is cut from the right. Each answer is fitted by itself, so a pair's
+    answers and a single `RewardModel.score` call see the same tokens.
     """
     templated = bool(getattr(tokenizer, "chat_template", None))
-    head, chosen_text = render(tokenizer, pair.prompt, pair.chosen)
-    _, rejected_text = render(tokenizer, pair.prompt, pair.rejected)
-    # A chat template writes its own BOS; plain text gets the tokenizer's special tokens on the prompt.
-    prompt_ids = tokenizer(head, add_special_tokens=not templated)["input_ids"] if head or not templated else []
-    chosen_ids = tokenizer(chosen_text, add_special_tokens=False)["input_ids"]
-    rejected_ids = tokenizer(rejected_text, add_special_tokens=False)["input_ids"]
-    if not templated and tokenizer.eos_token_id is not None:
-        chosen_ids = chosen_ids + [tokenizer.eos_token_id]
-        rejected_ids = rejected_ids + [tokenizer.eos_token_id]
+    head, text = render(tokenizer, prompt, answer)
+    if head is None:  # no clean prompt/answer boundary: split where the prompt's own render stops matching
+        prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        k = min(_common_prefix(prompt_ids, full), len(full) - 1)
+        prompt_ids, answer_ids = full[:k], full[k:]
+    else:
+        # A chat template writes its own BOS; plain text gets the tokenizer's special tokens on the prompt.
+        prompt_ids = tokenizer(head, add_special_tokens=not templated)["input_ids"] if head or not templated else []
+        answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not templated and tokenizer.eos_token_id is not None:
+            answer_ids = answer_ids + [tokenizer.eos_token_id]
+    n_prompt, n_answer = len(prompt_ids), len(answer_ids)
 
-    prompt_truncated = answer_truncated = False
-    keep = max_length - max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) > max(keep, 0):
-        prompt_truncated = True
+    keep = max_length - len(answer_ids)
+    prompt_truncated = len(prompt_ids) > max(keep, 0)
+    if prompt_truncated:
         bos = tokenizer.bos_token_id
         lead = prompt_ids[:1] if bos is not None and prompt_ids and prompt_ids[0] == bos else []
         keep = max(keep - len(lead), 0)
         prompt_ids = lead + (prompt_ids[-keep:] if keep else [])
     room = max_length - len(prompt_ids)
-    if len(chosen_ids) > room or len(rejected_ids) > room:
-        answer_truncated = True
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-    return Encoded(prompt_ids, chosen_ids, rejected_ids, prompt_truncated, answer_truncated)
+    answer_truncated = len(answer_ids) > room
+    answer_ids = answer_ids[:room]
+    return Encoded(prompt_ids + answer_ids, len(prompt_ids), n_prompt, n_answer, prompt_truncated, answer_truncated)
+
+
+def last_non_pad(ids: list[int], pad_token_id: int | None) -> int:
+    for k in range(len(ids) - 1, -1, -1):
+        if ids[k] != pad_token_id:
+            return k
+    return len(ids) - 1
+
+
+@dataclass
+class EncodedPair:
+    chosen: Encoded
+    rejected: Encoded
+    shared_len: int  # leading tokens the two sequences share (computed once in packed batches)
+
+    @property
+    def truncated(self) -> bool:
+        return any(e.prompt_truncated or e.answer_truncated for e in (self.chosen, self.rejected))
+
+    @property
+    def identical(self) -> bool:
+        """Both answers fitted to the same tokens (only possible after truncation): a certain tie."""
+        return self.chosen.ids == self.rejected.ids
+
+
+def encode_pair(tokenizer, pair: Pair, max_length: int) -> EncodedPair:
+    """Both answers of a pair, each fitted to max_length as `encode_answer` does, and their shared prefix.
+
+    The shared prefix stops before the token each reward is read at (the last non-pad token), so
+    each answer keeps that token in its own part of a packed segment.
+    """
+    chosen = encode_answer(tokenizer, pair.prompt, pair.chosen, max_length)
+    rejected = encode_answer(tokenizer, pair.prompt, pair.rejected, max_length)
+    pad = tokenizer.pad_token_id
+    shared = min(_common_prefix(chosen.ids, rejected.ids), last_non_pad(chosen.ids, pad),
+                 last_non_pad(rejected.ids, pad))
+    return EncodedPair(chosen, rejected, shared)
 
 
 def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int):
-    """A datasets.Dataset of full `chosen_ids`/`rejected_ids` (TRL's processed format) and truncation counts."""
+    """A datasets.Dataset of full `chosen_ids`/`rejected_ids` (TRL's processed format) plus `prompt_len`
+    (the shared prefix) and answer lengths, and the truncation counts."""
     from datasets import Dataset
 
     if max_length < 8:
@@ -349,11 +466,12 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int):
     rows, counts = [], Counter()
     for pair in pairs:
         enc = encode_pair(tokenizer, pair, max_length)
-        counts["prompt_truncated"] += enc.prompt_truncated
-        counts["answer_truncated"] += enc.answer_truncated
-        counts["truncated"] += enc.prompt_truncated or enc.answer_truncated
-        row = {"chosen_ids": enc.prompt_ids + enc.chosen_ids, "rejected_ids": enc.prompt_ids + enc.rejected_ids,
-               "prompt_len": len(enc.prompt_ids)}
+        counts["prompt_truncated"] += enc.chosen.prompt_truncated or enc.rejected.prompt_truncated
+        counts["answer_truncated"] += enc.chosen.answer_truncated or enc.rejected.answer_truncated
+        counts["truncated"] += enc.truncated
+        counts["identical_after_truncation"] += enc.identical
+        row = {"chosen_ids": enc.chosen.ids, "rejected_ids": enc.rejected.ids, "prompt_len": enc.shared_len,
+               "chosen_tokens": enc.chosen.answer_tokens, "rejected_tokens": enc.rejected.answer_tokens}
         if pair.margin is not None:
             row["margin"] = pair.margin
         rows.append(row)

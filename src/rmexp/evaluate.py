@@ -7,7 +7,6 @@ margins, reward mean/std, accuracy by prompt length and by `source`/`subset`) an
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -15,21 +14,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rmexp.config import CONF_DIR
-from rmexp.data import encode_pair, load_pairs
-from rmexp.metrics import pairwise_metrics
+from rmexp.data import answer_text, load_pairs
+from rmexp.metrics import length_baseline_accuracy, pairwise_metrics
 from rmexp.train import write_json, write_scores
 
 PROMPT_BUCKETS = (64, 128, 256, 512)  # prompt-length bucket edges, in tokens
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion: sensible at 0, 1 and small n, unlike the normal one."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bucket_of(n_tokens: int) -> str:
@@ -62,22 +51,26 @@ def evaluate(cfg: DictConfig) -> dict:
     on_error = getattr(cfg.data.on_error, "value", cfg.data.on_error)
     pairs, stats = load_pairs(cfg.data.path, cfg.data.max_pairs, on_error)
     model = RewardModel.load(cfg.checkpoint)
-    encoded = [encode_pair(model.tokenizer, p, model.max_length) for p in pairs]
+    if cfg.data.system_prompt:  # else the one the model was trained with
+        model.system_prompt = cfg.data.system_prompt
+    encoded = model.encode(pairs)
     rewards = model.score_encoded(encoded, batch_size=cfg.batch_size, progress=True)
     chosen, rejected = rewards[:, 0].numpy(), rewards[:, 1].numpy()
     correct = [bool(c > r) for c, r in zip(chosen, rejected, strict=True)]
     metrics = pairwise_metrics(chosen, rejected)
-    metrics["ci_low"], metrics["ci_high"] = wilson_interval(sum(correct), len(correct))
-    metrics["by_prompt_tokens"] = accuracy_by([bucket_of(len(e.prompt_ids)) for e in encoded], correct)
+    metrics["length_baseline_accuracy"] = length_baseline_accuracy([e.chosen.answer_tokens for e in encoded],
+                                                                   [e.rejected.answer_tokens for e in encoded])
+    metrics["by_prompt_tokens"] = accuracy_by([bucket_of(e.chosen.prompt_tokens) for e in encoded], correct)
     if any(p.source for p in pairs):
         metrics["by_source"] = accuracy_by([p.source or "(none)" for p in pairs], correct)
-    metrics["n_truncated"] = sum(e.prompt_truncated or e.answer_truncated for e in encoded)
+    metrics["n_truncated"] = sum(e.truncated for e in encoded)
     metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
                    max_length=model.max_length, runtime_s=round(time.time() - started, 2))
     write_json(out_dir / "eval_metrics.json", metrics)
     write_scores(out_dir / "scores.jsonl", rewards)
-    print(f"pairwise accuracy {metrics['pairwise_accuracy']:.4f} (95% CI {metrics['ci_low']:.4f}-"
-          f"{metrics['ci_high']:.4f}) on {metrics['n_pairs']} pairs of {cfg.data.path} -> {out_dir}")
+    print(f"pairwise accuracy {metrics['pairwise_accuracy']:.3f} [{metrics['ci_low']:.2f}, {metrics['ci_high']:.2f}] "
+          f"on {metrics['n_pairs']} pairs of {cfg.data.path}; length alone {metrics['length_baseline_accuracy']:.2f} "
+          f"-> {out_dir}")
     if getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb":
         log_to_wandb(cfg, out_dir, metrics, pairs, rewards)
     return metrics
@@ -97,7 +90,8 @@ def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
         table = wandb.Table(columns=["index", "margin", "prompt", "chosen", "rejected"])
         for i in worst:
             prompt = pairs[i].prompt[-1]["content"] if pairs[i].prompt else ""
-            table.add_data(i, margins[i], prompt[-500:], pairs[i].chosen[:500], pairs[i].rejected[:500])
+            table.add_data(i, margins[i], prompt[-500:], answer_text(pairs[i].chosen)[:500],
+                           answer_text(pairs[i].rejected)[:500])
         run.log({"eval/worst_pairs": table})
         run.summary.update({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     finally:

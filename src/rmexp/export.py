@@ -29,7 +29,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
            eval_metrics: str | Path | None = None) -> Path:
     from peft import PeftModel
 
-    from rmexp.model import load_reward_model, load_tokenizer, torch_dtype
+    from rmexp.model import load_reward_model, load_tokenizer, reward_head, torch_dtype
     from rmexp.reward_model import read_run_config, reward_stats
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
@@ -40,10 +40,12 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
     base = base.float()  # merge in fp32, cast once at the end
     merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
     merged = merged.to(torch_dtype(dtype))
+    reward_head(merged).float()  # the head stays fp32 in the file: rewards from fp32 weights
     stats = json.loads(Path(eval_metrics).read_text()) if eval_metrics else reward_stats(checkpoint)
     merged.config.rmexp = {
         "reward_mean": stats.get("reward_mean"), "reward_std": stats.get("reward_std"),
-        "max_length": int(cfg.trainer.max_length), "source_run": str(checkpoint.resolve()),
+        "max_length": int(cfg.trainer.max_length), "system_prompt": cfg.data.get("system_prompt"),
+        "source_run": str(checkpoint.resolve()),
         "lora_r": int(cfg.lora.r), "base_model": str(cfg.model.name_or_path),
     }
     merged.config.num_labels = 1

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from rmexp.data import last_non_pad
+from rmexp.model import reward_head
+
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     """First-fit-decreasing bins of segment indices, each bin's total <= row_tokens (an oversize segment gets its own)."""
@@ -34,13 +37,6 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
-def _last_non_pad(ids: list[int], pad_token_id: int | None) -> int:
-    for k in range(len(ids) - 1, -1, -1):
-        if ids[k] != pad_token_id:
-            return k
-    return len(ids) - 1
-
-
 @dataclass
 class PackedPairCollator:
     """Collate `{chosen_ids, rejected_ids, prompt_len[, margin]}` examples into packed rows.
@@ -52,7 +48,13 @@ class PackedPairCollator:
 
     pad_token_id: int
     row_tokens: int = 2048
-    sliding_window: int | None = None  # set for models with sliding-window layers (Gemma 3)
+    sliding_window: int | None = None  # set for models with sliding-window layers (Gemma 3, Mistral)
+    all_sliding: bool = False  # every layer slides (Mistral); else only the `sliding_attention` layers (Gemma 3)
+
+    @classmethod
+    def for_model(cls, model, pad_token_id: int, row_tokens: int = 2048) -> PackedPairCollator:
+        window, all_sliding = attention_layout(model.config)
+        return cls(pad_token_id=pad_token_id, row_tokens=row_tokens, sliding_window=window, all_sliding=all_sliding)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         segments = []
@@ -85,8 +87,8 @@ class PackedPairCollator:
                 m[o + P:o + P + C, o + P:o + P + C] = tril[:C, :C]
                 m[o + P + C:o + P + C + R, o:o + P] = True
                 m[o + P + C:o + P + C + R, o + P + C:o + P + C + R] = tril[:R, :R]
-                chosen_index[i] = r * width + o + P + _last_non_pad(chosen, self.pad_token_id)
-                rejected_index[i] = r * width + o + P + C + _last_non_pad(rejected, self.pad_token_id)
+                chosen_index[i] = r * width + o + P + last_non_pad(chosen, self.pad_token_id)
+                rejected_index[i] = r * width + o + P + C + last_non_pad(rejected, self.pad_token_id)
                 spans[r].append((o, o + P + C + R))
                 o += P + C + R
             idle = torch.arange(o, width)
@@ -96,19 +98,32 @@ class PackedPairCollator:
                  "num_real_tokens": torch.tensor(sum(lengths)), "segments": spans}
         if self.sliding_window:
             distance = position_ids[:, :, None] - position_ids[:, None, :]
-            batch["sliding_attention_mask"] = mask & (distance < self.sliding_window)[:, None]
+            sliding = mask & (distance < self.sliding_window)[:, None]
+            if self.all_sliding:  # every layer slides: the one mask the model takes is the sliding one
+                batch["attention_mask"] = sliding
+            else:
+                batch["sliding_attention_mask"] = sliding
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([float(ex["margin"]) for ex in examples])
         return batch
 
 
-def sliding_window_of(config) -> int | None:
-    """The window of a model whose layers mix sliding and full attention; None when it has none."""
+def attention_layout(config) -> tuple[int | None, bool]:
+    """(sliding window, whether every layer slides) of a model; (None, False) when it has no window.
+
+    Gemma 3 mixes sliding and full layers (`layer_types`); Mistral-style configs set one
+    `sliding_window` for every layer and have no `layer_types`.
+    """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
-    if window and "sliding_attention" in (getattr(text, "layer_types", None) or []):
-        return int(window)
-    return None
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None, False
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        return int(window), True
+    if "sliding_attention" not in types:
+        return None, False
+    return int(window), all(t == "sliding_attention" for t in types)
 
 
 def model_mask(batch: dict[str, Any]):
@@ -160,12 +175,6 @@ def use_packed_attention(model) -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
-
-
-def reward_head(model):
-    """The sequence-classification head (`score`, or `classifier`) under any peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.score if hasattr(base, "score") else base.classifier
 
 
 def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """A trained reward model, loaded for scoring: `RewardModel.load(run_dir or exported_dir)`.
 
-Text is formatted exactly as in training (same chat template, same truncation to the run's
-`trainer.max_length`) and scored in right-padded batches.
+Text is formatted exactly as in training (same chat template, system prompt and truncation to the
+run's `trainer.max_length`) and scored in right-padded batches, by an fp32 head.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rmexp.data import Pair, encode_pair
+from rmexp.data import Pair, encode_answer, encode_pair, with_system_prompt
 from rmexp.scoring import score_pairs, score_sequences
 
 RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with, written by rmexp.train
@@ -31,8 +31,9 @@ def is_run_dir(path: Path) -> bool:
 
 
 class RewardModel:
-    def __init__(self, model, tokenizer, max_length: int, path: str):
+    def __init__(self, model, tokenizer, max_length: int, path: str, system_prompt: str | None = None):
         self.model, self.tokenizer, self.max_length, self.path = model.eval(), tokenizer, max_length, path
+        self.system_prompt = system_prompt  # the run's data.system_prompt, put before every prompt
 
     @classmethod
     def load(cls, path: str | Path) -> RewardModel:
@@ -46,19 +47,28 @@ class RewardModel:
             cfg = read_run_config(path)
             base, _, _ = load_reward_model(cfg.model, cfg.quantization)
             model = PeftModel.from_pretrained(base, str(path))
-            return cls(model, load_tokenizer(str(path)), int(cfg.trainer.max_length), str(path))
+            return cls(model, load_tokenizer(str(path)), int(cfg.trainer.max_length), str(path),
+                       cfg.data.get("system_prompt"))
         if (path / "config.json").is_file():
             from transformers import AutoModelForSequenceClassification
 
-            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+            from rmexp.model import torch_dtype, use_fp32_rewards
+
+            # bf16 weights compute in bf16 only where the hardware does (else fp32); the head in fp32
+            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
+                                                                       dtype=torch_dtype("auto"))
+            model = use_fp32_rewards(model)
             info = getattr(model.config, "rmexp", None) or {}
-            return cls(model, load_tokenizer(str(path)), int(info.get("max_length", 512)), str(path))
+            return cls(model, load_tokenizer(str(path)), int(info.get("max_length", 512)), str(path),
+                       info.get("system_prompt"))
         raise FileNotFoundError(f"{path}: neither an rmexp run dir (adapter_config.json) nor a HF model dir")
 
-    def _sequence(self, question, answer: str) -> list[int]:
+    def _prompt(self, question) -> list[dict[str, str]]:
         prompt = question if isinstance(question, list) else [{"role": "user", "content": question}]
-        enc = encode_pair(self.tokenizer, Pair(prompt=prompt, chosen=answer, rejected=answer), self.max_length)
-        return enc.prompt_ids + enc.chosen_ids
+        return with_system_prompt(prompt, self.system_prompt)
+
+    def _sequence(self, question, answer: str) -> list[int]:
+        return encode_answer(self.tokenizer, self._prompt(question), answer, self.max_length).ids
 
     def score(self, question, answer: str) -> float:
         """Reward of one answer; `question` is a string or a list of chat messages."""
@@ -70,13 +80,17 @@ class RewardModel:
 
     def score_pairs(self, pairs: list[Pair], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
         """Rewards (n x 2: chosen, rejected) of Pairs, with the run's formatting and truncation."""
-        encoded = [encode_pair(self.tokenizer, p, self.max_length) for p in pairs]
-        return self.score_encoded(encoded, batch_size, progress)
+        return self.score_encoded(self.encode(pairs), batch_size, progress)
+
+    def encode(self, pairs: list[Pair]):
+        """`rmexp.data.encode_pair` of each pair, with the run's system prompt and max_length."""
+        return [encode_pair(self.tokenizer, Pair(self._prompt(p.prompt), p.chosen, p.rejected), self.max_length)
+                for p in pairs]
 
     def score_encoded(self, encoded, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
         """Rewards (n x 2) of `rmexp.data.encode_pair` outputs."""
-        return score_pairs(self.model, [e.prompt_ids + e.chosen_ids for e in encoded],
-                           [e.prompt_ids + e.rejected_ids for e in encoded], self.tokenizer.pad_token_id,
+        return score_pairs(self.model, [e.chosen.ids for e in encoded],
+                           [e.rejected.ids for e in encoded], self.tokenizer.pad_token_id,
                            batch_size, progress)
 
     def info(self) -> dict:

@@ -21,31 +21,79 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from rmexp.config import CONF_DIR
-from rmexp.data import load_pairs, split_pairs, tokenize_pairs
-from rmexp.model import build_bnb_config, build_lora_config, load_reward_model
+from rmexp.data import drop_leaked, load_pairs, split_pairs, tokenize_pairs, with_system_prompt
+from rmexp.metrics import length_baseline_accuracy
+from rmexp.model import build_bnb_config, build_lora_config, compute_dtype, load_reward_model
 from rmexp.reward_model import RUN_CONFIG
 from rmexp.tracking import scrub_secrets
 
 log = logging.getLogger("rmexp.train")
 
 
-def build_reward_config(trainer_cfg, run_dir: Path, report_to: str):
-    """The `trainer` group as TRL's RewardConfig (HF names), checkpoints under <run_dir>/checkpoints."""
+OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s")
+
+
+def activation_bytes(model_config, tokens: int) -> int:
+    """Rough activation memory of one training step without recompute: what each layer keeps per token
+    for the backward pass (norms, q/k/v/o, the MLP's inputs and outputs, LoRA's dropped-out inputs), in bf16."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    h, inter, layers = text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.num_hidden_layers
+    return tokens * layers * (18 * h + 5 * inter) * 2
+
+
+def use_gradient_checkpointing(trainer_cfg, model) -> bool:
+    """`trainer.gradient_checkpointing`: true/false as set; auto recomputes activations only when a step's
+    activations would not fit comfortably (60%) in the memory left after loading the model. Recompute
+    costs about a third more compute, so it is off wherever it is not needed."""
+    setting = str(trainer_cfg.gradient_checkpointing).lower()
+    if setting in ("true", "false"):
+        return setting == "true"
+    if setting != "auto":
+        raise ValueError(f"trainer.gradient_checkpointing must be auto, true or false, got {setting!r}")
+    tokens = trainer_cfg.per_device_train_batch_size * 2 * trainer_cfg.max_length  # worst case: both answers padded
+    needed = activation_bytes(model.config, tokens)
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    on = needed > 0.6 * free
+    log.info("trainer.gradient_checkpointing=auto: %s (a step's activations ~%.1f GB, %.1f GB free)",
+             "on" if on else "off", needed / 2**30, free / 2**30)
+    return on
+
+
+def use_bf16(setting) -> bool:
+    """`trainer.bf16`: auto is on where the hardware computes bf16 natively; true is on unless CUDA lacks bf16."""
+    setting = str(setting).lower()
+    if setting == "auto":
+        return compute_dtype() == torch.bfloat16
+    if setting not in ("true", "false"):
+        raise ValueError(f"trainer.bf16 must be auto, true or false, got {setting!r}")
+    return setting == "true" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+
+
+def build_reward_config(trainer_cfg, run_dir: Path, report_to: str, model=None):
+    """The `trainer` group as TRL's RewardConfig (HF names), checkpoints under <run_dir>/checkpoints.
+    `model` resolves `gradient_checkpointing=auto` (without it, auto means on)."""
     from trl import RewardConfig
 
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
+    kwargs["gradient_checkpointing"] = (use_gradient_checkpointing(trainer_cfg, model) if model is not None
+                                        else str(trainer_cfg.gradient_checkpointing).lower() != "false")
     kwargs.update(kwargs.pop("extra") or {})
-    for own_key in ("batching", "packed_row_tokens", "resume"):  # rmexp's keys, not RewardConfig's
+    for own_key in OWN_TRAINER_KEYS:  # rmexp's keys, not RewardConfig's
         kwargs.pop(own_key)
     cuda = torch.cuda.is_available()
     return RewardConfig(
         output_dir=str(run_dir / "checkpoints"),
         report_to=report_to,
         use_cpu=not cuda,
-        bf16=bool(kwargs.pop("bf16")) and (not cuda or torch.cuda.is_bf16_supported()),
+        bf16=use_bf16(kwargs.pop("bf16")),
         disable_dropout=False,  # keep lora_dropout as configured
         logging_first_step=True,
         **kwargs,
@@ -57,15 +105,14 @@ def build_collator(trainer_cfg, model, tokenizer):
     None lets TRL use its padded collator."""
     if getattr(trainer_cfg.batching, "value", trainer_cfg.batching) == "padded":
         return None
-    from rmexp.packing import PACKED_ATTENTION, PackedPairCollator, sliding_window_of, use_packed_attention
+    from rmexp.packing import PACKED_ATTENTION, PackedPairCollator, use_packed_attention
 
     attn = model.config._attn_implementation
     if attn not in ("sdpa", PACKED_ATTENTION):
         raise ValueError(f"trainer.batching=packed needs model.attn_implementation=sdpa (got {attn}); "
                          "use trainer.batching=padded for other attention kernels")
     use_packed_attention(model)
-    return PackedPairCollator(pad_token_id=tokenizer.pad_token_id, row_tokens=trainer_cfg.packed_row_tokens,
-                              sliding_window=sliding_window_of(model.config))
+    return PackedPairCollator.for_model(model, tokenizer.pad_token_id, trainer_cfg.packed_row_tokens)
 
 
 def load_data(data_cfg):
@@ -77,16 +124,22 @@ def load_data(data_cfg):
     loaded, stats = {}, {}
     for role, path in files.items():
         loaded[role], file_stats = load_pairs(path, data_cfg.max_pairs, on_error)
-        stats[role] = file_stats.as_dict()
+        stats[role] = file_stats
+    if data_cfg.eval_path:
+        loaded["train_file"], n_leaked = drop_leaked(loaded["train_file"], loaded["eval_file"], on_error)
+        if n_leaked:
+            stats["train_file"].skipped["in_eval_file"] += n_leaked
+            stats["train_file"].n_pairs -= n_leaked
+    for role, path in files.items():
+        file_stats, stats[role] = stats[role], stats[role].as_dict()
         if file_stats.skipped:
             msg = (f"{path}: skipped {stats[role]['n_skipped']} of {file_stats.n_records} records "
                    f"(data.on_error=skip): {dict(file_stats.skipped)}")
             log.warning(msg)
             print(msg)
-    if data_cfg.system_prompt:
-        for pair in (p for ps in loaded.values() for p in ps):
-            if not pair.prompt or pair.prompt[0]["role"] != "system":
-                pair.prompt.insert(0, {"role": "system", "content": data_cfg.system_prompt})
+    for pairs in loaded.values():
+        for pair in pairs:
+            pair.prompt = with_system_prompt(pair.prompt, data_cfg.system_prompt)
     if data_cfg.eval_path:
         return loaded["train_file"], loaded["eval_file"], stats
     train_pairs, eval_pairs = split_pairs(loaded["train_file"], data_cfg.eval_fraction, data_cfg.split_seed)
@@ -218,6 +271,7 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
         build_bnb_config(cfg.quantization)
         train_pairs, eval_pairs, data_stats = load_data(cfg.data)
 
+        set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
         model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization)
         train_ds, train_trunc = tokenize_pairs(tokenizer, train_pairs, cfg.trainer.max_length)
         eval_ds, eval_trunc = tokenize_pairs(tokenizer, eval_pairs, cfg.trainer.max_length)
@@ -239,7 +293,7 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
             name, group = job_identity(run_dir)
             run = start_run(cfg.logger, resolved, run_dir, name, group)
             run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
-        args = build_reward_config(cfg.trainer, run_dir, "wandb" if run is not None else "none")
+        args = build_reward_config(cfg.trainer, run_dir, "wandb" if run is not None else "none", model)
 
         from rmexp.trainer import PairwiseRewardTrainer
 
@@ -248,11 +302,16 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
 
         trainer = PairwiseRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                         processing_class=tokenizer, peft_config=lora_config, callbacks=callbacks,
-                                        data_collator=build_collator(cfg.trainer, model, tokenizer))
+                                        data_collator=build_collator(cfg.trainer, model, tokenizer),
+                                        head_learning_rate=cfg.trainer.head_learning_rate,
+                                        time_budget_s=cfg.trainer.time_budget_s)
         # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
         resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)
+        # Baselines beside the accuracy: the same eval pairs before any step, and a length count.
+        initial = trainer.evaluate()["eval_pairwise_accuracy"]
+        length_baseline = length_baseline_accuracy(eval_ds["chosen_tokens"], eval_ds["rejected_tokens"])
         with stop_on_sigterm, writes_to(run_dir):  # checkpoints are saved while training
             train_output = trainer.train(resume_from_checkpoint=resumed_from)
         if stop_on_sigterm.received is not None:
@@ -268,6 +327,10 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
         result = {
             "status": "ok",
             "pairwise_accuracy": final["eval_pairwise_accuracy"],
+            "ci_low": final["eval_ci_low"],
+            "ci_high": final["eval_ci_high"],
+            "initial_pairwise_accuracy": initial,
+            "length_baseline_accuracy": length_baseline,
             "n_eval_pairs": final["eval_n_pairs"],
             "n_ties": final["eval_n_ties"],
             "mean_margin": final["eval_mean_margin"],
@@ -275,7 +338,9 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
             "reward_std": final["eval_reward_std"],
             "eval_loss": final["eval_loss"],
             "train_loss": train_output.training_loss,
+            "train_runtime_s": round(train_output.metrics["train_runtime"], 2),
             "n_train_pairs": len(train_ds),
+            "n_train_pairs_seen": round((trainer.state.epoch or 0.0) * len(train_ds)),
             "global_step": trainer.state.global_step,
             "resumed_from": resumed_from,
             "data": data_stats,
@@ -283,8 +348,9 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
             "model": model_path,
         }
         if run is not None:
-            run.summary.update({"eval/pairwise_accuracy": result["pairwise_accuracy"],
-                                "eval/n_pairs": result["n_eval_pairs"], "status": "ok"})
+            run.summary.update({f"eval/{k}": result[k] for k in (
+                "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}
+                | {"eval/n_pairs": result["n_eval_pairs"], "status": "ok"})
         return result["pairwise_accuracy"]
     except BaseException as e:
         result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
@@ -301,8 +367,15 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
 
             wandb.finish(exit_code=0 if result["status"] == "ok" else 1)
         if result["status"] == "ok" and main_process:
-            print(f"held-out pairwise accuracy: {result['pairwise_accuracy']:.4f} "
-                  f"({result['n_eval_pairs']} pairs, eval loss {result['eval_loss']:.4f}) -> {run_dir}")
+            print(summary_line(result, run_dir))
+
+
+def summary_line(result: dict, run_dir: Path) -> str:
+    """The run's accuracy with its interval, beside what it must beat."""
+    return (f"held-out pairwise accuracy {result['pairwise_accuracy']:.3f} [{result['ci_low']:.2f}, "
+            f"{result['ci_high']:.2f}] on {result['n_eval_pairs']} pairs; before training "
+            f"{result['initial_pairwise_accuracy']:.2f}; length alone {result['length_baseline_accuracy']:.2f} "
+            f"-> {run_dir}")
 
 
 def in_multirun() -> bool:

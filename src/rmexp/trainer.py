@@ -4,19 +4,34 @@ the packed, prefix-shared forward (rmexp.packing)."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
 
 from rmexp.metrics import pairwise_metrics
-from rmexp.model import keep_4bit_layers_trainable
-from rmexp.packing import packed_rewards, reward_head
+from rmexp.model import keep_4bit_layers_trainable, reward_head
+from rmexp.packing import packed_rewards
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once the trainer's `time_budget_s` has passed since its scheduler started."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t._clock_start is not None and time.monotonic() - t._clock_start >= t.time_budget_s:
+            control.should_training_stop = True
+        return control
 
 
 class PairwiseRewardTrainer(RewardTrainer):
@@ -30,9 +45,59 @@ class PairwiseRewardTrainer(RewardTrainer):
     _eval_rewards: list | None = None
     last_eval_rewards: torch.Tensor | None = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None,
+                 **kwargs):
+        self.head_learning_rate = head_learning_rate
+        self.time_budget_s = time_budget_s
+        self._clock_start: float | None = None
         super().__init__(*args, **kwargs)
         keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
+        # TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
+        # precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
+        # than bf16's step (2^-8 of the weight) is no longer rounded away, and the head gives fp32 rewards.
+        for param in self.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+    def create_optimizer(self, model=None):
+        """The trainer's optimizer, with the reward head's parameters in a group of their own learning rate.
+
+        The head starts from random weights while LoRA starts from the pretrained model; a higher head
+        rate lets the reward scale form in few steps without pushing the adapters as hard.
+        """
+        optimizer = super().create_optimizer(model)
+        if self.head_learning_rate is None or self.head_learning_rate == self.args.learning_rate:
+            return optimizer
+        head = {id(p) for p in reward_head(self.model).parameters() if p.requires_grad}
+        groups = []
+        for group in optimizer.param_groups:
+            rest = [p for p in group["params"] if id(p) not in head]
+            own = [p for p in group["params"] if id(p) in head]
+            groups += [{**group, "params": rest}] if rest else []
+            groups += [{**group, "params": own, "lr": self.head_learning_rate}] if own else []
+        optimizer.param_groups = groups
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """With `time_budget_s`, the learning rate follows the clock, not the step count: linear warmup over
+        `warmup_steps` (a fraction of the budget, or a number of steps), then linear decay to zero when the
+        budget is spent, and training stops there (`TimeBudget`). The run sees as many pairs as fit."""
+        if self.time_budget_s is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            budget, warmup = self.time_budget_s, self.args.warmup_steps
+            warm_time, warm_steps = (warmup, 0) if warmup < 1 else (0.0, int(warmup))
+            self._clock_start = time.monotonic()
+
+            def factor(step: int) -> float:
+                done = min(1.0, (time.monotonic() - self._clock_start) / budget)
+                by_time = done / warm_time if done < warm_time else (1.0 - done) / (1.0 - warm_time)
+                by_step = (step + 1) / warm_steps if step < warm_steps else 1.0
+                return max(0.0, min(by_time, by_step))
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self.add_callback(TimeBudget(self))
+        return self.lr_scheduler
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

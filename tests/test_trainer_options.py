@@ -1,0 +1,82 @@
+"""Recipe knobs: the head's own learning rate, a wall-clock budget, and the `auto` settings."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import compose_cfg, tiny_overrides
+from rmexp.model import compute_dtype, reward_head, torch_dtype
+from rmexp.train import main, use_bf16, use_gradient_checkpointing
+
+
+class Capture(TrainerCallback):
+    """A callback that keeps the trainer's optimizer and the learning rates it logged."""
+
+    def __init__(self):
+        self.lrs, self.optimizer, self.model = [], None, None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.optimizer, self.model = optimizer, model
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "learning_rate" in logs:
+            self.lrs.append(logs["learning_rate"])
+
+
+def test_head_learning_rate_gets_its_own_group(tmp_path):
+    probe = Capture()
+    main(compose_cfg(*tiny_overrides(tmp_path, "logger=none", "trainer.max_steps=2", "trainer.head_learning_rate=0.05")),
+         callbacks=[probe])
+    head = {id(p) for p in reward_head(probe.model).parameters() if p.requires_grad}
+    groups = probe.optimizer.param_groups
+    head_groups = [g for g in groups if any(id(p) in head for p in g["params"])]
+    assert head and all(all(id(p) in head for p in g["params"]) for g in head_groups)
+    assert {g["initial_lr"] for g in head_groups} == {0.05}
+    assert {g["initial_lr"] for g in groups if g not in head_groups} == {5e-3}  # tiny_overrides' learning_rate
+    trainable = {id(p) for p in probe.model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable  # nothing lost from the optimizer
+
+
+def test_time_budget_stops_training_and_decays_the_rate(tmp_path):
+    probe = Capture()
+    cfg = compose_cfg(*tiny_overrides(tmp_path, "logger=none", "trainer.max_steps=-1", "trainer.num_train_epochs=1000",
+                                      "trainer.time_budget_s=4", "trainer.logging_steps=1", "trainer.warmup_steps=0"))
+    main(cfg, callbacks=[probe])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["status"] == "ok" and 4 <= m["train_runtime_s"] < 30
+    assert 0 < m["global_step"] < 1000 * m["n_train_pairs"] / cfg.trainer.per_device_train_batch_size
+    assert probe.lrs[0] > 0.5 * cfg.trainer.learning_rate and probe.lrs[-1] < 0.3 * cfg.trainer.learning_rate
+    assert m["n_train_pairs_seen"] > 0
+
+
+def fake_model(hidden: int, inter: int, layers: int):
+    return SimpleNamespace(config=SimpleNamespace(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers))
+
+
+def test_gradient_checkpointing_auto_follows_memory():
+    cfg = compose_cfg("data.path=data/preference.jsonl").trainer
+    assert use_gradient_checkpointing(cfg, fake_model(64, 128, 2)) is False  # a tiny model's activations fit
+    assert use_gradient_checkpointing(cfg, fake_model(16384, 53248, 126)) is True  # a 405B's do not
+    forced = compose_cfg("data.path=data/preference.jsonl", "trainer.gradient_checkpointing=true").trainer
+    assert use_gradient_checkpointing(forced, fake_model(64, 128, 2)) is True
+    bad = compose_cfg("data.path=data/preference.jsonl", "trainer.gradient_checkpointing=sometimes").trainer
+    with pytest.raises(ValueError, match="trainer.gradient_checkpointing must be auto, true or false"):
+        use_gradient_checkpointing(bad, fake_model(64, 128, 2))
+    seed = compose_cfg("experiment=seed_llama3_8b").trainer
+    assert use_gradient_checkpointing(seed, fake_model(64, 128, 2)) is True  # the 8B recipe always recomputes
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert compute_dtype() == torch.float32 and torch_dtype("auto") == torch.float32 and not use_bf16("auto")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert compute_dtype() == torch.bfloat16 and use_bf16("auto") and not use_bf16("false")
+    with pytest.raises(ValueError, match="trainer.bf16 must be auto, true or false"):
+        use_bf16("maybe")
