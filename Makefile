@@ -4,10 +4,10 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report bench test lint clean
+.PHONY: help install train sweep report bench bench-quality test lint clean
 
 help: ## list the targets
-	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -35,6 +35,9 @@ report: $(STAMP) ## summarise a sweep: make report SWEEP_DIR=outputs/multirun/<d
 BENCH_DATA ?= ../shared/data/hh-rlhf-harmless/pairs.jsonl
 bench: $(STAMP) ## training throughput, packed vs TRL (gemma3_270m, 96 HH-RLHF pairs, batch 8)
 	$(PY) bench/throughput.py --model gemma3_270m --data $(BENCH_DATA) --pairs 96 --batch 8 $(ARGS)
+
+bench-quality: $(STAMP) ## quality vs the seed recipe at equal wall time (gemma3_270m, HH-RLHF 1200 train / 400 held out)
+	$(PY) bench/quality.py --data $(BENCH_DATA) $(ARGS)
 
 test: $(STAMP) ## run the test suite (CPU, tiny model)
 	$(PY) -m pytest -q $(ARGS)

@@ -80,6 +80,10 @@ def peer(args) -> dict:
                           bf16=dtype == torch.bfloat16)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=PROJECTIONS, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, peft_config=lora)
+    if dtype == torch.float32:  # TRL casts the trainable weights to bf16, which an fp32 forward cannot take
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     started = time.perf_counter()
     out = trainer.train()
     train_s = time.perf_counter() - started

@@ -95,7 +95,7 @@ def test_score_chinese_and_english_is_finite_deterministic_and_batched_alike(run
     one = run.model.score(question, answer)
     assert math.isfinite(one) and one == run.model.score(question, answer)
     batch = run.model.score_batch([(question, answer), (question, "no"), (question, answer)])
-    assert batch[0] == pytest.approx(one, abs=1e-2) and batch[2] == batch[0]
+    assert batch[0] == pytest.approx(one, abs=1e-2) and batch[2] == pytest.approx(batch[0], abs=1e-5)
 
 
 def test_export_loads_in_plain_transformers_and_matches_the_adapter(run):

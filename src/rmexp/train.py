@@ -121,20 +121,19 @@ def load_data(data_cfg):
     files = {"train_file": data_cfg.path}
     if data_cfg.eval_path:
         files["eval_file"] = data_cfg.eval_path
-    loaded, stats = {}, {}
+    loaded, file_stats = {}, {}
     for role, path in files.items():
-        loaded[role], file_stats = load_pairs(path, data_cfg.max_pairs, on_error)
-        stats[role] = file_stats
+        loaded[role], file_stats[role] = load_pairs(path, data_cfg.max_pairs, on_error)
     if data_cfg.eval_path:
         loaded["train_file"], n_leaked = drop_leaked(loaded["train_file"], loaded["eval_file"], on_error)
         if n_leaked:
-            stats["train_file"].skipped["in_eval_file"] += n_leaked
-            stats["train_file"].n_pairs -= n_leaked
+            file_stats["train_file"].skipped["in_eval_file"] += n_leaked
+            file_stats["train_file"].n_pairs -= n_leaked
+    stats = {role: st.as_dict() for role, st in file_stats.items()}
     for role, path in files.items():
-        file_stats, stats[role] = stats[role], stats[role].as_dict()
-        if file_stats.skipped:
-            msg = (f"{path}: skipped {stats[role]['n_skipped']} of {file_stats.n_records} records "
-                   f"(data.on_error=skip): {dict(file_stats.skipped)}")
+        if file_stats[role].skipped:
+            msg = (f"{path}: skipped {stats[role]['n_skipped']} of {file_stats[role].n_records} records "
+                   f"(data.on_error=skip): {stats[role]['skipped']}")
             log.warning(msg)
             print(msg)
     for pairs in loaded.values():
