@@ -1,7 +1,8 @@
 """Reward-model quality against the seed's recipe: same base, same pairs, same held-out set, same clock.
 
     python bench/quality.py                                   # equal time: HH lines 1-1200 train, 1201-1600 held out
-    python bench/quality.py --budget equal-data --train-lines 400
+    python bench/quality.py --budget equal-data --train-lines 400 --eval-start 1201
+    python bench/quality.py --budget both --train-lines 400 --eval-start 1201   # one peer, ours under both budgets
     python bench/quality.py --ours "trainer.learning_rate=2e-4"   # try a variant of rmexp's recipe
 
 peer  the seed's recipe exactly: TRL RewardTrainer with its defaults, batch 1, lr 1e-4, 1 epoch, question
@@ -9,7 +10,8 @@ peer  the seed's recipe exactly: TRL RewardTrainer with its defaults, batch 1, l
       dropout 0.05 on every projection, AutoModelForSequenceClassification(num_labels=1), pad = eos.
 ours  rmexp's default recipe (`python -m rmexp.train` with data.path/eval_path set to the same lines).
       --budget equal-time: it trains for the peer's measured training seconds (trainer.time_budget_s),
-      spending its speed on more epochs of the same pairs; equal-data: one epoch, like the peer.
+      spending its speed on more epochs of the same pairs; equal-data: one epoch, like the peer; both: the
+      peer once, ours under each budget.
 Both are scored on the same held-out lines (ties count wrong), each in its own process. Prints a table,
 then one JSON line.
 """
@@ -105,7 +107,7 @@ def ours(args) -> dict:
     from rmexp.config import CONF_DIR
     from rmexp.train import main
 
-    out = Path(args.work) / "ours"
+    out = Path(args.work) / ("ours-equal-time" if args.peer_train_s else "ours-equal-data")
     overrides = [f"model={args.model}", "data=file", f"data.path={args.train_file}", f"data.eval_path={args.eval_file}",
                  "data.on_error=skip", "logger=none", "trainer.eval_strategy=no", "trainer.save_strategy=no",
                  f"trainer.seed={args.seed}", f"model.cache_dir={args.cache_dir}", f"paths.output_dir={out}"]
@@ -140,8 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a JSONL preference file (HH-RLHF by default)")
     parser.add_argument("--train-lines", type=int, default=1200, help="lines 1..N train both")
-    parser.add_argument("--eval-lines", type=int, default=400, help="the next N lines score both")
-    parser.add_argument("--budget", choices=["equal-time", "equal-data"], default="equal-time")
+    parser.add_argument("--eval-lines", type=int, default=400, help="N lines from --eval-start score both")
+    parser.add_argument("--eval-start", type=int, help="first held-out line (default: the line after training)")
+    parser.add_argument("--budget", choices=["equal-time", "equal-data", "both"], default="equal-time")
     parser.add_argument("--model", default="gemma3_270m", help="a builtin model: gemma3_270m, or tiny for a smoke run")
     parser.add_argument("--max-epochs", type=float, default=10, help="cap on ours' epochs under equal time")
     parser.add_argument("--ours", nargs="*", default=[], help="extra rmexp overrides for ours (a recipe variant)")
@@ -158,39 +161,48 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    start = args.eval_start or args.train_lines + 1
+    if start <= args.train_lines:
+        sys.exit(f"--eval-start {start} overlaps the training lines 1-{args.train_lines}")
+    held_lines = f"{start}-{start + args.eval_lines - 1}"
+    budgets = ["equal-time", "equal-data"] if args.budget == "both" else [args.budget]
     with tempfile.TemporaryDirectory(prefix="rmexp-quality-") as work:
         train = write_lines(args.data, 1, args.train_lines, Path(work) / "train.jsonl")
-        held = write_lines(args.data, args.train_lines + 1, args.train_lines + args.eval_lines, Path(work) / "eval.jsonl")
+        held = write_lines(args.data, start, start + args.eval_lines - 1, Path(work) / "eval.jsonl")
         common = ["--work", work, "--train-file", str(train), "--eval-file", str(held), "--model", args.model,
                   "--seed", str(args.seed), "--cache-dir", args.cache_dir, "--max-epochs", str(args.max_epochs)]
         p = run_worker("peer", common)
         print(f"peer: {p['accuracy']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}] on {p['eval_pairs']} pairs, "
               f"{p['n_ties']} ties, trained {p['train_s']:.0f} s on {p['train_pairs_seen']} pairs", flush=True)
-        budget = ["--peer-train-s", f"{p['train_s']:.1f}"] if args.budget == "equal-time" else []
-        o = run_worker("ours", common + budget + (["--ours", *args.ours] if args.ours else []))
+        results = {}
+        for budget in budgets:
+            limit = ["--peer-train-s", f"{p['train_s']:.1f}"] if budget == "equal-time" else []
+            results[budget] = run_worker("ours", common + limit + (["--ours", *args.ours] if args.ours else []))
 
-    rows = [("peer (seed recipe, TRL batch 1)", p), ("ours (rmexp default" + (", " + " ".join(args.ours) if args.ours
-                                                                             else "") + ")", o)]
-    print(f"\n{args.budget}: train lines 1-{args.train_lines}, held out {args.train_lines + 1}-"
-          f"{args.train_lines + args.eval_lines} of {args.data.name}, {args.model}")
-    print(f"| {'recipe':<44} | accuracy [95% CI]     | ties | train s | pairs seen | peak RSS MB |")
-    print(f"|{'-' * 46}|-----------------------|------|---------|------------|-------------|")
+    variant = ", " + " ".join(args.ours) if args.ours else ""
+    rows = [("peer (seed recipe, TRL batch 1)", p)]
+    rows += [(f"ours (rmexp default{variant}, {budget})", o) for budget, o in results.items()]
+    print(f"\ntrain lines 1-{args.train_lines}, held out {held_lines} of {args.data.name}, {args.model}")
+    print(f"| {'recipe':<52} | accuracy [95% CI]     | ties | train s | pairs seen | peak RSS MB |")
+    print(f"|{'-' * 54}|-----------------------|------|---------|------------|-------------|")
     for name, r in rows:
-        print(f"| {name:<44} | {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['n_ties']:4d} | "
+        print(f"| {name:<52} | {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['n_ties']:4d} | "
               f"{r['train_s']:7.0f} | {r['train_pairs_seen']:10d} | {r['peak_rss_mb']:11.0f} |")
+    o = next(iter(results.values()))
     print(f"baselines on the same held-out pairs: before training {o['initial_accuracy']:.3f}, "
           f"length alone {o['length_baseline']:.3f}")
-    summary = {"budget": args.budget, "model": args.model, "eval_pairs": o["eval_pairs"],
-               "peer_accuracy": p["accuracy"], "peer_ci_low": p["ci_low"], "peer_ci_high": p["ci_high"],
-               "peer_train_s": round(p["train_s"], 1), "peer_n_ties": p["n_ties"],
-               "peer_train_pairs_seen": p["train_pairs_seen"],
-               "ours_accuracy": o["accuracy"], "ours_ci_low": o["ci_low"], "ours_ci_high": o["ci_high"],
-               "ours_train_s": round(o["train_s"], 1), "ours_n_ties": o["n_ties"],
-               "ours_train_pairs_seen": o["train_pairs_seen"], "ours_initial_accuracy": o["initial_accuracy"],
-               "length_baseline_accuracy": o["length_baseline"], "delta": round(o["accuracy"] - p["accuracy"], 4),
-               "ours_overrides": args.ours}
-    print(json.dumps(summary))
-
+    for budget, o in results.items():
+        summary = {"budget": budget, "model": args.model, "train_lines": f"1-{args.train_lines}",
+                   "held_out_lines": held_lines, "eval_pairs": o["eval_pairs"],
+                   "peer_accuracy": p["accuracy"], "peer_ci_low": p["ci_low"], "peer_ci_high": p["ci_high"],
+                   "peer_train_s": round(p["train_s"], 1), "peer_n_ties": p["n_ties"],
+                   "peer_train_pairs_seen": p["train_pairs_seen"],
+                   "ours_accuracy": o["accuracy"], "ours_ci_low": o["ci_low"], "ours_ci_high": o["ci_high"],
+                   "ours_train_s": round(o["train_s"], 1), "ours_n_ties": o["n_ties"],
+                   "ours_train_pairs_seen": o["train_pairs_seen"], "ours_initial_accuracy": o["initial_accuracy"],
+                   "length_baseline_accuracy": o["length_baseline"], "delta": round(o["accuracy"] - p["accuracy"], 4),
+                   "ours_overrides": args.ours}
+        print(json.dumps(summary))
 
 if __name__ == "__main__":
     main()

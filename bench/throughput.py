@@ -8,6 +8,16 @@ Trains, on the same model, quantization, LoRA and pairs, one epoch each of:
   ours   rmexp's packed collator, batch B
 each in its own process (so peak RSS is its own), and prints a table and, last, one JSON object.
 `--eval-pairs K` also scores the next K pairs after training and reports held-out accuracy.
+
+The ceiling: the machine's matmul rate R in the compute dtype (measured in the same run, a 2048^3
+product) over the FLOPs a pair needs at least: 4 N per token (forward 2 N, backward to the inputs
+2 N; the 4-bit base has no weight gradients) for N weights in the model's linear layers, times the
+minimum tokens per pair, plus 2 N more per token when gradient checkpointing recomputes the forward.
+`ours_fraction_of_ceiling` is ours' pairs/s over `ceiling_pairs_per_s`.
+
+`--profile N` runs ours alone with torch.profiler over N steps (after one warm-up step) and prints
+where a step's time goes: de-quantization, matmuls, attention, LoRA dropout, casts and copies, other
+kernels, the optimizer, data collation, and Python/framework overhead (wall time no kernel accounts for).
 """
 
 from __future__ import annotations
@@ -22,6 +32,60 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_gflops(dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """The machine's dense matmul rate in `dtype` (GFLOP/s) on the threads torch uses."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or runs < 2:
+        a @ b
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - started) / 1e9
+
+
+def linear_weights(model) -> int:
+    """N: the weights of the base's linear layers (4-bit ones counted unpacked), without the reward head."""
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not {"score", "lm_head"} & set(name.split(".")):
+            total += module.in_features * module.out_features  # LoRA's own A and B included: they run too
+    return total
+
+
+CATEGORIES = [  # (category, test on an op's name or an enclosing op's name), first match wins
+    ("optimizer", lambda chain: any(n.startswith("Optimizer.step") for n in chain)),
+    ("data collation", lambda chain: "rmexp.collate" in chain),
+    ("LoRA dropout", lambda chain: any(n in ("aten::dropout", "aten::native_dropout", "aten::bernoulli_")
+                                       for n in chain)),
+    ("4-bit de-quantization", lambda chain: any("dequantize" in n for n in chain)),
+    ("attention (SDPA)", lambda chain: any("scaled_dot_product" in n or "flash_attention" in n for n in chain)),
+    ("matmuls", lambda chain: chain[0] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("casts and copies", lambda chain: chain[0] in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone",
+                                                    "aten::contiguous")),
+    ("other kernels", lambda chain: True),
+]
+
+
+def profile_table(prof, wall_s: float, steps: int) -> list[tuple[str, float]]:
+    """Seconds per step by category, from each op's self time and the ops enclosing it."""
+    seconds = dict.fromkeys([c for c, _ in CATEGORIES], 0.0)
+    for event in prof.events():
+        chain, parent = [event.name], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        if not event.name.startswith(("aten::", "bitsandbytes::", "rmexp.", "Optimizer.")) and event.name != chain[-1]:
+            continue  # a python-level range inside another op: its time is in its children
+        category = next(c for c, test in CATEGORIES if test(chain))
+        seconds[category] += event.self_cpu_time_total / 1e6
+    seconds["Python and framework overhead"] = max(0.0, wall_s - sum(seconds.values()))
+    return [(c, s / steps) for c, s in seconds.items()]
 
 
 def worker(args) -> dict:
@@ -49,18 +113,24 @@ def worker(args) -> dict:
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
     collator = build_collator(cfg.trainer, model, tok)
-    trainer = PairwiseRewardTrainer(model=model, args=build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none"),
+    # ours: gradient_checkpointing=auto (off where activations fit); the TRL peers keep the seed's TRL default, on
+    args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if args.worker == "ours" else None)
+    trainer = PairwiseRewardTrainer(model=model, args=args_,
                                     train_dataset=train_ds, processing_class=tok, peft_config=build_lora_config(cfg.lora),
                                     data_collator=collator)
     counted = {"tokens": 0}
     inner = trainer.data_collator
 
     def counting(examples):
-        out = inner(examples)
+        with torch.profiler.record_function("rmexp.collate"):
+            out = inner(examples)
         counted["tokens"] += out["input_ids"].numel()  # everything the model runs, padding included
         return out
 
     trainer.data_collator = counting
+    profiler = profile_callback(args.profile) if args.profile else None
+    if profiler:
+        trainer.add_callback(profiler)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -68,13 +138,38 @@ def worker(args) -> dict:
               "pairs_per_s": len(train_ds) / seconds, "tokens_per_pair": counted["tokens"] / len(train_ds),
               "min_tokens_per_pair": sum(len(c) + len(r) - p for c, r, p in zip(
                   train_ds["chosen_ids"], train_ds["rejected_ids"], train_ds["prompt_len"], strict=True)) / len(train_ds),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "linear_weights": linear_weights(trainer.model), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
+    if profiler:
+        result["profile_s_per_step"] = profile_table(profiler.prof, profiler.wall_s, args.profile)
     if eval_pairs:
         eval_ds, _ = tokenize_pairs(tok, eval_pairs, cfg.trainer.max_length)
         metrics = trainer.evaluate(eval_ds)
         result["eval_pairwise_accuracy"] = metrics["eval_pairwise_accuracy"]
         result["eval_pairs"] = len(eval_ds)
     return result
+
+
+def profile_callback(n: int):
+    """A TrainerCallback that runs torch.profiler from the end of step 1 to the end of step 1 + n, then stops."""
+    import torch
+    from transformers import TrainerCallback
+
+    class ProfileSteps(TrainerCallback):
+        prof, wall_s, started = None, 0.0, 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.prof.__enter__()
+                self.started = time.perf_counter()
+            elif state.global_step == 1 + n and self.prof is not None:
+                self.wall_s = time.perf_counter() - self.started
+                self.prof.__exit__(None, None, None)
+                control.should_training_stop = True
+            return control
+
+    return ProfileSteps()
 
 
 def main() -> None:
@@ -87,12 +182,21 @@ def main() -> None:
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--eval-pairs", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=["peer", "peer1", "ours"])
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of ours, print where time goes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    if args.profile:
+        profile(args)
+        return
 
+    from rmexp.model import compute_dtype
+
+    dtype = compute_dtype()
+    gflops = matmul_gflops(dtype)  # the same run, before the workers, with the machine otherwise idle
+    print(f"matmul rate: {gflops:.0f} GFLOP/s ({str(dtype).removeprefix('torch.')}, 2048^3)", flush=True)
     results = {}
     for name in args.only:
         cmd = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
@@ -122,8 +226,34 @@ def main() -> None:
     if "ours" in results and "peer1" in results:
         summary["speedup_vs_peer1"] = round(results["ours"]["pairs_per_s"] / results["peer1"]["pairs_per_s"], 3)
     if "ours" in results:
-        summary["tokens_over_min"] = round(results["ours"]["tokens_per_pair"] / results["ours"]["min_tokens_per_pair"], 4)
+        r = results["ours"]
+        summary["tokens_over_min"] = round(r["tokens_per_pair"] / r["min_tokens_per_pair"], 4)
+        flops_per_token = (6 if r["gradient_checkpointing"] else 4) * r["linear_weights"]
+        ceiling = gflops * 1e9 / (flops_per_token * r["min_tokens_per_pair"])
+        summary.update({"matmul_gflops": round(gflops, 1), "compute_dtype": str(dtype).removeprefix("torch."),
+                        "linear_weights": r["linear_weights"], "gradient_checkpointing": r["gradient_checkpointing"],
+                        "ceiling_pairs_per_s": round(ceiling, 3),
+                        "ours_fraction_of_ceiling": round(r["pairs_per_s"] / ceiling, 3)})
+        print(f"ceiling {ceiling:.2f} pairs/s ({flops_per_token / 1e9:.2f} GFLOP/token x {r['min_tokens_per_pair']:.0f} "
+              f"tokens/pair at {gflops:.0f} GFLOP/s): ours at {r['pairs_per_s'] / ceiling:.0%} of it")
     print(json.dumps(summary))
+
+
+def profile(args) -> None:
+    """Ours alone under torch.profiler; prints seconds per step by category."""
+    cmd = [sys.executable, __file__, "--worker", "ours", *sys.argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"ours failed:\n{proc.stderr[-4000:]}")
+    rows = json.loads(line[len("RESULT "):])["profile_s_per_step"]
+    total = sum(s for _, s in rows)
+    print(f"packed batch {args.batch}, {args.model}, {args.profile} profiled steps: {total:.2f} s per step")
+    print("| where | s per step | share |\n| --- | --- | --- |")
+    for name, s in sorted(rows, key=lambda r: -r[1]):
+        print(f"| {name} | {s:.3f} | {s / total:.0%} |")
+    print(json.dumps({"model": args.model, "batch": args.batch, "s_per_step": round(total, 3),
+                      **{name: round(s, 4) for name, s in rows}}))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def tokenizer():
 
 def tiny_overrides(out: Path, *extra: str) -> list[str]:
     return ["model=tiny", f"paths.output_dir={out}", "logger.mode=offline", f"data.path={ROOT / 'data/preference.jsonl'}",
-            "trainer.max_steps=8", "trainer.eval_steps=4", "trainer.logging_steps=2", "trainer.learning_rate=5e-3",
+            "trainer.max_steps=8", "trainer.per_device_train_batch_size=4", "trainer.eval_steps=4", "trainer.logging_steps=2", "trainer.learning_rate=5e-3",
             *extra]
 
 

@@ -26,15 +26,17 @@ def test_every_group_option_composes(group, option):
         build_bnb_config(cfg.quantization)
 
 
-def test_defaults_are_the_seed_recipe_on_gemma():
+def test_defaults_are_the_seed_lora_on_gemma_without_dropout():
     cfg = compose_cfg()
     assert cfg.model.name_or_path == "builtin:gemma3_270m"
-    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 16, 0.05)
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 16, 0.0)
     assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     bnb = build_bnb_config(cfg.quantization)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     assert build_lora_config(cfg.lora).task_type == "SEQ_CLS"
-    assert compose_cfg("experiment=seed_llama3_8b").model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    seed = compose_cfg("experiment=seed_llama3_8b")
+    assert seed.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (seed.lora.r, seed.lora.lora_alpha, seed.lora.lora_dropout) == (8, 16, 0.05)  # the seed recipe, unchanged
 
 
 @pytest.mark.parametrize("override,key", [

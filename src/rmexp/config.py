@@ -73,7 +73,7 @@ class LoraConfig:
     # Keys keep peft.LoraConfig's names; task_type is always SEQ_CLS.
     r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -106,10 +106,10 @@ class TrainerConfig:
     # (num_train_epochs / max_steps still cap it); null: train for the steps/epochs set
     time_budget_s: float | None = None
     # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
     max_steps: int = -1
-    per_device_train_batch_size: int = 4
+    per_device_train_batch_size: int = 1
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 512  # per sequence; longer pairs lose prompt tokens from the left
