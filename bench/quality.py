@@ -86,19 +86,23 @@ def peer(args) -> dict:
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    # Scored as the seed would: the same concatenated text (plus the eos TRL appends in training), its
+    # own head; over-long texts keep their end (the answer) instead of being dropped.
+    sequences = [tok(t + tok.eos_token)["input_ids"][-config.max_length:] for p in held for t in seed_text(p)]
+
+    def accuracy() -> dict:
+        rewards = score_sequences(trainer.model, sequences, tok.pad_token_id, batch_size=8)
+        return pairwise_metrics(rewards[0::2].numpy(), rewards[1::2].numpy())
+
+    initial = accuracy()["pairwise_accuracy"]  # its own random head: the peer's before-training baseline
     started = time.perf_counter()
     out = trainer.train()
     train_s = time.perf_counter() - started
-    # Scored as the seed would: the same concatenated text (plus the eos TRL appended in training), its
-    # own bf16 head; over-long texts keep their end (the answer) instead of being dropped.
-    model = trainer.model
-    sequences = [tok(t + tok.eos_token)["input_ids"][-config.max_length:] for p in held for t in seed_text(p)]
-    rewards = score_sequences(model, sequences, tok.pad_token_id, batch_size=8)
-    metrics = pairwise_metrics(rewards[0::2].numpy(), rewards[1::2].numpy())
+    metrics = accuracy()
     return {"accuracy": metrics["pairwise_accuracy"], "ci_low": metrics["ci_low"], "ci_high": metrics["ci_high"],
             "n_ties": metrics["n_ties"], "eval_pairs": metrics["n_pairs"], "train_s": train_s,
             "train_pairs": len(dataset), "train_pairs_seen": round(out.metrics.get("epoch", 1.0) * len(dataset)),
-            "train_pairs_used": len(trainer.train_dataset), "peak_rss_mb": peak_rss_mb()}
+            "train_pairs_used": len(trainer.train_dataset), "initial_accuracy": initial, "peak_rss_mb": peak_rss_mb()}
 
 
 def ours(args) -> dict:
@@ -189,14 +193,14 @@ def main() -> None:
         print(f"| {name:<52} | {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['n_ties']:4d} | "
               f"{r['train_s']:7.0f} | {r['train_pairs_seen']:10d} | {r['peak_rss_mb']:11.0f} |")
     o = next(iter(results.values()))
-    print(f"baselines on the same held-out pairs: before training {o['initial_accuracy']:.3f}, "
-          f"length alone {o['length_baseline']:.3f}")
+    print(f"baselines on the same held-out pairs: before training {o['initial_accuracy']:.3f} (ours), "
+          f"{p['initial_accuracy']:.3f} (peer; each its own random head); length alone {o['length_baseline']:.3f}")
     for budget, o in results.items():
         summary = {"budget": budget, "model": args.model, "train_lines": f"1-{args.train_lines}",
                    "held_out_lines": held_lines, "eval_pairs": o["eval_pairs"],
                    "peer_accuracy": p["accuracy"], "peer_ci_low": p["ci_low"], "peer_ci_high": p["ci_high"],
                    "peer_train_s": round(p["train_s"], 1), "peer_n_ties": p["n_ties"],
-                   "peer_train_pairs_seen": p["train_pairs_seen"],
+                   "peer_train_pairs_seen": p["train_pairs_seen"], "peer_initial_accuracy": p["initial_accuracy"],
                    "ours_accuracy": o["accuracy"], "ours_ci_low": o["ci_low"], "ours_ci_high": o["ci_high"],
                    "ours_train_s": round(o["train_s"], 1), "ours_n_ties": o["n_ties"],
                    "ours_train_pairs_seen": o["train_pairs_seen"], "ours_initial_accuracy": o["initial_accuracy"],

@@ -104,3 +104,27 @@ def test_grid_preset_runs_without_dash_m_and_any_axis_is_overridable(tmp_path):
     assert runs == ["lora.r=4,trainer.learning_rate=0.0001", "lora.r=4,trainer.learning_rate=0.0003"]
     full = yaml.safe_load((ROOT / "conf/sweep/lora_lr.yaml").read_text())["hydra"]["sweeper"]["params"]
     assert len(str(full["lora.r"]).split(",")) * len(str(full["trainer.learning_rate"]).split(",")) == 20
+
+
+def fake_job(root: Path, name: str, overrides: list[str], accuracy: float, dropout: float = 0.0) -> None:
+    """A finished job dir as a sweep leaves it: overrides, composed config, metrics.json."""
+    hydra_dir = root / name / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    lr = next((o.split("=")[1] for o in overrides if o.startswith("trainer.learning_rate=")), "0.0002")
+    (hydra_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"lora": {"r": 8, "lora_dropout": dropout}, "trainer": {"learning_rate": float(lr)}}))
+    (root / name / "metrics.json").write_text(json.dumps({"status": "ok", "pairwise_accuracy": accuracy}))
+
+
+def test_report_shows_defaults_a_job_did_not_override_and_no_heatmap_that_mixes_them(tmp_path):
+    fake_job(tmp_path, "a", ["trainer.learning_rate=1e-4"], 0.55)
+    fake_job(tmp_path, "b", ["trainer.learning_rate=2e-4", "lora.lora_dropout=0.05"], 0.60, dropout=0.05)
+    report(tmp_path, use_wandb=False)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| a | 1e-4 | 0.0 |" in table  # a's dropout is its default, not blank
+    assert (tmp_path / "heatmap.png").is_file()  # each (r, lr) cell holds one job
+    fake_job(tmp_path, "c", ["trainer.learning_rate=1e-4", "lora.lora_dropout=0.05"], 0.50, dropout=0.05)
+    (tmp_path / "heatmap.png").unlink()
+    report(tmp_path, use_wandb=False)
+    assert not (tmp_path / "heatmap.png").exists()  # the 1e-4 cell would average dropout 0 and 0.05

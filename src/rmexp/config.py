@@ -122,7 +122,7 @@ class TrainerConfig:
     gradient_checkpointing: str = "auto"  # auto (on only when activations would not fit), true, false
     bf16: str = "auto"  # bf16 autocast: auto (where the hardware computes bf16), true, false
     eval_strategy: str = "steps"
-    eval_steps: float = 50
+    eval_steps: float = 100
     save_strategy: str = "steps"
     save_steps: float = 200
     save_total_limit: int | None = 2

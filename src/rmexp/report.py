@@ -37,7 +37,7 @@ def rows_of(jobs: list[Job], keys: list[str]) -> list[dict]:
     rows = []
     for job in jobs:
         row = {"job": job.dir.name}
-        row.update({k: job.values.get(k, "") for k in keys})
+        row.update({k: job.setting(k) for k in keys})  # a key a job did not override shows its default
         row.update({c: job.metrics.get(c, "") for c in RESULT_COLUMNS})
         row["status"] = job.status
         if job.status == "failed":
@@ -76,12 +76,19 @@ def _as_number(v: str) -> float:
         return math.nan
 
 
-def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: str = COL_KEY) -> bool:
-    """Mean pairwise accuracy per (lora.r, learning rate) cell; failed or running cells are grey."""
-    cells = [(j.values.get(row_key), j.values.get(col_key), j) for j in jobs]
+def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: str = COL_KEY,
+                  other_keys: list[str] = ()) -> bool:
+    """Mean pairwise accuracy per (lora.r, learning rate) cell; failed or running cells are grey. No heatmap
+    when a cell would average jobs that differ in another swept key (the table shows those)."""
+    cells = [(j.setting(row_key) or None, j.setting(col_key) or None, j) for j in jobs]
     cells = [(r, c, j) for r, c, j in cells if r is not None and c is not None]
     if not cells:
         return False
+    others = [k for k in other_keys if k not in (row_key, col_key)]
+    for r, c, _ in cells:
+        if len({tuple(j.setting(k) for k in others) for rr, cc, j in cells if (rr, cc) == (r, c)}) > 1:
+            print(f"no heatmap: jobs in one ({row_key}, {col_key}) cell differ in {', '.join(others)}")
+            return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +195,7 @@ def report(sweep_dir: str | Path, use_wandb: bool = True) -> dict:
     rows = rows_of(jobs, keys)
     write_tables(rows, sweep_dir)
     heatmap = sweep_dir / "heatmap.png"
-    has_heatmap = write_heatmap(jobs, heatmap)
+    has_heatmap = write_heatmap(jobs, heatmap, other_keys=keys)
     counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "failed", "running")}
     print(f"{sweep_dir}: {len(jobs)} jobs ({counts['ok']} ok, {counts['failed']} failed, {counts['running']} running)")
     print(f"wrote {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}" + (f", {heatmap}" if has_heatmap else ""))
@@ -196,7 +203,7 @@ def report(sweep_dir: str | Path, use_wandb: bool = True) -> dict:
     if best is None:
         print("no finished job yet")
     else:
-        shown = ", ".join(f"{k}={best.values.get(k)}" for k in keys)
+        shown = ", ".join(f"{k}={best.setting(k)}" for k in keys)
         print(f"best: job {best.dir.name} ({shown}): pairwise_accuracy {best.metrics['pairwise_accuracy']:.4f}, "
               f"eval_loss {best.metrics.get('eval_loss', float('nan')):.4f}")
         print(f"reproduce: {best.command()}")

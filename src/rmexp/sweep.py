@@ -31,6 +31,18 @@ class Job:
     def values(self) -> dict[str, str]:
         return dict(o.split("=", 1) for o in self.overrides if "=" in o)
 
+    def setting(self, key: str) -> str:
+        """The job's value of a config key: its override, else what its composed config (.hydra/config.yaml) held."""
+        if key in self.values:
+            return self.values[key]
+        config = self.dir / ".hydra" / "config.yaml"
+        if not config.is_file():
+            return ""
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(OmegaConf.load(config), key, default=None)
+        return "" if value is None else str(value)
+
     def command(self) -> str:
         args = [o for o in self.overrides if not o.startswith(SWEEP_ONLY)]
         return " ".join(["python -m rmexp.train", *args])
