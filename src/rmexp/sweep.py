@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -31,16 +32,23 @@ class Job:
     def values(self) -> dict[str, str]:
         return dict(o.split("=", 1) for o in self.overrides if "=" in o)
 
+    @cached_property
+    def config(self):
+        """The job's composed config (.hydra/config.yaml), or None before Hydra wrote it."""
+        from omegaconf import OmegaConf
+
+        path = self.dir / ".hydra" / "config.yaml"
+        return OmegaConf.load(path) if path.is_file() else None
+
     def setting(self, key: str) -> str:
-        """The job's value of a config key: its override, else what its composed config (.hydra/config.yaml) held."""
+        """The job's value of a config key: its override, else what its composed config held."""
         if key in self.values:
             return self.values[key]
-        config = self.dir / ".hydra" / "config.yaml"
-        if not config.is_file():
+        if self.config is None:
             return ""
         from omegaconf import OmegaConf
 
-        value = OmegaConf.select(OmegaConf.load(config), key, default=None)
+        value = OmegaConf.select(self.config, key, default=None)
         return "" if value is None else str(value)
 
     def command(self) -> str:
