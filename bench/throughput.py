@@ -172,6 +172,16 @@ def profile_callback(n: int):
     return ProfileSteps()
 
 
+def run_worker(name: str) -> dict:
+    """One worker in its own process (its peak RSS is its own), with this command's arguments."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True, text=True,
+                          cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3_270m", help="a conf/model option (tiny, gemma3_270m, ...)")
@@ -199,12 +209,7 @@ def main() -> None:
     print(f"matmul rate: {gflops:.0f} GFLOP/s ({str(dtype).removeprefix('torch.')}, 2048^3)", flush=True)
     results = {}
     for name in args.only:
-        cmd = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
-        results[name] = json.loads(line[len("RESULT "):])
+        results[name] = run_worker(name)
         r = results[name]
         print(f"{name:6s} batch {r['batch']:2d}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_pair']:.0f} tokens/pair "
               f"(min {r['min_tokens_per_pair']:.0f}), peak RSS {r['peak_rss_mb']:.0f} MB"
@@ -241,12 +246,7 @@ def main() -> None:
 
 def profile(args) -> None:
     """Ours alone under torch.profiler; prints seconds per step by category."""
-    cmd = [sys.executable, __file__, "--worker", "ours", *sys.argv[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.exit(f"ours failed:\n{proc.stderr[-4000:]}")
-    rows = json.loads(line[len("RESULT "):])["profile_s_per_step"]
+    rows = run_worker("ours")["profile_s_per_step"]
     total = sum(s for _, s in rows)
     print(f"packed batch {args.batch}, {args.model}, {args.profile} profiled steps: {total:.2f} s per step")
     print("| where | s per step | share |\n| --- | --- | --- |")
