@@ -15,6 +15,12 @@ product) over the FLOPs a pair needs at least: 4 N per token (forward 2 N, backw
 minimum tokens per pair, plus 2 N more per token when gradient checkpointing recomputes the forward.
 `ours_fraction_of_ceiling` is ours' pairs/s over `ceiling_pairs_per_s`.
 
+`--mode eval` measures scoring instead: the same pairs scored by the padded forward (chosen and
+rejected right-padded, `--batch` pairs per forward) and by the packed one (`[prompt][chosen][rejected]`
+segments in rows of `--row-tokens`), one process each, on the same model and seeded head; it prints
+pairs/s, peak RSS, the largest reward difference and how many pairs the two paths decide differently
+(`--dtype float32` for the fp32 comparison).
+
 `--profile N` runs ours alone with torch.profiler over N steps (after one warm-up step) and prints
 where a step's time goes: de-quantization, matmuls, attention, LoRA dropout, casts and copies, other
 kernels, the optimizer, data collation, and Python/framework overhead (wall time no kernel accounts for).
@@ -117,7 +123,7 @@ def worker(args) -> dict:
     args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if args.worker == "ours" else None)
     trainer = PairwiseRewardTrainer(model=model, args=args_,
                                     train_dataset=train_ds, processing_class=tok, peft_config=build_lora_config(cfg.lora),
-                                    data_collator=collator)
+                                    data_collator=collator, fused_lora=args.worker == "ours" and cfg.trainer.fused_lora)
     counted = {"tokens": 0}
     inner = trainer.data_collator
 
@@ -148,6 +154,66 @@ def worker(args) -> dict:
         result["eval_pairwise_accuracy"] = metrics["eval_pairwise_accuracy"]
         result["eval_pairs"] = len(eval_ds)
     return result
+
+
+def eval_worker(args) -> dict:
+    """Score `--pairs` pairs with the padded or the packed path; rewards go to a file for the comparison."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from rmexp.config import CONF_DIR
+    from rmexp.data import load_pairs
+    from rmexp.model import load_reward_model
+    from rmexp.reward_model import RewardModel
+
+    dtype = [f"model.dtype={args.dtype}", f"quantization.bnb_4bit_compute_dtype={args.dtype}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={args.model}", f"quantization={args.quantization}",
+                                          f"data.path={args.data}", "logger=none", *dtype])
+    pairs, _ = load_pairs(args.data, max_pairs=args.pairs, on_error="skip")
+    torch.manual_seed(0)  # the same head in both processes
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    rm = RewardModel(model, tok, args.max_length, "bench", packed=args.worker == "eval_packed",
+                     row_tokens=args.row_tokens)
+    encoded = rm.encode(pairs)
+    rm.score_encoded(encoded[:4], batch_size=args.batch)  # warm-up (bitsandbytes repacks its weights once)
+    started = time.perf_counter()
+    rewards = rm.score_encoded(encoded, batch_size=args.batch)
+    seconds = time.perf_counter() - started
+    out = Path(args.rewards_dir) / f"{args.worker}.pt"
+    torch.save(rewards, out)
+    return {"worker": args.worker, "pairs": len(encoded), "seconds": seconds, "pairs_per_s": len(encoded) / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rewards": str(out),
+            "packed": rm.packed}
+
+
+def eval_bench(args) -> None:
+    """Padded against packed scoring of the same pairs: a table, then one JSON line."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="rmexp-eval-bench-") as tmp:
+        sys.argv += ["--rewards-dir", tmp]
+        results = {name: run_worker(name) for name in ("eval_padded", "eval_packed")}
+        padded, packed = (torch.load(results[n]["rewards"]) for n in ("eval_padded", "eval_packed"))
+    assert results["eval_packed"]["packed"] and not results["eval_padded"]["packed"]
+    diff = (padded - packed).abs().max().item()
+    decisions = int(((padded[:, 0] > padded[:, 1]) != (packed[:, 0] > packed[:, 1])).sum())
+    print(f"scoring {results['eval_padded']['pairs']} pairs of {Path(args.data).name}, {args.model}, {args.dtype}")
+    print("| path | pairs/s | peak RSS MB |\n| --- | --- | --- |")
+    for name, r in results.items():
+        print(f"| {name.removeprefix('eval_')} | {r['pairs_per_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    speedup = results["eval_packed"]["pairs_per_s"] / results["eval_padded"]["pairs_per_s"]
+    print(f"packed {speedup:.2f}x padded; max |reward difference| {diff:.2e}; pairs decided differently: {decisions}")
+    print(json.dumps({"mode": "eval", "model": args.model, "pairs": results["eval_padded"]["pairs"],
+                      "dtype": args.dtype, "row_tokens": args.row_tokens, "padded_batch": args.batch,
+                      "eval_padded_pairs_per_s": round(results["eval_padded"]["pairs_per_s"], 3),
+                      "eval_packed_pairs_per_s": round(results["eval_packed"]["pairs_per_s"], 3),
+                      "eval_speedup": round(speedup, 3),
+                      "eval_padded_peak_rss_mb": round(results["eval_padded"]["peak_rss_mb"], 1),
+                      "eval_packed_peak_rss_mb": round(results["eval_packed"]["peak_rss_mb"], 1),
+                      "max_abs_reward_diff": diff, "n_decisions_differ": decisions}))
 
 
 def profile_callback(n: int):
@@ -193,10 +259,18 @@ def main() -> None:
     parser.add_argument("--eval-pairs", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=["peer", "peer1", "ours"])
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of ours, print where time goes")
+    parser.add_argument("--mode", choices=["train", "eval"], default="train", help="time training, or scoring")
+    parser.add_argument("--row-tokens", type=int, default=4096, help="--mode eval: tokens per packed row")
+    parser.add_argument("--dtype", default="auto", help="--mode eval: model and 4-bit compute dtype (auto, float32)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rewards-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        result = eval_worker(args) if args.worker.startswith("eval_") else worker(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.mode == "eval":
+        eval_bench(args)
         return
     if args.profile:
         profile(args)

@@ -89,6 +89,22 @@ def test_wilson_interval():
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
 
 
+def test_evaluate_streams_chunks_in_file_order_and_agrees_with_the_padded_path(run, tmp_path):
+    data = ROOT / "data" / "preference.jsonl"
+    metrics, scores = run_evaluate(run.dir, data, tmp_path / "packed", "data.max_pairs=40", "eval.chunk_pairs=7",
+                                   "eval.row_tokens=512")
+    padded_metrics, padded = run_evaluate(run.dir, data, tmp_path / "padded", "data.max_pairs=40",
+                                          "eval.packed=false")
+    assert metrics["packed"] and not padded_metrics["packed"] and metrics["pairs_per_s"] > 0
+    assert [s["index"] for s in scores] == list(range(40)) and not (tmp_path / "packed" / "scores.jsonl.partial").exists()
+    diff = max(abs(s[k] - p[k]) for s, p in zip(scores, padded, strict=True) for k in ("reward_chosen", "reward_rejected"))
+    assert diff < 2e-2  # the run's compute dtype (bf16 where the CPU has it); fp32 is compared above to 1e-4
+    assert metrics["length_baseline_accuracy"] == padded_metrics["length_baseline_accuracy"]
+    assert ({k: v["n_pairs"] for k, v in metrics["by_prompt_tokens"].items()}
+            == {k: v["n_pairs"] for k, v in padded_metrics["by_prompt_tokens"].items()})
+    assert json.loads((tmp_path / "packed" / "eval_metrics.json").read_text())["n_pairs"] == 40
+
+
 @pytest.mark.parametrize("question,answer", [("What is the capital of Japan?", "Tokyo is the capital of Japan."),
                                              ("日本的首都是哪里？", "日本的首都是东京。")])
 def test_score_chinese_and_english_is_finite_deterministic_and_batched_alike(run, question, answer):

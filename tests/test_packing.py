@@ -16,6 +16,7 @@ from rmexp.packing import (
     attention_layout,
     pack_rows,
     packed_rewards,
+    packed_sdpa,
     use_packed_attention,
 )
 from rmexp.scoring import score_sequences
@@ -93,6 +94,36 @@ def test_mask_keeps_answers_apart_and_positions_continue_from_the_prompt():
     assert m[4, :5].all() and not m[4, 5:].any()  # chosen is causal over prompt + chosen
     assert not m[6:, :6].any()  # the second pair never sees the first
     assert batch["chosen_index"].tolist() == [4, 10] and batch["rejected_index"].tolist() == [5, 11]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window):
+    """The CPU block-wise kernel gives the dense mask's outputs and gradients, with grouped key/value heads,
+    a sliding window and an answer cut to nothing."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    examples = [{"chosen_ids": [1, 2, 3, 4, 5, 10, 11, 12], "rejected_ids": [1, 2, 3, 4, 5, 20, 21], "prompt_len": 5},
+                {"chosen_ids": [7, 8, 30], "rejected_ids": [7, 8], "prompt_len": 2},  # rejected cut to nothing
+                {"chosen_ids": [9, 40, 41], "rejected_ids": [9, 50], "prompt_len": 1}]
+    batch = PackedPairCollator(pad_token_id=0, row_tokens=14, sliding_window=window, all_sliding=True)(examples)
+    rows, width = batch["input_ids"].shape
+    assert rows == 2 and batch["segments"] == [[(0, 10), (10, 14)], [(0, 3)]]
+    torch.manual_seed(0)
+    q = torch.randn(rows, 4, width, 8, requires_grad=True)
+    kv = [torch.randn(rows, 2, width, 8, requires_grad=True) for _ in range(2)]
+    module = SimpleNamespace(num_key_value_groups=2, training=True)
+    out, _ = packed_sdpa(module, q, *kv, batch["attention_mask"], scaling=0.3, rmexp_segments=batch["segments"])
+    dense = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in kv),
+                                           attn_mask=batch["attention_mask"], scale=0.3).transpose(1, 2)
+    real = batch["input_ids"] != 0
+    assert torch.allclose(out[real], dense[real], atol=1e-6)
+    weights = torch.randn_like(out[real])
+    grads = torch.autograd.grad((out[real] * weights).sum(), [q, *kv])
+    expected = torch.autograd.grad((dense[real] * weights).sum(), [q, *kv])
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-5)
 
 
 def test_rows_respect_the_token_budget():

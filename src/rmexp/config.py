@@ -105,6 +105,9 @@ class TrainerConfig:
     # seconds of training: the learning rate decays over the clock and training stops when it runs out
     # (num_train_epochs / max_steps still cap it); null: train for the steps/epochs set
     time_budget_s: float | None = None
+    # add each LoRA update inside one matmul, without peft's casts and copies (falls back to peft's
+    # forward wherever it does not apply); false: peft's forward throughout
+    fused_lora: bool = True
     # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
@@ -162,10 +165,18 @@ class RMExpConfig:
 
 
 @dataclass
+class ScoringConfig:
+    packed: bool = True  # pairs as [prompt][chosen][rejected] packed rows; false: the padded forward (a check)
+    row_tokens: int = 4096  # tokens per packed row: memory follows it, not the file's size
+    chunk_pairs: int = 1024  # pairs tokenized, scored and written at a time
+
+
+@dataclass
 class EvaluateConfig:
     checkpoint: str = MISSING  # a training run dir or an exported model dir
-    batch_size: int = 8  # pairs per forward
+    batch_size: int = 8  # pairs per forward on the padded path
     worst_pairs: int = 20  # rows of the W&B table of the most wrongly scored pairs
+    eval: ScoringConfig = field(default_factory=ScoringConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -2,21 +2,26 @@
 
 Writes into its own run dir `eval_metrics.json` (pairwise accuracy with a 95% Wilson interval, ties,
 margins, reward mean/std, accuracy by prompt length and by `source`/`subset`) and `scores.jsonl`
-(one line per pair), and logs them, with a table of the worst-scored pairs, to W&B when it is on.
+(one line per pair, in the file's order), and logs them, with a table of the worst-scored pairs, to
+W&B when it is on. Pairs are tokenized and scored `eval.chunk_pairs` at a time, in packed rows
+(`eval.packed`, `eval.row_tokens`); each chunk's scores are appended to `scores.jsonl.partial` as
+they come, renamed to `scores.jsonl` once every pair is scored.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rmexp.config import CONF_DIR
 from rmexp.data import answer_text, load_pairs
 from rmexp.metrics import length_baseline_accuracy, pairwise_metrics
-from rmexp.train import write_json, write_scores
+from rmexp.train import score_lines, write_json
 
 PROMPT_BUCKETS = (64, 128, 256, 512)  # prompt-length bucket edges, in tokens
 
@@ -50,30 +55,55 @@ def evaluate(cfg: DictConfig) -> dict:
     started = time.time()
     on_error = getattr(cfg.data.on_error, "value", cfg.data.on_error)
     pairs, stats = load_pairs(cfg.data.path, cfg.data.max_pairs, on_error)
-    model = RewardModel.load(cfg.checkpoint)
+    model = RewardModel.load(cfg.checkpoint, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens)
     if cfg.data.system_prompt:  # else the one the model was trained with
         model.system_prompt = cfg.data.system_prompt
-    encoded = model.encode(pairs)
-    rewards = model.score_encoded(encoded, batch_size=cfg.batch_size, progress=True)
+    rewards, lengths, prompt_buckets, n_truncated = score_file(model, pairs, cfg, out_dir / "scores.jsonl")
     chosen, rejected = rewards[:, 0].numpy(), rewards[:, 1].numpy()
     correct = [bool(c > r) for c, r in zip(chosen, rejected, strict=True)]
     metrics = pairwise_metrics(chosen, rejected)
-    metrics["length_baseline_accuracy"] = length_baseline_accuracy([e.chosen.answer_tokens for e in encoded],
-                                                                   [e.rejected.answer_tokens for e in encoded])
-    metrics["by_prompt_tokens"] = accuracy_by([bucket_of(e.chosen.prompt_tokens) for e in encoded], correct)
+    metrics["length_baseline_accuracy"] = length_baseline_accuracy(lengths[:, 0].numpy(), lengths[:, 1].numpy())
+    metrics["by_prompt_tokens"] = accuracy_by(prompt_buckets, correct)
     if any(p.source for p in pairs):
         metrics["by_source"] = accuracy_by([p.source or "(none)" for p in pairs], correct)
-    metrics["n_truncated"] = sum(e.truncated for e in encoded)
+    metrics["n_truncated"] = n_truncated
+    runtime = time.time() - started
     metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
-                   max_length=model.max_length, runtime_s=round(time.time() - started, 2))
+                   max_length=model.max_length, packed=model.packed, runtime_s=round(runtime, 2),
+                   pairs_per_s=round(len(pairs) / runtime, 3))
     write_json(out_dir / "eval_metrics.json", metrics)
-    write_scores(out_dir / "scores.jsonl", rewards)
     print(f"pairwise accuracy {metrics['pairwise_accuracy']:.3f} [{metrics['ci_low']:.2f}, {metrics['ci_high']:.2f}] "
           f"on {metrics['n_pairs']} pairs of {cfg.data.path}; length alone {metrics['length_baseline_accuracy']:.2f} "
           f"-> {out_dir}")
     if getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb":
         log_to_wandb(cfg, out_dir, metrics, pairs, rewards)
     return metrics
+
+
+def score_file(model, pairs, cfg, path: Path):
+    """Score pairs a chunk at a time, appending each chunk's lines to `<path>.partial` (renamed to `path`
+    at the end), so only one chunk's tokens are held at once. Returns rewards (n x 2), answer lengths in
+    tokens (n x 2), each pair's prompt-length bucket and the count of truncated pairs."""
+    from tqdm.auto import tqdm
+
+    rewards, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2, dtype=torch.long)
+    buckets, n_truncated = [], 0
+    partial = path.with_name(path.name + ".partial")
+    chunk = max(1, int(cfg.eval.chunk_pairs))
+    with partial.open("w", encoding="utf-8") as f, \
+            tqdm(total=len(pairs), desc="scoring", unit="pair", disable=len(pairs) < 32) as bar:
+        for start in range(0, len(pairs), chunk):
+            encoded = model.encode(pairs[start:start + chunk])
+            part = model.score_encoded(encoded, batch_size=cfg.batch_size, progress=bar)
+            rewards[start:start + len(encoded)] = part
+            lengths[start:start + len(encoded)] = torch.tensor(
+                [[e.chosen.answer_tokens, e.rejected.answer_tokens] for e in encoded])
+            buckets += [bucket_of(e.chosen.prompt_tokens) for e in encoded]
+            n_truncated += sum(e.truncated for e in encoded)
+            f.writelines(score_lines(part, start))
+            f.flush()
+    os.replace(partial, path)
+    return rewards, lengths, buckets, n_truncated
 
 
 def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:

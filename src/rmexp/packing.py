@@ -43,7 +43,8 @@ class PackedPairCollator:
 
     Returns input_ids and position_ids (rows x L), a boolean block mask (rows x 1 x L x L, True =
     attend), the flat indices (into rows*L) of each pair's chosen and rejected reward token, in
-    example order, and the count of real tokens.
+    example order, and the count of real tokens. Examples `{input_ids}` (single answers, for
+    scoring) become plain causal segments with one reward index each (`chosen_index`).
     """
 
     pad_token_id: int
@@ -57,8 +58,12 @@ class PackedPairCollator:
         return cls(pad_token_id=pad_token_id, row_tokens=row_tokens, sliding_window=window, all_sliding=all_sliding)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        single = "rejected_ids" not in examples[0]
         segments = []
         for ex in examples:
+            if single:
+                segments.append((list(ex["input_ids"]), [], []))
+                continue
             p = int(ex["prompt_len"])
             segments.append((ex["chosen_ids"][:p], ex["chosen_ids"][p:], ex["rejected_ids"][p:]))
         lengths = [len(p) + len(c) + len(r) for p, c, r in segments]
@@ -87,8 +92,11 @@ class PackedPairCollator:
                 m[o + P:o + P + C, o + P:o + P + C] = tril[:C, :C]
                 m[o + P + C:o + P + C + R, o:o + P] = True
                 m[o + P + C:o + P + C + R, o + P + C:o + P + C + R] = tril[:R, :R]
-                chosen_index[i] = r * width + o + P + last_non_pad(chosen, self.pad_token_id)
-                rejected_index[i] = r * width + o + P + C + last_non_pad(rejected, self.pad_token_id)
+                if single:
+                    chosen_index[i] = r * width + o + last_non_pad(prompt, self.pad_token_id)
+                else:
+                    chosen_index[i] = r * width + o + P + last_non_pad(chosen, self.pad_token_id)
+                    rejected_index[i] = r * width + o + P + C + last_non_pad(rejected, self.pad_token_id)
                 spans[r].append((o, o + P + C + R))
                 o += P + C + R
             idle = torch.arange(o, width)
@@ -96,6 +104,8 @@ class PackedPairCollator:
         batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
                  "chosen_index": chosen_index, "rejected_index": rejected_index,
                  "num_real_tokens": torch.tensor(sum(lengths)), "segments": spans}
+        if single:
+            del batch["rejected_index"]
         if self.sliding_window:
             distance = position_ids[:, :, None] - position_ids[:, None, :]
             sliding = mask & (distance < self.sliding_window)[:, None]
@@ -138,11 +148,14 @@ PACKED_ATTENTION = "rmexp_packed_sdpa"
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, rmexp_segments=None,
                 **kwargs):
-    """SDPA run block by block over the segments of packed rows.
+    """Attention run segment by segment over packed rows.
 
     Segments never attend to each other, so each segment's diagonal block of the mask is all the
     attention it needs: the cost is the sum of squared segment lengths, not the squared row length.
-    Without segment spans (ordinary batches) it is plain SDPA.
+    On CUDA each block goes through SDPA (its fused kernels); on CPU through a plain
+    matmul-softmax-matmul (`block_attention`), faster than SDPA there (forward and backward, 4 heads
+    of 256, bf16: 3.9 against 6.3 ms at 235 tokens, 46 against 77 ms at 1006). Without segment spans
+    (ordinary batches) it is plain SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -151,20 +164,38 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
                                       **kwargs)
     kwargs.pop("is_causal", None)
     width = query.shape[2]
+    eager = query.device.type == "cpu" and not (dropout and module.training)
     rows = []
     for r, spans in enumerate(rmexp_segments):
         pieces = []
         for start, end in spans:
-            out, _ = sdpa_attention_forward(
-                module, query[r:r + 1, :, start:end], key[r:r + 1, :, start:end], value[r:r + 1, :, start:end],
-                attention_mask[r:r + 1, :, start:end, start:end], dropout=dropout, scaling=scaling, is_causal=False,
-                **kwargs)
-            pieces.append(out)
+            q, k, v = query[r:r + 1, :, start:end], key[r:r + 1, :, start:end], value[r:r + 1, :, start:end]
+            block = attention_mask[r:r + 1, :, start:end, start:end]
+            if eager:
+                pieces.append(block_attention(q, k, v, block, scaling))
+            else:
+                out, _ = sdpa_attention_forward(module, q, k, v, block, dropout=dropout, scaling=scaling,
+                                                is_causal=False, **kwargs)
+                pieces.append(out)
         used = spans[-1][1] if spans else 0
         if used < width:  # row padding: its output is never read
             pieces.append(query.new_zeros(1, width - used, query.shape[1], value.shape[-1]))
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+def block_attention(q, k, v, mask, scale: float | None):
+    """softmax(q k^T * scale, masked) v for one segment (q: 1 x H x S x D; k, v: 1 x H_kv x S x D; mask: bool,
+    True = attend), grouped query heads without copying k and v; output 1 x S x H x D. The softmax takes
+    and returns the compute dtype (it accumulates in fp32 inside), sparing an fp32 copy of the S x S scores."""
+    _, heads, n, dim = q.shape
+    kv_heads, group = k.shape[1], heads // k.shape[1]
+    scale = dim ** -0.5 if scale is None else scale
+    grouped = (q * scale).reshape(1, kv_heads, group * n, dim)  # the heads of a group share k and v
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(1, kv_heads, group, n, n)
+    probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
+    out = torch.matmul(probs.view(1, kv_heads, group * n, n), v)
+    return out.view(1, heads, n, dim).transpose(1, 2)
 
 
 def use_packed_attention(model) -> None:
@@ -177,8 +208,9 @@ def use_packed_attention(model) -> None:
     model.set_attn_implementation(PACKED_ATTENTION)
 
 
-def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected rewards of a PackedPairCollator batch from one forward of `model`.
+def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chosen and rejected rewards of a PackedPairCollator batch from one forward of `model` (rejected
+    is None for a batch of single answers).
 
     The head's per-token output is read through a hook, so the forward still goes through the
     whole (peft-, DDP- or autocast-) wrapped model.
@@ -192,4 +224,5 @@ def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tenso
     finally:
         handle.remove()
     token_rewards = captured[-1].float().reshape(-1)
-    return token_rewards[batch["chosen_index"]], token_rewards[batch["rejected_index"]]
+    rejected = token_rewards[batch["rejected_index"]] if "rejected_index" in batch else None
+    return token_rewards[batch["chosen_index"]], rejected

@@ -1,7 +1,8 @@
 """A trained reward model, loaded for scoring: `RewardModel.load(run_dir or exported_dir)`.
 
 Text is formatted exactly as in training (same chat template, system prompt and truncation to the
-run's `trainer.max_length`) and scored in right-padded batches, by an fp32 head.
+run's `trainer.max_length`) and scored by an fp32 head in packed rows (rmexp.scoring; pairs share
+their prompt's forward), or in right-padded batches with `packed=False`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rmexp.data import Pair, encode_answer, encode_pair, with_system_prompt
-from rmexp.scoring import score_pairs, score_sequences
+from rmexp.scoring import (
+    packed_ready,
+    score_pairs,
+    score_pairs_packed,
+    score_sequences,
+    score_sequences_packed,
+)
 
 RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with, written by rmexp.train
 
@@ -31,12 +38,15 @@ def is_run_dir(path: Path) -> bool:
 
 
 class RewardModel:
-    def __init__(self, model, tokenizer, max_length: int, path: str, system_prompt: str | None = None):
+    def __init__(self, model, tokenizer, max_length: int, path: str, system_prompt: str | None = None,
+                 packed: bool = True, row_tokens: int = 4096):
         self.model, self.tokenizer, self.max_length, self.path = model.eval(), tokenizer, max_length, path
         self.system_prompt = system_prompt  # the run's data.system_prompt, put before every prompt
+        self.row_tokens = row_tokens  # tokens per packed row: memory grows with it, padding never does
+        self.packed = packed and packed_ready(model)  # False: the padded forward (or a non-SDPA model)
 
     @classmethod
-    def load(cls, path: str | Path) -> RewardModel:
+    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 4096) -> RewardModel:
         """A training run dir (4-bit base + LoRA adapter, as trained) or an exported HF dir."""
         from rmexp.model import load_reward_model, load_tokenizer
 
@@ -48,7 +58,7 @@ class RewardModel:
             base, _, _ = load_reward_model(cfg.model, cfg.quantization)
             model = PeftModel.from_pretrained(base, str(path))
             return cls(model, load_tokenizer(str(path)), int(cfg.trainer.max_length), str(path),
-                       cfg.data.get("system_prompt"))
+                       cfg.data.get("system_prompt"), packed, row_tokens)
         if (path / "config.json").is_file():
             from transformers import AutoModelForSequenceClassification
 
@@ -60,7 +70,7 @@ class RewardModel:
             model = use_fp32_rewards(model)
             info = getattr(model.config, "rmexp", None) or {}
             return cls(model, load_tokenizer(str(path)), int(info.get("max_length", 512)), str(path),
-                       info.get("system_prompt"))
+                       info.get("system_prompt"), packed, row_tokens)
         raise FileNotFoundError(f"{path}: neither an rmexp run dir (adapter_config.json) nor a HF model dir")
 
     def _prompt(self, question) -> list[dict[str, str]]:
@@ -75,10 +85,14 @@ class RewardModel:
         return self.score_batch([(question, answer)])[0]
 
     def score_batch(self, items, batch_size: int = 8) -> list[float]:
+        """Rewards of (question, answer) items, in order; `batch_size` is for the padded path."""
         sequences = [self._sequence(q, a) for q, a in items]
-        return score_sequences(self.model, sequences, self.tokenizer.pad_token_id, batch_size).tolist()
+        pad = self.tokenizer.pad_token_id
+        if self.packed:
+            return score_sequences_packed(self.model, sequences, pad, self.row_tokens).tolist()
+        return score_sequences(self.model, sequences, pad, batch_size).tolist()
 
-    def score_pairs(self, pairs: list[Pair], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    def score_pairs(self, pairs: list[Pair], batch_size: int = 8, progress=None) -> torch.Tensor:
         """Rewards (n x 2: chosen, rejected) of Pairs, with the run's formatting and truncation."""
         return self.score_encoded(self.encode(pairs), batch_size, progress)
 
@@ -87,11 +101,17 @@ class RewardModel:
         return [encode_pair(self.tokenizer, Pair(self._prompt(p.prompt), p.chosen, p.rejected), self.max_length)
                 for p in pairs]
 
-    def score_encoded(self, encoded, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-        """Rewards (n x 2) of `rmexp.data.encode_pair` outputs."""
-        return score_pairs(self.model, [e.chosen.ids for e in encoded],
-                           [e.rejected.ids for e in encoded], self.tokenizer.pad_token_id,
-                           batch_size, progress)
+    def score_encoded(self, encoded, batch_size: int = 8, progress=None) -> torch.Tensor:
+        """Rewards (n x 2) of `rmexp.data.encode_pair` outputs; `progress` a tqdm bar to advance by pairs."""
+        chosen, rejected = [e.chosen.ids for e in encoded], [e.rejected.ids for e in encoded]
+        pad = self.tokenizer.pad_token_id
+        if self.packed:
+            return score_pairs_packed(self.model, chosen, rejected, [e.shared_len for e in encoded], pad,
+                                      self.row_tokens, progress)
+        rewards = score_pairs(self.model, chosen, rejected, pad, batch_size)
+        if progress is not None:
+            progress.update(len(encoded))
+        return rewards
 
     def info(self) -> dict:
         """What an exported model recorded about itself (reward mean/std, max_length), if anything."""

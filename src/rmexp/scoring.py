@@ -1,8 +1,16 @@
-"""Forward passes that turn tokenized pairs into rewards, outside the trainer."""
+"""Forward passes that turn tokenized pairs and answers into rewards, outside the trainer.
+
+Packed (the default): a pair is one `[prompt][chosen][rejected]` segment, prompt computed once (as in
+training, rmexp.packing); single answers are `[prompt + answer]` segments. Segments are sorted by
+length and packed many to a row up to `row_tokens`, so rows stay full and nothing is padded inside a
+row. Padded (the check): right-padded batches of whole sequences, as TRL's collator makes them.
+Both return rewards in input order, from the fp32 head.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -53,3 +61,77 @@ def score_pairs(model, chosen: list[list[int]], rejected: list[list[int]], pad_t
         rewards = score_sequences(model, [list(x) for x in c + r], pad_token_id, batch_size=2 * len(c))
         rows.append(torch.stack(rewards.chunk(2), dim=1))
     return torch.cat(rows)
+
+
+def length_batches(lengths: list[int], row_tokens: int) -> Iterator[list[int]]:
+    """Indices, longest first, in groups of at most `row_tokens` tokens (an oversize item alone)."""
+    group, used = [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if group and used + lengths[i] > row_tokens:
+            yield group
+            group, used = [], 0
+        group.append(i)
+        used += lengths[i]
+    if group:
+        yield group
+
+
+def packed_ready(model) -> bool:
+    """Switch an SDPA model to the packed kernel; False where the model uses another attention kernel."""
+    from rmexp.packing import PACKED_ATTENTION, use_packed_attention
+
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in ("sdpa", PACKED_ATTENTION):
+        return False
+    if attn != PACKED_ATTENTION:
+        use_packed_attention(model)
+    return True
+
+
+@torch.inference_mode()
+def _score_packed(model, examples: list[dict], lengths: list[int], pad_token_id: int, row_tokens: int,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from rmexp.packing import PackedPairCollator, packed_rewards
+
+    collator = PackedPairCollator.for_model(model, pad_token_id, row_tokens)
+    device = next(model.parameters()).device
+    single = "rejected_ids" not in examples[0]
+    chosen = torch.empty(len(examples))
+    rejected = None if single else torch.empty(len(examples))
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_for(model):
+            for group in length_batches(lengths, row_tokens):
+                batch = collator([examples[i] for i in group])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                c, r = packed_rewards(model, batch)
+                chosen[group] = c.float().cpu()
+                if r is not None:
+                    rejected[group] = r.float().cpu()
+                if progress is not None:
+                    progress.update(len(group))
+    finally:
+        model.train(was_training)
+    return chosen, rejected
+
+
+def score_pairs_packed(model, chosen: list[list[int]], rejected: list[list[int]], prompt_lens: list[int],
+                       pad_token_id: int, row_tokens: int = 4096, progress=None) -> torch.Tensor:
+    """Rewards (n_pairs x 2: chosen, rejected) from packed, prefix-shared segments; `prompt_lens` are
+    the leading tokens the two sequences share."""
+    examples = [{"chosen_ids": list(c), "rejected_ids": list(r), "prompt_len": p}
+                for c, r, p in zip(chosen, rejected, prompt_lens, strict=True)]
+    if not examples:
+        return torch.empty(0, 2)
+    lengths = [len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prompt_lens, strict=True)]
+    c, r = _score_packed(model, examples, lengths, pad_token_id, row_tokens, progress)
+    return torch.stack([c, r], dim=1)
+
+
+def score_sequences_packed(model, sequences: list[list[int]], pad_token_id: int, row_tokens: int = 4096) -> torch.Tensor:
+    """Reward of each token sequence, many sequences to a packed row."""
+    if not sequences:
+        return torch.empty(0)
+    examples = [{"input_ids": list(s)} for s in sequences]
+    return _score_packed(model, examples, [len(s) for s in sequences], pad_token_id, row_tokens)[0]

@@ -33,7 +33,7 @@ from rmexp.tracking import scrub_secrets
 log = logging.getLogger("rmexp.train")
 
 
-OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s")
+OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s", "fused_lora")
 
 
 def activation_bytes(model_config, tokens: int) -> int:
@@ -170,11 +170,16 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def score_lines(rewards: torch.Tensor, start: int = 0):
+    """scores.jsonl lines of rewards (n x 2), numbered from `start`."""
+    for i, (c, r) in enumerate(rewards.tolist(), start):
+        yield json.dumps({"index": i, "reward_chosen": c, "reward_rejected": r, "correct": c > r}) + "\n"
+
+
 def write_scores(path: Path, rewards: torch.Tensor) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for i, (c, r) in enumerate(rewards.tolist()):
-            f.write(json.dumps({"index": i, "reward_chosen": c, "reward_rejected": r, "correct": c > r}) + "\n")
+        f.writelines(score_lines(rewards))
     os.replace(tmp, path)
 
 
@@ -303,7 +308,8 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
                                         processing_class=tokenizer, peft_config=lora_config, callbacks=callbacks,
                                         data_collator=build_collator(cfg.trainer, model, tokenizer),
                                         head_learning_rate=cfg.trainer.head_learning_rate,
-                                        time_budget_s=cfg.trainer.time_budget_s)
+                                        time_budget_s=cfg.trainer.time_budget_s,
+                                        fused_lora=cfg.trainer.fused_lora)
         # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")

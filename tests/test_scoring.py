@@ -1,0 +1,43 @@
+"""Packed scoring (prompt once, many segments to a row) gives the padded forward's rewards, in input order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_cfg
+from rmexp import RewardModel
+from rmexp.data import Pair, load_pairs
+from rmexp.model import load_reward_model
+
+
+@pytest.fixture(scope="module")
+def fp32_tiny():
+    cfg = compose_cfg("model=tiny", "quantization=none", "model.dtype=float32", "data.path=data/preference.jsonl")
+    torch.manual_seed(0)
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    return model.eval(), tok
+
+
+def mixed_pairs() -> list[Pair]:
+    pairs, _ = load_pairs(ROOT / "data" / "preference.jsonl", max_pairs=30)
+    story = " ".join(f"Line {i} of a long story about a lighthouse keeper." for i in range(40))
+    return pairs + [Pair(prompt=[{"role": "user", "content": story}], chosen="A keeper's story.", rejected="No.")]
+
+
+def test_packed_pairs_and_answers_equal_the_padded_forward_in_fp32(fp32_tiny):
+    model, tok = fp32_tiny
+    packed = RewardModel(model, tok, 128, "tiny", packed=True, row_tokens=300)
+    padded = RewardModel(model, tok, 128, "tiny", packed=False)
+    assert packed.packed and not padded.packed
+    pairs = mixed_pairs()  # mixed lengths (packing sorts them), one cut by truncation
+    got, expected = packed.score_pairs(pairs), padded.score_pairs(pairs, batch_size=4)
+    assert got.shape == (len(pairs), 2)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert torch.equal(got[:, 0] > got[:, 1], expected[:, 0] > expected[:, 1])
+    assert (got[:, 0] != got[:, 1]).all()  # no ties in fp32
+    items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in reversed(pairs)]
+    singles, singles_padded = packed.score_batch(items), padded.score_batch(items)
+    assert max(abs(a - b) for a, b in zip(singles, singles_padded, strict=True)) < 1e-4
+    # a single answer scores as the same answer inside its pair
+    assert torch.allclose(torch.tensor(singles[:len(pairs)]), got[:, 0], atol=1e-4)
