@@ -163,7 +163,7 @@ def eval_worker(args) -> dict:
 
     from rmexp.config import CONF_DIR
     from rmexp.data import load_pairs
-    from rmexp.model import load_reward_model
+    from rmexp.model import keep_4bit_layers_trainable, load_reward_model
     from rmexp.reward_model import RewardModel
 
     dtype = [f"model.dtype={args.dtype}", f"quantization.bnb_4bit_compute_dtype={args.dtype}"]
@@ -173,6 +173,8 @@ def eval_worker(args) -> dict:
     pairs, _ = load_pairs(args.data, max_pairs=args.pairs, on_error="skip")
     torch.manual_seed(0)  # the same head in both processes
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    if args.dtype == "float32":  # bitsandbytes' AVX512-BF16 inference kernel rounds to bf16: keep fp32 matmuls
+        keep_4bit_layers_trainable(model)
     rm = RewardModel(model, tok, args.max_length, "bench", packed=args.worker == "eval_packed",
                      row_tokens=args.row_tokens)
     encoded = rm.encode(pairs)
