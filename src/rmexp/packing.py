@@ -208,6 +208,16 @@ def use_packed_attention(model) -> None:
     model.set_attn_implementation(PACKED_ATTENTION)
 
 
+def packed_ready(model) -> bool:
+    """Switch an SDPA model to the packed kernel; False where the model uses another attention kernel."""
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in ("sdpa", PACKED_ATTENTION):
+        return False
+    if attn != PACKED_ATTENTION:
+        use_packed_attention(model)
+    return True
+
+
 def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chosen and rejected rewards of a PackedPairCollator batch from one forward of `model` (rejected
     is None for a batch of single answers).

@@ -14,13 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rmexp.data import Pair, encode_answer, encode_pair, with_system_prompt
-from rmexp.scoring import (
-    packed_ready,
-    score_pairs,
-    score_pairs_packed,
-    score_sequences,
-    score_sequences_packed,
-)
+from rmexp.packing import packed_ready
+from rmexp.scoring import score_pairs, score_pairs_packed, score_sequences, score_sequences_packed
 
 RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with, written by rmexp.train
 

@@ -76,18 +76,6 @@ def length_batches(lengths: list[int], row_tokens: int) -> Iterator[list[int]]:
         yield group
 
 
-def packed_ready(model) -> bool:
-    """Switch an SDPA model to the packed kernel; False where the model uses another attention kernel."""
-    from rmexp.packing import PACKED_ATTENTION, use_packed_attention
-
-    attn = getattr(model.config, "_attn_implementation", None)
-    if attn not in ("sdpa", PACKED_ATTENTION):
-        return False
-    if attn != PACKED_ATTENTION:
-        use_packed_attention(model)
-    return True
-
-
 @torch.inference_mode()
 def _score_packed(model, examples: list[dict], lengths: list[int], pad_token_id: int, row_tokens: int,
                   progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -105,13 +105,11 @@ def build_collator(trainer_cfg, model, tokenizer):
     None lets TRL use its padded collator."""
     if getattr(trainer_cfg.batching, "value", trainer_cfg.batching) == "padded":
         return None
-    from rmexp.packing import PACKED_ATTENTION, PackedPairCollator, use_packed_attention
+    from rmexp.packing import PackedPairCollator, packed_ready
 
-    attn = model.config._attn_implementation
-    if attn not in ("sdpa", PACKED_ATTENTION):
-        raise ValueError(f"trainer.batching=packed needs model.attn_implementation=sdpa (got {attn}); "
-                         "use trainer.batching=padded for other attention kernels")
-    use_packed_attention(model)
+    if not packed_ready(model):
+        raise ValueError(f"trainer.batching=packed needs model.attn_implementation=sdpa (got "
+                         f"{model.config._attn_implementation}); use trainer.batching=padded for other attention kernels")
     return PackedPairCollator.for_model(model, tokenizer.pad_token_id, trainer_cfg.packed_row_tokens)
 
 
