@@ -70,7 +70,10 @@ CATEGORIES = [  # (category, test on an op's name or an enclosing op's name), fi
     ("LoRA dropout", lambda chain: any(n in ("aten::dropout", "aten::native_dropout", "aten::bernoulli_")
                                        for n in chain)),
     ("4-bit de-quantization", lambda chain: any("dequantize" in n for n in chain)),
-    ("attention (SDPA)", lambda chain: any("scaled_dot_product" in n or "flash_attention" in n for n in chain)),
+    # forward: the packed kernel's range; backward: the block attention's softmax and batched matmuls
+    ("attention", lambda chain: any(n == "rmexp.attention" or "scaled_dot_product" in n or "flash_attention" in n
+                                    or n.endswith(("SoftmaxBackward0", "BmmBackward0", "MaskedFillBackward0"))
+                                    for n in chain)),
     ("matmuls", lambda chain: chain[0] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("casts and copies", lambda chain: chain[0] in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone",
                                                     "aten::contiguous")),
@@ -120,10 +123,12 @@ def worker(args) -> dict:
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
     collator = build_collator(cfg.trainer, model, tok)
     # ours: gradient_checkpointing=auto (off where activations fit); the TRL peers keep the seed's TRL default, on
-    args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if args.worker == "ours" else None)
+    ours = args.worker == "ours"
+    args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if ours else None)
     trainer = PairwiseRewardTrainer(model=model, args=args_,
                                     train_dataset=train_ds, processing_class=tok, peft_config=build_lora_config(cfg.lora),
-                                    data_collator=collator, fused_lora=args.worker == "ours" and cfg.trainer.fused_lora)
+                                    data_collator=collator, fused_lora=ours and cfg.trainer.fused_lora,
+                                    dequant_cache=cfg.trainer.dequant_cache if ours else False)
     counted = {"tokens": 0}
     inner = trainer.data_collator
 

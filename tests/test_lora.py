@@ -1,4 +1,5 @@
-"""The fused LoRA forward (rmexp.lora) computes what peft's does: same outputs, gradients, training."""
+"""rmexp.lora's fused LoRA forward and dequantized-once base compute what peft and bitsandbytes do:
+same outputs, gradients, training."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from conftest import compose_cfg, tiny_overrides
-from rmexp.lora import use_fused_lora
+from rmexp.lora import cache_dequantized_base, dequantized_bytes, use_fused_lora
 from rmexp.train import main
 
 
@@ -70,21 +71,74 @@ class KeepModel(TrainerCallback):
         self.model = model
 
 
-def test_training_with_fused_lora_gives_the_same_losses_and_rewards(tmp_path):
-    """The tiny nf4 model in fp32, same steps with and without fusion: identical training, to rounding."""
+def test_training_with_fused_lora_and_cached_base_gives_the_same_losses_and_rewards(tmp_path):
+    """The tiny nf4 model in fp32, same steps: peft's forward, the fused one, and the fused one on a
+    dequantized-once base give identical training, to rounding."""
     runs = {}
-    for fused in (True, False):
-        out, probe = tmp_path / str(fused), KeepModel()
+    for name, fused, cache in (("peft", "false", "false"), ("fused", "true", "false"), ("cached", "true", "true")):
+        out, probe = tmp_path / name, KeepModel()
         main(compose_cfg(*tiny_overrides(out, "logger=none", "trainer.bf16=false", "model.dtype=float32",
-                                         "lora.lora_dropout=0", f"trainer.fused_lora={str(fused).lower()}")),
+                                         "lora.lora_dropout=0", f"trainer.fused_lora={fused}",
+                                         f"trainer.dequant_cache={cache}")),
              callbacks=[probe])
-        n_fused = sum(type(m).__name__.startswith("Fused") for m in probe.model.modules())
-        assert (n_fused > 0) == fused
+        kinds = [type(m).__name__ for m in probe.model.modules()]
+        assert any(k.startswith("Fused") for k in kinds) == (fused == "true")
+        cached = [m for m in probe.model.modules() if type(m).__name__.startswith("Cached")]
+        assert bool(cached) == (cache == "true")
+        assert all(m.rmexp_dequantized is not None for m in cached)  # used, not just installed
         metrics = json.loads((out / "metrics.json").read_text())
         scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
-        runs[fused] = metrics, torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores])
-    (fused_m, fused_r), (peft_m, peft_r) = runs[True], runs[False]
-    assert fused_m["train_loss"] == pytest.approx(peft_m["train_loss"], abs=1e-5)
-    assert fused_m["eval_loss"] == pytest.approx(peft_m["eval_loss"], abs=1e-5)
-    assert torch.allclose(fused_r, peft_r, atol=1e-4)
-    assert not torch.allclose(fused_r, torch.zeros_like(fused_r))
+        runs[name] = metrics, torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores])
+    peft_m, peft_r = runs.pop("peft")
+    assert not torch.allclose(peft_r, torch.zeros_like(peft_r))
+    for name, (metrics, rewards) in runs.items():
+        assert metrics["train_loss"] == pytest.approx(peft_m["train_loss"], abs=1e-5), name
+        assert metrics["eval_loss"] == pytest.approx(peft_m["eval_loss"], abs=1e-5), name
+        assert torch.allclose(rewards, peft_r, atol=1e-4), name
+
+
+def quantized_linear(compute_dtype, nested: bool):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    layer = bnb.nn.Linear4bit(64, 48, compute_dtype=compute_dtype, compress_statistics=nested, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=nested)
+    layer.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")  # quantizes
+
+
+@pytest.mark.parametrize("compute_dtype,nested,autocast", [
+    (torch.float32, True, False), (torch.bfloat16, True, True), (torch.bfloat16, False, False)])
+def test_cached_base_multiplies_exactly_as_bitsandbytes(compute_dtype, nested, autocast):
+    """Outputs and input gradients of a 4-bit layer are bit-identical with the dequantized weight kept."""
+    plain = quantized_linear(compute_dtype, nested)
+    cached = copy.deepcopy(plain)
+    assert cache_dequantized_base(cached, "true") == 1 and cache_dequantized_base(Projection(), "true") == 0
+    with torch.inference_mode():  # first used by an evaluation: the kept weight must still serve training
+        cached(torch.zeros(1, 64))
+    results = []
+    for layer in (plain, cached, cached):
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.float().pow(2).sum().backward()
+        results.append((out, x.grad))
+    assert cached.rmexp_dequantized.dtype == compute_dtype
+    for out, grad in results[1:]:
+        assert out.dtype == results[0][0].dtype
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_dequant_cache_auto_stays_off_when_the_copy_would_not_fit(monkeypatch):
+    import psutil
+
+    layer = quantized_linear(torch.float32, True)
+    assert cache_dequantized_base(copy.deepcopy(layer), "false") == 0
+    assert cache_dequantized_base(copy.deepcopy(layer), "auto") == 1  # 6 KB fits anywhere
+    free = dequantized_bytes(layer) * 4  # the copy would take a quarter of what is free: over the fifth
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free})())
+    assert cache_dequantized_base(layer, "auto") == 0 and type(layer).__name__ == "Linear4bit"
+    with pytest.raises(ValueError, match="dequant_cache"):
+        cache_dequantized_base(layer, "yes")

@@ -73,9 +73,12 @@ class PackedPairCollator:
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, 1, width, width), dtype=torch.bool)
+        # built block by block: a row-wide int64 distance matrix would take 8 bytes per mask entry
+        sliding = torch.zeros_like(mask) if self.sliding_window else None
         chosen_index = torch.empty(len(segments), dtype=torch.long)
         rejected_index = torch.empty(len(segments), dtype=torch.long)
-        tril = torch.ones(width, width, dtype=torch.bool).tril()
+        longest = max(max(len(p), len(c), len(r)) for p, c, r in segments)
+        tril = torch.ones(longest, longest, dtype=torch.bool).tril()
         spans: list[list[tuple[int, int]]] = []
         for r, row in enumerate(rows):
             o = 0
@@ -97,18 +100,22 @@ class PackedPairCollator:
                 else:
                     chosen_index[i] = r * width + o + P + last_non_pad(chosen, self.pad_token_id)
                     rejected_index[i] = r * width + o + P + C + last_non_pad(rejected, self.pad_token_id)
+                if sliding is not None:
+                    pos = position_ids[r, o:o + P + C + R]
+                    sliding[r, 0, o:o + P + C + R, o:o + P + C + R] = (
+                        m[o:o + P + C + R, o:o + P + C + R] & ((pos[:, None] - pos[None, :]) < self.sliding_window))
                 spans[r].append((o, o + P + C + R))
                 o += P + C + R
             idle = torch.arange(o, width)
             mask[r, 0, idle, idle] = True  # padding attends to itself only: no all-masked (NaN) rows
+            if sliding is not None:
+                sliding[r, 0, idle, idle] = True
         batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
                  "chosen_index": chosen_index, "rejected_index": rejected_index,
                  "num_real_tokens": torch.tensor(sum(lengths)), "segments": spans}
         if single:
             del batch["rejected_index"]
-        if self.sliding_window:
-            distance = position_ids[:, :, None] - position_ids[:, None, :]
-            sliding = mask & (distance < self.sliding_window)[:, None]
+        if sliding is not None:
             if self.all_sliding:  # every layer slides: the one mask the model takes is the sliding one
                 batch["attention_mask"] = sliding
             else:
@@ -166,22 +173,23 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     width = query.shape[2]
     eager = query.device.type == "cpu" and not (dropout and module.training)
     rows = []
-    for r, spans in enumerate(rmexp_segments):
-        pieces = []
-        for start, end in spans:
-            q, k, v = query[r:r + 1, :, start:end], key[r:r + 1, :, start:end], value[r:r + 1, :, start:end]
-            block = attention_mask[r:r + 1, :, start:end, start:end]
-            if eager:
-                pieces.append(block_attention(q, k, v, block, scaling))
-            else:
-                out, _ = sdpa_attention_forward(module, q, k, v, block, dropout=dropout, scaling=scaling,
-                                                is_causal=False, **kwargs)
-                pieces.append(out)
-        used = spans[-1][1] if spans else 0
-        if used < width:  # row padding: its output is never read
-            pieces.append(query.new_zeros(1, width - used, query.shape[1], value.shape[-1]))
-        rows.append(torch.cat(pieces, dim=1))
-    return torch.cat(rows, dim=0), None
+    with torch.profiler.record_function("rmexp.attention"):  # for bench/throughput.py --profile
+        for r, spans in enumerate(rmexp_segments):
+            pieces = []
+            for start, end in spans:
+                q, k, v = query[r:r + 1, :, start:end], key[r:r + 1, :, start:end], value[r:r + 1, :, start:end]
+                block = attention_mask[r:r + 1, :, start:end, start:end]
+                if eager:
+                    pieces.append(block_attention(q, k, v, block, scaling))
+                else:
+                    out, _ = sdpa_attention_forward(module, q, k, v, block, dropout=dropout, scaling=scaling,
+                                                    is_causal=False, **kwargs)
+                    pieces.append(out)
+            used = spans[-1][1] if spans else 0
+            if used < width:  # row padding: its output is never read
+                pieces.append(query.new_zeros(1, width - used, query.shape[1], value.shape[-1]))
+            rows.append(torch.cat(pieces, dim=1))
+        return torch.cat(rows, dim=0), None
 
 
 def block_attention(q, k, v, mask, scale: float | None):

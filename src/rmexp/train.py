@@ -33,7 +33,8 @@ from rmexp.tracking import scrub_secrets
 log = logging.getLogger("rmexp.train")
 
 
-OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s", "fused_lora")
+OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s", "fused_lora",
+                    "dequant_cache")
 
 
 def activation_bytes(model_config, tokens: int) -> int:
@@ -307,7 +308,8 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
                                         data_collator=build_collator(cfg.trainer, model, tokenizer),
                                         head_learning_rate=cfg.trainer.head_learning_rate,
                                         time_budget_s=cfg.trainer.time_budget_s,
-                                        fused_lora=cfg.trainer.fused_lora)
+                                        fused_lora=cfg.trainer.fused_lora,
+                                        dequant_cache=cfg.trainer.dequant_cache)
         # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
 
-from rmexp.lora import use_fused_lora
+from rmexp.lora import cache_dequantized_base, use_fused_lora
 from rmexp.metrics import pairwise_metrics
 from rmexp.model import keep_4bit_layers_trainable, reward_head
 from rmexp.packing import packed_rewards
@@ -47,7 +47,7 @@ class PairwiseRewardTrainer(RewardTrainer):
     last_eval_rewards: torch.Tensor | None = None
 
     def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None,
-                 fused_lora: bool = False, **kwargs):
+                 fused_lora: bool = False, dequant_cache: str | bool = False, **kwargs):
         self.head_learning_rate = head_learning_rate
         self.time_budget_s = time_budget_s
         self._clock_start: float | None = None
@@ -55,6 +55,7 @@ class PairwiseRewardTrainer(RewardTrainer):
         keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
         if fused_lora:
             use_fused_lora(self.model)
+        cache_dequantized_base(self.model, dequant_cache)
         # TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
         # precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
         # than bf16's step (2^-8 of the weight) is no longer rounded away, and the head gives fp32 rewards.
