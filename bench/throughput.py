@@ -116,7 +116,8 @@ def worker(args) -> dict:
             f"trainer.batching={batching}", f"trainer.per_device_train_batch_size={batch}",
             f"trainer.per_device_eval_batch_size={args.batch}", f"trainer.max_length={args.max_length}",
             f"trainer.max_steps={math.ceil(args.pairs / batch)}", "trainer.eval_strategy=no", "trainer.logging_steps=1000",
-            "trainer.warmup_steps=0", "logger=none", "paths.output_dir=/tmp/rmexp-bench"])
+            "trainer.warmup_steps=0", "logger=none", "paths.output_dir=/tmp/rmexp-bench",
+            *([] if args.worker == "ours" else ["trainer.optim=adamw_torch"])])  # the peers: TRL's default optimizer
     pairs, _ = load_pairs(args.data, max_pairs=args.pairs + args.eval_pairs, on_error="skip")
     train_pairs, eval_pairs = pairs[:args.pairs], pairs[args.pairs:]
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
@@ -128,7 +129,8 @@ def worker(args) -> dict:
     trainer = PairwiseRewardTrainer(model=model, args=args_,
                                     train_dataset=train_ds, processing_class=tok, peft_config=build_lora_config(cfg.lora),
                                     data_collator=collator, fused_lora=ours and cfg.trainer.fused_lora,
-                                    dequant_cache=cfg.trainer.dequant_cache if ours else False)
+                                    dequant_cache=cfg.trainer.dequant_cache if ours else False,
+                                    fused_rms_norm=ours and cfg.trainer.fused_rms_norm)
     counted = {"tokens": 0}
     inner = trainer.data_collator
 

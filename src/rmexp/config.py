@@ -111,6 +111,8 @@ class TrainerConfig:
     # keep the frozen 4-bit base dequantized after its first use instead of dequantizing it twice a
     # step: auto (when the 16-bit copy fits 20% of free memory), true, false
     dequant_cache: str = "auto"
+    # RMSNorm layers (Gemma, Llama, Mistral, Qwen) through torch's fused rms_norm kernel: the same outputs
+    fused_rms_norm: bool = True
     # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
@@ -123,7 +125,7 @@ class TrainerConfig:
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     center_rewards_coefficient: float | None = None
     gradient_checkpointing: str = "auto"  # auto (on only when activations would not fit), true, false
     bf16: str = "auto"  # bf16 autocast: auto (where the hardware computes bf16), true, false

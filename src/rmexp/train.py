@@ -34,7 +34,7 @@ log = logging.getLogger("rmexp.train")
 
 
 OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s", "fused_lora",
-                    "dequant_cache")
+                    "dequant_cache", "fused_rms_norm")
 
 
 def activation_bytes(model_config, tokens: int) -> int:
@@ -309,7 +309,8 @@ def main(cfg: DictConfig, callbacks: list | None = None) -> float:
                                         head_learning_rate=cfg.trainer.head_learning_rate,
                                         time_budget_s=cfg.trainer.time_budget_s,
                                         fused_lora=cfg.trainer.fused_lora,
-                                        dequant_cache=cfg.trainer.dequant_cache)
+                                        dequant_cache=cfg.trainer.dequant_cache,
+                                        fused_rms_norm=cfg.trainer.fused_rms_norm)
         # TRL filters pairs over max_length; ours are truncated to fit, so nothing may go missing here.
         if len(trainer.train_dataset) != len(train_ds):
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")

@@ -15,6 +15,7 @@ from trl import RewardTrainer
 from rmexp.lora import cache_dequantized_base, use_fused_lora
 from rmexp.metrics import pairwise_metrics
 from rmexp.model import keep_4bit_layers_trainable, reward_head
+from rmexp.norm import use_fused_rms_norm
 from rmexp.packing import packed_rewards
 
 
@@ -47,7 +48,8 @@ class PairwiseRewardTrainer(RewardTrainer):
     last_eval_rewards: torch.Tensor | None = None
 
     def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None,
-                 fused_lora: bool = False, dequant_cache: str | bool = False, **kwargs):
+                 fused_lora: bool = False, dequant_cache: str | bool = False, fused_rms_norm: bool = False,
+                 **kwargs):
         self.head_learning_rate = head_learning_rate
         self.time_budget_s = time_budget_s
         self._clock_start: float | None = None
@@ -56,6 +58,8 @@ class PairwiseRewardTrainer(RewardTrainer):
         if fused_lora:
             use_fused_lora(self.model)
         cache_dequantized_base(self.model, dequant_cache)
+        if fused_rms_norm:
+            use_fused_rms_norm(self.model)
         # TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
         # precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
         # than bf16's step (2^-8 of the weight) is no longer rounded away, and the head gives fp32 rewards.
@@ -102,6 +106,18 @@ class PairwiseRewardTrainer(RewardTrainer):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
             self.add_callback(TimeBudget(self))
         return self.lr_scheduler
+
+    _flop_parameters: int | None = None
+
+    def floating_point_ops(self, inputs) -> int:
+        """transformers' `total_flos` estimate, 6 x input tokens x non-embedding parameters, with the
+        parameters counted once: transformers recounts them at every step, walking every module."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flop_parameters is None:
+            self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flop_parameters
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -1,0 +1,41 @@
+"""rmexp.norm's fused RMSNorm gives the model's own outputs and gradients, Gemma and Llama style."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from rmexp.norm import use_fused_rms_norm
+
+
+@pytest.mark.parametrize("cls", [Gemma3RMSNorm, LlamaRMSNorm])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_model_class(cls, dtype):
+    torch.manual_seed(0)
+    norm = cls(96, eps=1e-6)
+    norm.weight.data.normal_()
+    fused = torch.nn.Sequential(copy.deepcopy(norm))
+    assert use_fused_rms_norm(fused) == 1 and use_fused_rms_norm(fused) == 1  # idempotent
+    assert type(fused[0]).__name__ == f"Fused{cls.__name__}"
+    x0 = (3 * torch.randn(2, 7, 96)).to(dtype)
+    results = []
+    for layer in (norm, fused[0]):
+        x = x0.clone().requires_grad_(True)
+        out = layer(x)
+        (out.float() * torch.linspace(-1, 1, 96)).sum().backward()
+        results.append((out, x.grad, layer.weight.grad))
+    (out, grad, wgrad), (f_out, f_grad, f_wgrad) = results
+    assert f_out.dtype == out.dtype and torch.equal(f_out, out)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(f_grad.float(), grad.float(), atol=tol, rtol=tol)
+    assert torch.allclose(f_wgrad, wgrad, atol=1e-4, rtol=1e-5)
+
+
+def test_other_norms_are_left_alone():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    assert use_fused_rms_norm(model) == 0
+    assert [type(m) for m in model] == [torch.nn.LayerNorm, torch.nn.RMSNorm]
