@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report bench bench-quality test lint clean
+.PHONY: help install train sweep report serve bench bench-quality bench-serve test lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -32,12 +32,18 @@ sweep: $(STAMP) ## a small CPU sweep end to end (tiny model, lora.r x learning r
 report: $(STAMP) ## summarise a sweep: make report SWEEP_DIR=outputs/multirun/<date>/<time>
 	$(PY) -m rmexp.report $(SWEEP_DIR)
 
+serve: $(STAMP) ## HTTP reward server on 127.0.0.1:5000: make serve CHECKPOINT=outputs/runs/<date>/<time>; ARGS= adds overrides
+	$(PY) -m rmexp.serve checkpoint=$(CHECKPOINT) $(ARGS)
+
 BENCH_DATA ?= ../shared/data/hh-rlhf-harmless/pairs.jsonl
 bench: $(STAMP) ## training throughput, packed vs TRL (gemma3_270m, 96 HH-RLHF pairs, batch 8)
 	$(PY) bench/throughput.py --model gemma3_270m --data $(BENCH_DATA) --pairs 96 --batch 8 $(ARGS)
 
 bench-quality: $(STAMP) ## quality vs the seed recipe at equal wall time (gemma3_270m, HH-RLHF 1200 train / 400 held out)
 	$(PY) bench/quality.py --data $(BENCH_DATA) $(ARGS)
+
+bench-serve: $(STAMP) ## reward server under 16 concurrent clients vs in-process scoring: make bench-serve CHECKPOINT=<run dir>
+	$(PY) bench/serve.py --checkpoint $(CHECKPOINT) --data $(BENCH_DATA) --clients 16 $(ARGS)
 
 test: $(STAMP) ## run the test suite (CPU, tiny model)
 	$(PY) -m pytest -q $(ARGS)

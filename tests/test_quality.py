@@ -66,7 +66,7 @@ def test_reward_model_and_evaluate_apply_the_run_system_prompt(run, tmp_path):
     assert rm.system_prompt == SYSTEM
     with_system = encode_answer(rm.tokenizer, [{"role": "system", "content": SYSTEM},
                                                {"role": "user", "content": "Hi"}], "Hello!", rm.max_length).ids
-    assert rm._sequence("Hi", "Hello!") == with_system
+    assert rm.tokens("Hi", "Hello!") == with_system
     assert SYSTEM in rm.tokenizer.decode(with_system)
     # evaluate on the run's own held-out pairs gives the run's own rewards
     _, eval_pairs, _ = load_data(compose_cfg(*tiny_overrides(tmp_path)).data)  # without the system prompt
@@ -86,7 +86,7 @@ def test_export_records_the_system_prompt(run, tmp_path):
     out = export(run.dir, tmp_path / "exported")
     exported = RewardModel.load(out)
     assert exported.system_prompt == SYSTEM and exported.model.config.rmexp["system_prompt"] == SYSTEM
-    assert exported._sequence("Hi", "Hello!") == run.rm._sequence("Hi", "Hello!")
+    assert exported.tokens("Hi", "Hello!") == run.rm.tokens("Hi", "Hello!")
     assert bf16_representable(exported.score_batch([("Hi", f"Hello {i}!") for i in range(16)])) < 0.2
 
 
@@ -98,8 +98,8 @@ def test_single_answer_scoring_sees_the_tokens_pair_scoring_sees(run):
                 rejected="No, " + " ".join(["because"] * 120) + ".")
     enc = rm.encode([pair])[0]
     assert enc.chosen.prompt_truncated
-    assert rm._sequence(question, pair.chosen) == enc.chosen.ids
-    assert rm._sequence(question, pair.rejected) == enc.rejected.ids
+    assert rm.tokens(question, pair.chosen) == enc.chosen.ids
+    assert rm.tokens(question, pair.rejected) == enc.rejected.ids
     single = rm.score_batch([(question, pair.chosen), (question, pair.rejected)])
     paired = rm.score_pairs([pair])[0].tolist()
     assert single == pytest.approx(paired, abs=1e-3)

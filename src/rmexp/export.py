@@ -48,6 +48,9 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
         "source_run": str(checkpoint.resolve()),
         "lora_r": int(cfg.lora.r), "base_model": str(cfg.model.name_or_path),
     }
+    if stats.get("reward_mean") is not None and stats.get("reward_std"):
+        # OpenRLHF's reward models read these two: (r - mean) / std when it runs with --normalize_reward
+        merged.config.mean, merged.config.std = stats["reward_mean"], stats["reward_std"]
     merged.config.num_labels = 1
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output_dir, safe_serialization=True)

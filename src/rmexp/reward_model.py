@@ -3,6 +3,10 @@
 Text is formatted exactly as in training (same chat template, system prompt and truncation to the
 run's `trainer.max_length`) and scored by an fp32 head in packed rows (rmexp.scoring; pairs share
 their prompt's forward), or in right-padded batches with `packed=False`.
+
+A `RewardModel` is also a reward function for TRL's GRPO/RLOO trainers:
+`GRPOTrainer(reward_funcs=RewardModel.load(run_dir, normalize=True), ...)` calls it as
+`rm(prompts=..., completions=..., **kwargs) -> list[float]`.
 """
 
 from __future__ import annotations
@@ -39,13 +43,30 @@ class RewardModel:
         self.system_prompt = system_prompt  # the run's data.system_prompt, put before every prompt
         self.row_tokens = row_tokens  # tokens per packed row: memory grows with it, padding never does
         self.packed = packed and packed_ready(model)  # False: the padded forward (or a non-SDPA model)
+        self.normalize = False  # __call__ returns (r - reward_mean) / reward_std (set by `load`)
+        self.reward_mean: float | None = None
+        self.reward_std: float | None = None
+        self.n_truncated = 0  # answers scored that lost tokens to max_length
 
     @classmethod
-    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 4096) -> RewardModel:
-        """A training run dir (4-bit base + LoRA adapter, as trained) or an exported HF dir."""
+    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 4096, normalize: bool = False) -> RewardModel:
+        """A training run dir (4-bit base + LoRA adapter, as trained) or an exported HF dir.
+
+        `normalize=True`: calling the model returns rewards standardized by the reward mean/std of
+        the run's held-out evaluation (`metrics.json`, or what an exported model recorded)."""
+        rm = cls._load(Path(path), packed, row_tokens)
+        stats = rm.info()
+        rm.reward_mean, rm.reward_std = stats.get("reward_mean"), stats.get("reward_std")
+        if normalize and not (rm.reward_mean is not None and rm.reward_std):
+            raise ValueError(f"{path}: normalize=True needs the reward mean and std of the run's evaluation "
+                             f"(reward_mean/reward_std in metrics.json or the exported config); it has none")
+        rm.normalize = normalize
+        return rm
+
+    @classmethod
+    def _load(cls, path: Path, packed: bool, row_tokens: int) -> RewardModel:
         from rmexp.model import load_reward_model, load_tokenizer
 
-        path = Path(path)
         if is_run_dir(path):
             from peft import PeftModel
 
@@ -72,8 +93,11 @@ class RewardModel:
         prompt = question if isinstance(question, list) else [{"role": "user", "content": question}]
         return with_system_prompt(prompt, self.system_prompt)
 
-    def _sequence(self, question, answer: str) -> list[int]:
-        return encode_answer(self.tokenizer, self._prompt(question), answer, self.max_length).ids
+    def tokens(self, question, answer) -> list[int]:
+        """Token ids of one (question, answer), formatted and truncated as in training."""
+        encoded = encode_answer(self.tokenizer, self._prompt(question), answer, self.max_length)
+        self.n_truncated += encoded.prompt_truncated or encoded.answer_truncated
+        return encoded.ids
 
     def score(self, question, answer: str) -> float:
         """Reward of one answer; `question` is a string or a list of chat messages."""
@@ -81,11 +105,29 @@ class RewardModel:
 
     def score_batch(self, items, batch_size: int = 8) -> list[float]:
         """Rewards of (question, answer) items, in order; `batch_size` is for the padded path."""
-        sequences = [self._sequence(q, a) for q, a in items]
+        return self.score_tokens([self.tokens(q, a) for q, a in items], batch_size)
+
+    def score_tokens(self, sequences: list[list[int]], batch_size: int = 8) -> list[float]:
+        """Rewards of `tokens()` outputs, in order; `batch_size` is for the padded path."""
         pad = self.tokenizer.pad_token_id
         if self.packed:
             return score_sequences_packed(self.model, sequences, pad, self.row_tokens).tolist()
         return score_sequences(self.model, sequences, pad, batch_size).tolist()
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        """TRL's reward-function call: one reward per (prompt, completion), formatted as in training.
+
+        Prompts are strings or chat message lists, completions strings or message lists (TRL's
+        conversational format); TRL's other keyword arguments are accepted and ignored.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        rewards = self.score_batch(list(zip(prompts, completions, strict=True)))
+        return self.normalized(rewards) if self.normalize else rewards
+
+    def normalized(self, rewards: list[float]) -> list[float]:
+        """(r - reward_mean) / reward_std, the run's held-out reward statistics."""
+        return [(r - self.reward_mean) / self.reward_std for r in rewards]
 
     def score_pairs(self, pairs: list[Pair], batch_size: int = 8, progress=None) -> torch.Tensor:
         """Rewards (n x 2: chosen, rejected) of Pairs, with the run's formatting and truncation."""
@@ -109,8 +151,9 @@ class RewardModel:
         return rewards
 
     def info(self) -> dict:
-        """What an exported model recorded about itself (reward mean/std, max_length), if anything."""
-        return dict(getattr(self.model.config, "rmexp", None) or {}) | {"path": self.path}
+        """The reward mean/std of the run's evaluation, and what an exported model recorded about itself."""
+        run = reward_stats(Path(self.path)) if (Path(self.path) / "metrics.json").is_file() else {}
+        return run | dict(getattr(self.model.config, "rmexp", None) or {}) | {"path": self.path}
 
 
 def reward_stats(run_dir: Path) -> dict:
