@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["peer", "peer1", "ours"])
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of ours, print where time goes")
     parser.add_argument("--mode", choices=["train", "eval"], default="train", help="time training, or scoring")
-    parser.add_argument("--row-tokens", type=int, default=4096, help="--mode eval: tokens per packed row")
+    parser.add_argument("--row-tokens", type=int, default=2048, help="--mode eval: tokens per packed row")
     parser.add_argument("--dtype", default="auto", help="--mode eval: model and 4-bit compute dtype (auto, float32)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rewards-dir", help=argparse.SUPPRESS)

@@ -97,7 +97,7 @@ class DataConfig:
 class TrainerConfig:
     # rmexp's own keys: how pairs become batches (see rmexp.packing)
     batching: Batching = Batching.packed  # packed: prompt once, no padding; padded: TRL's collator
-    packed_row_tokens: int = 4096  # token budget of one packed row
+    packed_row_tokens: int = 2048  # token budget of one packed row
     # null: start fresh; auto: continue this run dir from its last complete checkpoint; or a checkpoint path
     resume: str | None = None
     # null: the score head learns at learning_rate; else its own rate (it starts from random weights)
@@ -172,7 +172,7 @@ class RMExpConfig:
 @dataclass
 class ScoringConfig:
     packed: bool = True  # pairs as [prompt][chosen][rejected] packed rows; false: the padded forward (a check)
-    row_tokens: int = 4096  # tokens per packed row: memory follows it, not the file's size
+    row_tokens: int = 2048  # tokens per packed row: memory follows it, not the file's size
     chunk_pairs: int = 1024  # pairs tokenized, scored and written at a time
 
 
@@ -195,7 +195,7 @@ class ServerConfig:
     batch_window_ms: float = 5.0  # how long a request waits for others to share its forward
     max_items: int = 1024  # texts in one request
     max_request_bytes: int = 16 * 2**20
-    row_tokens: int = 4096  # tokens per packed row
+    row_tokens: int = 2048  # tokens per packed row
     normalize: bool = False  # (r - mean) / std with the run's held-out reward statistics
 
 

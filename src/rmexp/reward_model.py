@@ -38,7 +38,7 @@ def is_run_dir(path: Path) -> bool:
 
 class RewardModel:
     def __init__(self, model, tokenizer, max_length: int, path: str, system_prompt: str | None = None,
-                 packed: bool = True, row_tokens: int = 4096):
+                 packed: bool = True, row_tokens: int = 2048):
         self.model, self.tokenizer, self.max_length, self.path = model.eval(), tokenizer, max_length, path
         self.system_prompt = system_prompt  # the run's data.system_prompt, put before every prompt
         self.row_tokens = row_tokens  # tokens per packed row: memory grows with it, padding never does
@@ -49,7 +49,7 @@ class RewardModel:
         self.n_truncated = 0  # answers scored that lost tokens to max_length
 
     @classmethod
-    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 4096, normalize: bool = False) -> RewardModel:
+    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 2048, normalize: bool = False) -> RewardModel:
         """A training run dir (4-bit base + LoRA adapter, as trained) or an exported HF dir.
 
         `normalize=True`: calling the model returns rewards standardized by the reward mean/std of

@@ -105,7 +105,7 @@ def _score_packed(model, examples: list[dict], lengths: list[int], pad_token_id:
 
 
 def score_pairs_packed(model, chosen: list[list[int]], rejected: list[list[int]], prompt_lens: list[int],
-                       pad_token_id: int, row_tokens: int = 4096, progress=None) -> torch.Tensor:
+                       pad_token_id: int, row_tokens: int = 2048, progress=None) -> torch.Tensor:
     """Rewards (n_pairs x 2: chosen, rejected) from packed, prefix-shared segments; `prompt_lens` are
     the leading tokens the two sequences share."""
     examples = [{"chosen_ids": list(c), "rejected_ids": list(r), "prompt_len": p}
@@ -117,7 +117,7 @@ def score_pairs_packed(model, chosen: list[list[int]], rejected: list[list[int]]
     return torch.stack([c, r], dim=1)
 
 
-def score_sequences_packed(model, sequences: list[list[int]], pad_token_id: int, row_tokens: int = 4096) -> torch.Tensor:
+def score_sequences_packed(model, sequences: list[list[int]], pad_token_id: int, row_tokens: int = 2048) -> torch.Tensor:
     """Reward of each token sequence, many sequences to a packed row."""
     if not sequences:
         return torch.empty(0)
