@@ -153,6 +153,9 @@ BAD = [  # (endpoint, raw body, status, field)
     ("/score", b'{"prompts": ["a"], "completions": ', 422, "body"),
     ("/score", b"\xff\xfe not utf-8", 422, "body"),
     ("/score", b'["a", "b"]', 422, "body"),
+    ("/score", b'{"prompts": [' + b"1" * 5000 + b'], "completions": ["a"]}', 422, "body"),  # int over 4300 digits
+    ("/score", b"[" * 15000, 422, "body"),  # nesting past the JSON parser's recursion limit
+    ("/score", b'{"prompts": [["\\ud800"]], "completions": ["a"]}', 422, "prompts[0]"),  # a lone surrogate
     ("/score", b'{"completions": ["a"]}', 422, "prompts"),
     ("/score", b'{"prompts": "a", "completions": ["a"]}', 422, "prompts"),
     ("/score", b'{"prompts": ["a", 3], "completions": ["a", "b"]}', 422, "prompts[1]"),
@@ -174,6 +177,23 @@ def test_server_answers_bad_input_with_a_named_4xx(server, endpoint, body, statu
     assert got.status_code == status, got.text
     assert got.json()["field"] == field and got.json()["error"]
     assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"  # and it lives on
+
+
+def test_get_reward_takes_openrlhf_decoded_text(server, run):
+    """OpenRLHF sends its templated sequences decoded with special tokens: left pads, a closing EOS.
+    They are stripped, and a templated prompt is not wrapped in the chat template again."""
+    rm = RewardModel.load(run)
+    tok = rm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert rm.is_templated(prompt) and not rm.is_templated(PROMPTS[0])
+    expected = rm.score_tokens([rm.text_tokens(prompt + COMPLETIONS[0])])[0]
+    query = prompt + COMPLETIONS[0] + tok.eos_token
+    got = httpx.post(f"{server}/get_reward", timeout=60, json={
+        "query": [tok.pad_token * 3 + query, query], "prompts": [tok.pad_token * 3 + prompt, prompt]})
+    assert got.status_code == 200, got.text
+    assert got.json()["rewards"] == pytest.approx([expected, expected], abs=1e-4)
+    assert rm.text_tokens(prompt + COMPLETIONS[0]) != rm.tokens(prompt, COMPLETIONS[0])  # wrapped twice otherwise
 
 
 def test_an_item_the_chat_template_rejects_fails_its_own_request_by_name(run):
@@ -213,3 +233,30 @@ def test_server_answers_32_concurrent_clients(server, run):
     assert got == pytest.approx(expected, abs=1e-4)
     health = httpx.get(f"{server}/health", timeout=10).json()
     assert health["texts"] >= 32
+
+
+def test_the_app_serves_again_after_a_restart():
+    """Its queue and scoring thread belong to one lifetime: a second start gets new ones."""
+    from fastapi.testclient import TestClient
+    from omegaconf import OmegaConf
+
+    from rmexp.config import ServerConfig
+    from rmexp.serve import build_app
+
+    class Stub:  # a RewardModel's serving surface, rewards = token counts
+        normalize, path, n_truncated, tokenizer = False, "stub", 0, None
+
+        def is_templated(self, text):
+            return False
+
+        def tokens(self, prompt, answer):
+            return list(range(len(prompt) + len(answer)))
+
+        def score_tokens(self, sequences):
+            return [float(len(s)) for s in sequences]
+
+    app = build_app(Stub(), OmegaConf.structured(ServerConfig))
+    for _ in range(2):
+        with TestClient(app) as client:
+            got = client.post("/score", json={"prompts": ["ab", "c"], "completions": ["d", "ef"]})
+            assert got.status_code == 200 and got.json() == {"rewards": [3.0, 3.0]}

@@ -107,10 +107,11 @@ def _cached_forward(self, x: torch.Tensor, own_forward) -> torch.Tensor:
 
 
 def dequantized_bytes(model) -> int:
-    """Memory a bf16 (2-byte) copy of every 4-bit weight of `model` would take."""
+    """Memory a copy of every 4-bit weight of `model` in its compute dtype (bf16: 2 bytes) would take."""
     from bitsandbytes.nn import Linear4bit
 
-    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(torch.empty(0, dtype=m.compute_dtype or torch.float32).element_size() * m.in_features * m.out_features
+               for m in model.modules() if isinstance(m, Linear4bit))
 
 
 def cache_dequantized_base(model, setting="auto", budget: float = 0.2) -> int:

@@ -12,6 +12,7 @@ A `RewardModel` is also a reward function for TRL's GRPO/RLOO trainers:
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ class RewardModel:
         self.reward_mean: float | None = None
         self.reward_std: float | None = None
         self.n_truncated = 0  # answers scored that lost tokens to max_length
+        self._count = threading.Lock()  # tokens() may run on several threads (the reward server)
+        self._template_head: str | None = None
 
     @classmethod
     def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 2048, normalize: bool = False) -> RewardModel:
@@ -96,8 +99,32 @@ class RewardModel:
     def tokens(self, question, answer) -> list[int]:
         """Token ids of one (question, answer), formatted and truncated as in training."""
         encoded = encode_answer(self.tokenizer, self._prompt(question), answer, self.max_length)
-        self.n_truncated += encoded.prompt_truncated or encoded.answer_truncated
+        with self._count:
+            self.n_truncated += encoded.prompt_truncated or encoded.answer_truncated
         return encoded.ids
+
+    def is_templated(self, text: str) -> bool:
+        """Whether `text` already starts the way the chat template starts a user turn."""
+        if self._template_head is None:
+            head = ""
+            if getattr(self.tokenizer, "chat_template", None):
+                marker = "\u2063rmexp\u2063"
+                head = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}],
+                                                          tokenize=False).split(marker)[0]
+            self._template_head = head
+        return bool(self._template_head) and text.startswith(self._template_head)
+
+    def text_tokens(self, text: str) -> list[int]:
+        """Token ids of text that is already formatted (template applied), fitted to max_length from
+        the left (a leading BOS kept), as training fits an over-long prompt."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_length:
+            bos = self.tokenizer.bos_token_id
+            lead = ids[:1] if bos is not None and ids[0] == bos else []
+            ids = lead + ids[len(ids) - (self.max_length - len(lead)):]
+            with self._count:
+                self.n_truncated += 1
+        return ids
 
     def score(self, question, answer: str) -> float:
         """Reward of one answer; `question` is a string or a list of chat messages."""

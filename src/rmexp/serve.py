@@ -62,17 +62,22 @@ def _text_list(body: dict, key: str, max_items: int, messages_ok: bool = False) 
             continue
         kind = "a string or a non-empty list of {role, content} messages" if messages_ok else "a string"
         raise BadRequest(f"{key}[{i}]", f"{key}[{i}] must be {kind} (roles: {', '.join(ROLES)}), "
-                                        f"got {json.dumps(item, ensure_ascii=False)[:200]}")
+                                        f"got {json.dumps(item)[:200]}")
     return items
 
 
 def encode(model, items: list, field: str) -> list[list[int]]:
     """Token ids of each (prompt, answer) item, formatted as in training; an item the model's chat
-    template rejects (say, roles out of order) is a BadRequest naming it, before any batch sees it."""
+    template rejects (say, roles out of order) is a BadRequest naming it, before any batch sees it.
+    A prompt that already went through the chat template (OpenRLHF's `--apply_chat_template`) is not
+    wrapped again: prompt + answer is scored as the text it is."""
     sequences = []
     for i, (prompt, answer) in enumerate(items):
         try:
-            sequences.append(model.tokens(prompt, answer))
+            if isinstance(prompt, str) and model.is_templated(prompt):
+                sequences.append(model.text_tokens(prompt + answer))
+            else:
+                sequences.append(model.tokens(prompt, answer))
         except Exception as e:  # noqa: BLE001 - jinja2's TemplateError and whatever a template raises
             raise BadRequest(f"{field}[{i}]", f"{field}[{i}] could not be formatted for the model: {e}") from None
     return sequences
@@ -83,16 +88,37 @@ def _same_length(body: dict, a: str, b: str) -> None:
         raise BadRequest(b, f"{len(body[a])} {a} but {len(body[b])} {b}: one each")
 
 
-def parse_get_reward(body: Any, max_items: int) -> list[tuple[str, str]]:
-    """OpenRLHF's request: (prompt, response) items, each response the query after its prompt."""
+def _strip(text: str, lead: tuple[str, ...], trail: tuple[str, ...]) -> str:
+    """`text` without repeats of the `lead` strings at its start and of the `trail` strings at its end."""
+    changed = True
+    while changed:
+        changed = False
+        for s in lead:
+            if s and text.startswith(s):
+                text, changed = text[len(s):], True
+        for s in trail:
+            if s and text.endswith(s):
+                text, changed = text[:-len(s)], True
+    return text
+
+
+def parse_get_reward(body: Any, max_items: int, tokenizer) -> list[tuple[str, str]]:
+    """OpenRLHF's request: (prompt, response) items, each response the query after its prompt.
+
+    OpenRLHF decodes its sequences with special tokens: left padding and a closing EOS are dropped
+    here, as its own reward server does."""
     if not isinstance(body, dict):
         raise BadRequest("body", "the body must be a JSON object")
     queries, prompts = _text_list(body, "query", max_items), _text_list(body, "prompts", max_items)
     _same_length(body, "query", "prompts")
+    pads = (tokenizer.pad_token or "",)
+    items = []
     for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
+        query, prompt = _strip(query, pads, pads + (tokenizer.eos_token or "",)), _strip(prompt, pads, ())
         if not query.startswith(prompt):
             raise BadRequest(f"query[{i}]", f"query[{i}] does not start with prompts[{i}]")
-    return [(prompt, query[len(prompt):]) for query, prompt in zip(queries, prompts, strict=True)]
+        items.append((prompt, query[len(prompt):]))
+    return items
 
 
 def parse_score(body: Any, max_items: int) -> list[tuple[Any, Any]]:
@@ -110,11 +136,12 @@ class Batcher:
 
     def __init__(self, score, max_batch: int, window_s: float):
         self.score, self.max_batch, self.window_s = score, max_batch, window_s
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmexp-score")
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
+        """Queue, thread and task of one serving lifetime (an app started again gets new ones)."""
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmexp-score")
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -214,7 +241,7 @@ def build_app(model, serve_cfg):
         raw = await request.body()
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
             raise BadRequest("body", f"the body is not valid JSON: {e}") from None
 
     async def rewards_for(items, field: str) -> JSONResponse:
@@ -228,7 +255,8 @@ def build_app(model, serve_cfg):
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        return await rewards_for(parse_get_reward(await read_json(request), int(serve_cfg.max_items)), "query")
+        items = parse_get_reward(await read_json(request), int(serve_cfg.max_items), model.tokenizer)
+        return await rewards_for(items, "query")
 
     @app.post("/score")
     async def score(request: Request):
