@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -25,7 +26,7 @@ def records(path: Path):
             continue
         _, n, kind = RECORD.unpack_from(data, pos)
         pos += RECORD.size
-        if kind == 0 and n == 0:
+        if (kind == 0 and n == 0) or pos + n > len(data):  # the end, or a record still being written
             break
         chunk, pos = data[pos:pos + n], pos + n
         buf = chunk if kind in (1, 2) else buf + chunk
@@ -40,7 +41,17 @@ def _key(item) -> str:
 
 
 class OfflineRun:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, wait_s: float = 30.0):
+        """The last offline run under `run_dir`. W&B's service may still be writing its log when
+        `wandb.finish()` returns, so it is read again until its exit record is in (up to `wait_s`)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self._read(run_dir)
+            if self.exit_code is not None or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+    def _read(self, run_dir: Path) -> None:
         files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
         assert files, f"no offline W&B run under {run_dir}/wandb"
         self.path = files[-1]
