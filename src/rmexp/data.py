@@ -383,6 +383,13 @@ class Encoded:
     answer_truncated: bool
 
 
+def keep_last(ids: list[int], n: int, bos_token_id: int | None) -> list[int]:
+    """The last `n` tokens of `ids` (none when n <= 0), a leading BOS kept within them."""
+    lead = ids[:1] if bos_token_id is not None and ids and ids[0] == bos_token_id else []
+    keep = max(n - len(lead), 0)
+    return lead + (ids[-keep:] if keep else [])
+
+
 def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_length: int) -> Encoded:
     """Tokens of one answer after its prompt, fitted to max_length on its own.
 
@@ -409,10 +416,7 @@ def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_l
     keep = max_length - len(answer_ids)
     prompt_truncated = len(prompt_ids) > max(keep, 0)
     if prompt_truncated:
-        bos = tokenizer.bos_token_id
-        lead = prompt_ids[:1] if bos is not None and prompt_ids and prompt_ids[0] == bos else []
-        keep = max(keep - len(lead), 0)
-        prompt_ids = lead + (prompt_ids[-keep:] if keep else [])
+        prompt_ids = keep_last(prompt_ids, keep, tokenizer.bos_token_id)
     room = max_length - len(prompt_ids)
     answer_truncated = len(answer_ids) > room
     answer_ids = answer_ids[:room]

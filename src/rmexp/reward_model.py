@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rmexp.data import Pair, encode_answer, encode_pair, with_system_prompt
+from rmexp.data import Pair, encode_answer, encode_pair, keep_last, with_system_prompt
 from rmexp.packing import packed_ready
 from rmexp.scoring import score_pairs, score_pairs_packed, score_sequences, score_sequences_packed
 
@@ -119,9 +119,7 @@ class RewardModel:
         the left (a leading BOS kept), as training fits an over-long prompt."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
-            bos = self.tokenizer.bos_token_id
-            lead = ids[:1] if bos is not None and ids[0] == bos else []
-            ids = lead + ids[len(ids) - (self.max_length - len(lead)):]
+            ids = keep_last(ids, self.max_length, self.tokenizer.bos_token_id)
             with self._count:
                 self.n_truncated += 1
         return ids
