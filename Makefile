@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report serve bench bench-quality bench-serve test lint clean
+.PHONY: help install train sweep report serve bench bench-quality bench-serve test test-fast lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,10 +27,10 @@ sweep: $(STAMP) ## a small CPU sweep end to end (tiny model, lora.r x learning r
 	rm -rf $(SWEEP_DIR)
 	$(PY) -m rmexp.train -m model=tiny lora.r=4,8 trainer.learning_rate=1e-4,1e-3 trainer.max_steps=10 \
 		trainer.eval_steps=5 logger.mode=offline hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
-	$(PY) -m rmexp.report $(SWEEP_DIR)
+	$(PY) -m rmexp.report sweep_dir=$(SWEEP_DIR)
 
 report: $(STAMP) ## summarise a sweep: make report SWEEP_DIR=outputs/multirun/<date>/<time>
-	$(PY) -m rmexp.report $(SWEEP_DIR)
+	$(PY) -m rmexp.report sweep_dir=$(SWEEP_DIR)
 
 serve: $(STAMP) ## HTTP reward server on 127.0.0.1:5000: make serve CHECKPOINT=outputs/runs/<date>/<time>; ARGS= adds overrides
 	$(PY) -m rmexp.serve checkpoint=$(CHECKPOINT) $(ARGS)
@@ -45,11 +45,14 @@ bench-quality: $(STAMP) ## quality vs the seed recipe at equal wall time (gemma3
 bench-serve: $(STAMP) ## reward server under 16 concurrent clients vs in-process scoring: make bench-serve CHECKPOINT=<run dir>
 	$(PY) bench/serve.py --checkpoint $(CHECKPOINT) --data $(BENCH_DATA) --clients 16 $(ARGS)
 
-test: $(STAMP) ## run the test suite (CPU, tiny model)
+test: $(STAMP) ## run the whole test suite (CPU, tiny model; what CI runs)
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## the quick tests only (-m "not slow", under two minutes)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff over src, tests and bench
 	$(PY) -m ruff check src tests bench
 
 clean: ## remove outputs, caches and .venv (keeps the model cache in ~/.cache/rmexp)
-	rm -rf .venv outputs/runs outputs/multirun .pytest_cache .ruff_cache .hypothesis src/*.egg-info
+	rm -rf .venv outputs/runs outputs/multirun .pytest_cache .ruff_cache .hypothesis build *.egg-info src/*.egg-info

@@ -55,10 +55,11 @@ def peer(args) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
     from trl import RewardConfig, RewardTrainer
 
+    from rmexp.builtin import resolve_model_path
     from rmexp.data import load_pairs
     from rmexp.metrics import pairwise_metrics
-    from rmexp.model import compute_dtype, resolve_model_path
-    from rmexp.scoring import score_sequences
+    from rmexp.model import compute_dtype
+    from rmexp.reward_model import score_sequences
 
     path = resolve_model_path(f"builtin:{args.model}", args.cache_dir)
     train, _ = load_pairs(args.train_file, on_error="skip")
@@ -106,9 +107,9 @@ def peer(args) -> dict:
 
 
 def ours(args) -> dict:
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from rmexp.config import CONF_DIR
+    from rmexp.config import CONF_MODULE
     from rmexp.train import main
 
     out = Path(args.work) / ("ours-equal-time" if args.peer_train_s else "ours-equal-data")
@@ -119,7 +120,7 @@ def ours(args) -> dict:
         overrides += [f"trainer.time_budget_s={args.peer_train_s}", f"trainer.num_train_epochs={args.max_epochs}"]
     else:
         overrides += ["trainer.num_train_epochs=1"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=overrides + args.ours)
     main(cfg)
     m = json.loads((out / "metrics.json").read_text())

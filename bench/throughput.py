@@ -99,18 +99,19 @@ def profile_table(prof, wall_s: float, steps: int) -> list[tuple[str, float]]:
 
 def worker(args) -> dict:
     import torch
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
+    from trl import RewardTrainer
 
-    from rmexp.config import CONF_DIR
+    from rmexp.config import CONF_MODULE, to_typed
     from rmexp.data import load_pairs, tokenize_pairs
-    from rmexp.model import build_lora_config, load_reward_model
-    from rmexp.train import build_collator, build_reward_config
+    from rmexp.model import build_lora_config, build_reward_config, load_reward_model
+    from rmexp.packing import build_collator, packed_ready
     from rmexp.trainer import PairwiseRewardTrainer
 
     torch.manual_seed(0)
     batch = 1 if args.worker == "peer1" else args.batch
     batching = "packed" if args.worker == "ours" else "padded"
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[
             f"model={args.model}", f"quantization={args.quantization}", f"data.path={args.data}",
             f"trainer.batching={batching}", f"trainer.per_device_train_batch_size={batch}",
@@ -118,19 +119,26 @@ def worker(args) -> dict:
             f"trainer.max_steps={math.ceil(args.pairs / batch)}", "trainer.eval_strategy=no", "trainer.logging_steps=1000",
             "trainer.warmup_steps=0", "logger=none", "paths.output_dir=/tmp/rmexp-bench",
             *([] if args.worker == "ours" else ["trainer.optim=adamw_torch"])])  # the peers: TRL's default optimizer
+    cfg = to_typed(cfg)
     pairs, _ = load_pairs(args.data, max_pairs=args.pairs + args.eval_pairs, on_error="skip")
     train_pairs, eval_pairs = pairs[:args.pairs], pairs[args.pairs:]
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
+    if batching == "packed":
+        packed_ready(model)  # the packed attention kernel
     collator = build_collator(cfg.trainer, model, tok)
     # ours: gradient_checkpointing=auto (off where activations fit); the TRL peers keep the seed's TRL default, on
     ours = args.worker == "ours"
     args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if ours else None)
-    trainer = PairwiseRewardTrainer(model=model, args=args_,
-                                    train_dataset=train_ds, processing_class=tok, peft_config=build_lora_config(cfg.lora),
-                                    data_collator=collator, fused_lora=ours and cfg.trainer.fused_lora,
-                                    dequant_cache=cfg.trainer.dequant_cache if ours else False,
-                                    fused_rms_norm=ours and cfg.trainer.fused_rms_norm)
+    if ours:
+        trainer = PairwiseRewardTrainer(model=model, args=args_, train_dataset=train_ds, processing_class=tok,
+                                        peft_config=build_lora_config(cfg.lora), data_collator=collator,
+                                        fused_lora=cfg.trainer.fused_lora, dequant_cache=cfg.trainer.dequant_cache,
+                                        fused_rms_norm=cfg.trainer.fused_rms_norm)
+    else:  # the peers: TRL's own RewardTrainer and padded collator, as the seed recipe runs it
+        args_.per_device_eval_batch_size = 1  # TRL's eval_accuracy is a mean of batch means: exact at batch 1
+        trainer = RewardTrainer(model=model, args=args_, train_dataset=train_ds, processing_class=tok,
+                                peft_config=build_lora_config(cfg.lora))
     counted = {"tokens": 0}
     inner = trainer.data_collator
 
@@ -158,7 +166,7 @@ def worker(args) -> dict:
     if eval_pairs:
         eval_ds, _ = tokenize_pairs(tok, eval_pairs, cfg.trainer.max_length)
         metrics = trainer.evaluate(eval_ds)
-        result["eval_pairwise_accuracy"] = metrics["eval_pairwise_accuracy"]
+        result["eval_pairwise_accuracy"] = metrics["eval_pairwise_accuracy" if ours else "eval_accuracy"]
         result["eval_pairs"] = len(eval_ds)
     return result
 
@@ -166,15 +174,15 @@ def worker(args) -> dict:
 def eval_worker(args) -> dict:
     """Score `--pairs` pairs with the padded or the packed path; rewards go to a file for the comparison."""
     import torch
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from rmexp.config import CONF_DIR
+    from rmexp.config import CONF_MODULE
     from rmexp.data import load_pairs
     from rmexp.model import keep_4bit_layers_trainable, load_reward_model
     from rmexp.reward_model import RewardModel
 
     dtype = [f"model.dtype={args.dtype}", f"quantization.bnb_4bit_compute_dtype={args.dtype}"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={args.model}", f"quantization={args.quantization}",
                                           f"data.path={args.data}", "logger=none", *dtype])
     pairs, _ = load_pairs(args.data, max_pairs=args.pairs, on_error="skip")

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from rmexp.config import CONF_DIR
+from rmexp.config import CONF_MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -25,13 +25,13 @@ os.environ.pop("WANDB_API_KEY", None)  # tests never go online
 
 def compose_cfg(*overrides: str) -> DictConfig:
     """The same config `python -m rmexp.train <overrides>` would get (minus hydra's own node)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 
 def compose_evaluate(checkpoint, data_path, out_dir, *extra: str) -> DictConfig:
     """The config `python -m rmexp.evaluate checkpoint=... data.path=...` would get, W&B off."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         return compose("evaluate", overrides=[f"checkpoint={checkpoint}", f"data.path={data_path}",
                                               f"paths.output_dir={out_dir}", "logger=none", *extra])
 
@@ -39,7 +39,8 @@ def compose_evaluate(checkpoint, data_path, out_dir, *extra: str) -> DictConfig:
 @pytest.fixture
 def tokenizer():
     """The tiny model's tokenizer, fresh for each test (tests may change its chat template)."""
-    from rmexp.model import load_tokenizer, resolve_model_path
+    from rmexp.builtin import resolve_model_path
+    from rmexp.model import load_tokenizer
 
     cfg = compose_cfg("model=tiny", "data.path=data/preference.jsonl")
     return load_tokenizer(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))

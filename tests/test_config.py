@@ -60,6 +60,7 @@ def test_bad_lora_values_fail_before_the_model():
         build_lora_config(cfg.lora)
 
 
+@pytest.mark.slow
 def test_cli_typo_fails_fast_naming_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rmexp.train", "lora.r=abc", f"hydra.run.dir={tmp_path}"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)

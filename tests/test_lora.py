@@ -77,6 +77,7 @@ SPEED_KEYS = ("fused_lora", "dequant_cache", "fused_rms_norm", "optim")
 PLAIN = ("false", "false", "false", "adamw_torch")  # peft's and transformers' own layers, AdamW's per-tensor loop
 
 
+@pytest.mark.slow
 def test_training_with_each_speed_setting_gives_the_same_losses_and_rewards(tmp_path):
     """The tiny nf4 model in fp32, same steps: the plain layers and optimizer, then each speed setting
     in turn, then all of them (the defaults), give identical training, to rounding."""

@@ -19,7 +19,7 @@ from rmexp.packing import (
     packed_sdpa,
     use_packed_attention,
 )
-from rmexp.scoring import score_sequences
+from rmexp.reward_model import score_sequences
 from rmexp.train import main
 
 
@@ -62,6 +62,7 @@ def test_packed_forward_equals_plain_forward_tiny():
     assert_packed_equals_plain(model, tok, pairs_with_a_long_one(12, 40), max_length=256, row_tokens=700)
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_plain_forward_gemma3_270m():
     """Gemma 3 mixes sliding-window (512) and full layers: a 700-token prompt exercises both masks."""
     model, tok = fp32_model("gemma3_270m")

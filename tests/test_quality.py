@@ -10,9 +10,18 @@ import torch
 
 from conftest import ROOT, compose_cfg, compose_evaluate, tiny_overrides
 from rmexp import RewardModel
-from rmexp.data import DataError, Pair, encode_answer, encode_pair, load_pairs, split_pairs, tokenize_pairs
+from rmexp.data import (
+    DataError,
+    Pair,
+    encode_answer,
+    encode_pair,
+    load_data,
+    load_pairs,
+    split_pairs,
+    tokenize_pairs,
+)
 from rmexp.metrics import length_baseline_accuracy
-from rmexp.train import load_data, main
+from rmexp.train import main
 
 SYSTEM = "Answer as a careful assistant."
 

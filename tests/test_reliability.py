@@ -23,6 +23,7 @@ def run_cli(args: list[str], env: dict | None = None, launcher: list[str] | None
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     two = run_cli(["logger.mode=offline", f"hydra.run.dir={tmp_path / 'two'}"],
@@ -39,6 +40,7 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tmp
     assert two.stdout.count("held-out pairwise accuracy") == 1
 
 
+@pytest.mark.slow
 def test_wandb_that_cannot_start_online_falls_back_to_offline(tmp_path):
     proc = run_cli(["logger.mode=online", "logger.init_timeout=5", f"hydra.run.dir={tmp_path}"],
                    env={"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
@@ -48,6 +50,7 @@ def test_wandb_that_cannot_start_online_falls_back_to_offline(tmp_path):
     assert run.summary["eval/pairwise_accuracy"] == json.loads((tmp_path / "metrics.json").read_text())["pairwise_accuracy"]
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_the_run_dir(tmp_path):
     secrets = {"WANDB_API_KEY": "wandbsecret" + "0" * 29, "HF_TOKEN": "hf_secretvalue123", "MY_SERVICE_KEY": "svc-key-789"}
     proc = run_cli(["logger.mode=offline", f"hydra.run.dir={tmp_path}"], env=secrets)

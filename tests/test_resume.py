@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from rmexp.train import CHECKPOINT_FILES, last_complete_checkpoint
+from rmexp.rundir import CHECKPOINT_FILES, last_complete_checkpoint
 
 ARGS = ["model=tiny", "data.path=data/preference.jsonl", "logger=none", "trainer.max_steps=40",
         "trainer.save_steps=5", "trainer.eval_steps=1000", "trainer.logging_steps=5", "trainer.learning_rate=3e-3"]
@@ -35,6 +35,7 @@ def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_with_auto_matches_the_uninterrupted_run(tmp_path):
     whole = train(tmp_path / "whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
@@ -55,6 +56,7 @@ def test_killed_run_resumed_with_auto_matches_the_uninterrupted_run(tmp_path):
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_then_exits_nonzero(tmp_path):
     run = train(tmp_path)
     wait_for_checkpoint(run, tmp_path, 5)

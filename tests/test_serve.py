@@ -62,7 +62,7 @@ def grpo_steps(tmp_path, reward_funcs, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from rmexp.model import resolve_model_path
+    from rmexp.builtin import resolve_model_path
 
     policy_dir = resolve_model_path("builtin:tiny", compose_cfg("model=tiny").model.cache_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -136,6 +136,7 @@ def server(run, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_server_rewards_equal_the_reward_model(server, run):
     rm = RewardModel.load(run)
     expected = rm.score_batch(list(zip(PROMPTS, COMPLETIONS, strict=True)))
@@ -171,6 +172,7 @@ BAD = [  # (endpoint, raw body, status, field)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint,body,status,field", BAD, ids=[f"{e}-{f}-{s}" for e, _, s, f in BAD])
 def test_server_answers_bad_input_with_a_named_4xx(server, endpoint, body, status, field):
     got = httpx.post(f"{server}{endpoint}", content=body, headers={"content-type": "application/json"}, timeout=60)
@@ -179,6 +181,7 @@ def test_server_answers_bad_input_with_a_named_4xx(server, endpoint, body, statu
     assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"  # and it lives on
 
 
+@pytest.mark.slow
 def test_get_reward_takes_openrlhf_decoded_text(server, run):
     """OpenRLHF sends its templated sequences decoded with special tokens: left pads, a closing EOS.
     They are stripped, and a templated prompt is not wrapped in the chat template again."""
@@ -208,6 +211,7 @@ def test_an_item_the_chat_template_rejects_fails_its_own_request_by_name(run):
     assert caught.value.field == "prompts[1]" and caught.value.status == 422
 
 
+@pytest.mark.slow
 def test_server_body_limit_holds_for_a_streamed_body_without_length(server):
     def chunks():
         for _ in range(30):
@@ -217,6 +221,7 @@ def test_server_body_limit_holds_for_a_streamed_body_without_length(server):
     assert got.status_code == 413 and got.json()["field"] == "body"
 
 
+@pytest.mark.slow
 def test_server_answers_32_concurrent_clients(server, run):
     rm = RewardModel.load(run)
     items = [(PROMPTS[i % 4], f"{COMPLETIONS[i % 4]} ({i})") for i in range(32)]
@@ -238,9 +243,9 @@ def test_server_answers_32_concurrent_clients(server, run):
 def test_the_app_serves_again_after_a_restart():
     """Its queue and scoring thread belong to one lifetime: a second start gets new ones."""
     from fastapi.testclient import TestClient
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_module
 
-    from rmexp.config import ServerConfig
+    from rmexp.config import CONF_MODULE, to_typed
     from rmexp.serve import build_app
 
     class Stub:  # a RewardModel's serving surface, rewards = token counts
@@ -255,7 +260,9 @@ def test_the_app_serves_again_after_a_restart():
         def score_tokens(self, sequences):
             return [float(len(s)) for s in sequences]
 
-    app = build_app(Stub(), OmegaConf.structured(ServerConfig))
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        serve_cfg = to_typed(compose("serve", overrides=["checkpoint=unused"]).serve)  # the shipped defaults
+    app = build_app(Stub(), serve_cfg)
     for _ in range(2):
         with TestClient(app) as client:
             got = client.post("/score", json={"prompts": ["ab", "c"], "completions": ["d", "ef"]})

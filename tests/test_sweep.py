@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -28,6 +29,7 @@ def job_metrics(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))}
 
 
+@pytest.mark.slow
 def test_grid_multirun_gives_one_dir_and_one_wandb_run_per_job_and_a_report(tmp_path):
     sweep = tmp_path / "grid"
     proc = multirun(sweep, "lora.r=4,8", "trainer.learning_rate=1e-4,1e-3")
@@ -54,6 +56,7 @@ def test_grid_multirun_gives_one_dir_and_one_wandb_run_per_job_and_a_report(tmp_
     assert any(k.startswith("sweep/heatmap") for k in logged) and any(k.startswith("sweep/summary") for k in logged)
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_the_others_finish_and_the_sweep_exits_nonzero(tmp_path):
     sweep = tmp_path / "fail"
     proc = multirun(sweep, "lora.r=-1,4")
@@ -67,6 +70,7 @@ def test_a_failing_job_is_recorded_the_others_finish_and_the_sweep_exits_nonzero
     assert "failed" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_handles_a_sweep_still_running(tmp_path):
     sweep = tmp_path / "partial"
     proc = multirun(sweep, "lora.r=4")
@@ -78,6 +82,7 @@ def test_report_handles_a_sweep_still_running(tmp_path):
     assert (result["ok"], result["running"]) == (1, 1) and result["best"] == "0"
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     sweep = tmp_path / "submitit"
     proc = multirun(sweep, "lora.r=4,8", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
@@ -86,6 +91,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert len(metrics) == 2 and all(m["status"] == "ok" for m in metrics.values())
 
 
+@pytest.mark.slow
 def test_optuna_preset_runs_three_trials(tmp_path):
     sweep = tmp_path / "optuna"
     proc = multirun(sweep, "sweep=optuna", "hydra.sweeper.n_trials=3", multirun_flag=False)
@@ -96,6 +102,7 @@ def test_optuna_preset_runs_three_trials(tmp_path):
     assert best["best_value"] == max(m["pairwise_accuracy"] for m in metrics.values())
 
 
+@pytest.mark.slow
 def test_grid_preset_runs_without_dash_m_and_any_axis_is_overridable(tmp_path):
     sweep = tmp_path / "preset"
     proc = multirun(sweep, "sweep=lora_lr", "lora.r=4", "trainer.learning_rate=1e-4,3e-4", multirun_flag=False)

@@ -13,10 +13,11 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import HH_PAIRS, ROOT, compose_cfg, needs_shared, tiny_overrides
-from rmexp.data import DataError, tokenize_pairs
-from rmexp.model import load_reward_model, load_tokenizer, resolve_model_path
-from rmexp.scoring import score_pairs
-from rmexp.train import load_data, main
+from rmexp.builtin import resolve_model_path
+from rmexp.data import DataError, load_data, tokenize_pairs
+from rmexp.model import load_reward_model, load_tokenizer
+from rmexp.reward_model import score_pairs
+from rmexp.train import main
 from wandb_records import OfflineRun
 
 
@@ -76,7 +77,10 @@ def test_metrics_json_and_run_dir(tiny_run):
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == m["n_eval_pairs"]
-    assert sum(s["correct"] for s in scores) / len(scores) == pytest.approx(m["pairwise_accuracy"])
+    # independent of the trainer's evaluation: the Probe's own padded forward at the end of training
+    rewards = tiny_run.probe.after["rewards"]
+    probe_accuracy = (rewards[:, 0] > rewards[:, 1]).float().mean().item()
+    assert abs(probe_accuracy - m["pairwise_accuracy"]) <= 2 / len(scores)  # a bf16 near-tie may flip
 
 
 def test_saved_adapter_reloads_and_reproduces_eval_scores(tiny_run):
@@ -115,6 +119,7 @@ def test_non_finite_loss_stops_the_run_without_an_adapter(tmp_path):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_cli_run_on_hh_rlhf_logs_the_same_accuracy_to_wandb(tmp_path):
     """The issue's acceptance command, through the real CLI and Hydra."""
     cmd = [sys.executable, "-m", "rmexp.train", "model=tiny", "lora.r=16", "data=file", f"data.path={HH_PAIRS}",

@@ -10,8 +10,8 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import compose_cfg, tiny_overrides
-from rmexp.model import compute_dtype, reward_head, torch_dtype
-from rmexp.train import main, use_bf16, use_gradient_checkpointing
+from rmexp.model import compute_dtype, reward_head, torch_dtype, use_bf16, use_gradient_checkpointing
+from rmexp.train import main
 
 
 class Capture(TrainerCallback):
@@ -42,6 +42,7 @@ def test_head_learning_rate_gets_its_own_group(tmp_path):
     assert {id(p) for g in groups for p in g["params"]} == trainable  # nothing lost from the optimizer
 
 
+@pytest.mark.slow
 def test_time_budget_stops_training_and_decays_the_rate(tmp_path):
     probe = Capture()
     cfg = compose_cfg(*tiny_overrides(tmp_path, "logger=none", "trainer.max_steps=-1", "trainer.num_train_epochs=1000",

@@ -16,6 +16,7 @@ with `on_error=skip` the record is skipped and counted by reason. Nothing is dro
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -28,6 +29,8 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
               "model": "assistant", "system": "system", "bot": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ASSISTANT = "\n\nAssistant:"
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -332,6 +335,36 @@ def drop_leaked(train: list[Pair], eval_: list[Pair], on_error: str) -> tuple[li
                         "pairs): train/eval leakage (data.on_error=skip drops them from training and counts them)",
                         reason="in_eval_file")
     return [p for p in train if p.key() not in in_eval], len(leaked)
+
+
+def load_data(data_cfg):
+    """Train and eval pairs, and what was read/skipped, before any model is loaded."""
+    on_error = data_cfg.on_error.value
+    files = {"train_file": data_cfg.path}
+    if data_cfg.eval_path:
+        files["eval_file"] = data_cfg.eval_path
+    loaded, file_stats = {}, {}
+    for role, path in files.items():
+        loaded[role], file_stats[role] = load_pairs(path, data_cfg.max_pairs, on_error)
+    if data_cfg.eval_path:
+        loaded["train_file"], n_leaked = drop_leaked(loaded["train_file"], loaded["eval_file"], on_error)
+        if n_leaked:
+            file_stats["train_file"].skipped["in_eval_file"] += n_leaked
+            file_stats["train_file"].n_pairs -= n_leaked
+    stats = {role: st.as_dict() for role, st in file_stats.items()}
+    for role, path in files.items():
+        if file_stats[role].skipped:
+            msg = (f"{path}: skipped {stats[role]['n_skipped']} of {file_stats[role].n_records} records "
+                   f"(data.on_error=skip): {stats[role]['skipped']}")
+            log.warning(msg)
+            print(msg)
+    for pairs in loaded.values():
+        for pair in pairs:
+            pair.prompt = with_system_prompt(pair.prompt, data_cfg.system_prompt)
+    if data_cfg.eval_path:
+        return loaded["train_file"], loaded["eval_file"], stats
+    train_pairs, eval_pairs = split_pairs(loaded["train_file"], data_cfg.eval_fraction, data_cfg.split_seed)
+    return train_pairs, eval_pairs, stats
 
 
 # ---------------------------------------------------------------- formatting and tokens

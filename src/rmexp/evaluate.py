@@ -1,4 +1,4 @@
-"""Evaluate a reward model on a pairs file: `python -m rmexp.evaluate checkpoint=<dir> data=file data.path=<file>`.
+"""Evaluate a reward model on a pairs file: `rmexp-evaluate checkpoint=<dir> data.path=<file>`.
 
 Writes into its own run dir `eval_metrics.json` (pairwise accuracy with a 95% Wilson interval, ties,
 margins, reward mean/std, accuracy by prompt length and by `source`/`subset`) and `scores.jsonl`
@@ -18,43 +18,20 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rmexp.config import CONF_DIR
+from rmexp.config import CONF_PATH, EvaluateConfig, LoggerBackend, to_typed
 from rmexp.data import answer_text, load_pairs
-from rmexp.metrics import length_baseline_accuracy, pairwise_metrics
-from rmexp.train import score_lines, write_json
-
-PROMPT_BUCKETS = (64, 128, 256, 512)  # prompt-length bucket edges, in tokens
+from rmexp.metrics import accuracy_by, bucket_of, length_baseline_accuracy, pairwise_metrics
+from rmexp.rundir import score_lines, write_json
 
 
-def bucket_of(n_tokens: int) -> str:
-    lower = 0
-    for edge in PROMPT_BUCKETS:
-        if n_tokens < edge:
-            return f"{lower}-{edge - 1}"
-        lower = edge
-    return f"{lower}+"
-
-
-def accuracy_by(labels: list[str], correct: list[bool]) -> dict[str, dict]:
-    groups: dict[str, list[bool]] = {}
-    for label, ok in zip(labels, correct, strict=True):
-        groups.setdefault(label, []).append(ok)
-    def order(label: str):  # numeric buckets by their lower edge, names alphabetically
-        head = label.split("-")[0].rstrip("+")
-        return (0, int(head), "") if head.isdigit() else (1, 0, label)
-
-    return {k: {"pairwise_accuracy": sum(v) / len(v), "n_pairs": len(v)}
-            for k, v in sorted(groups.items(), key=lambda kv: order(kv[0]))}
-
-
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     from rmexp.reward_model import RewardModel
 
+    cfg = to_typed(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    on_error = getattr(cfg.data.on_error, "value", cfg.data.on_error)
-    pairs, stats = load_pairs(cfg.data.path, cfg.data.max_pairs, on_error)
+    pairs, stats = load_pairs(cfg.data.path, cfg.data.max_pairs, cfg.data.on_error.value)
     model = RewardModel.load(cfg.checkpoint, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens)
     if cfg.data.system_prompt:  # else the one the model was trained with
         model.system_prompt = cfg.data.system_prompt
@@ -75,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
     print(f"pairwise accuracy {metrics['pairwise_accuracy']:.3f} [{metrics['ci_low']:.2f}, {metrics['ci_high']:.2f}] "
           f"on {metrics['n_pairs']} pairs of {cfg.data.path}; length alone {metrics['length_baseline_accuracy']:.2f} "
           f"-> {out_dir}")
-    if getattr(cfg.logger.backend, "value", cfg.logger.backend) == "wandb":
+    if cfg.logger.backend is LoggerBackend.wandb:
         log_to_wandb(cfg, out_dir, metrics, pairs, rewards)
     return metrics
 
@@ -111,7 +88,7 @@ def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
 
     from rmexp.tracking import start_run
 
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     run = start_run(cfg.logger, config, out_dir, f"eval-{Path(str(cfg.checkpoint)).name}", None)
     try:
         run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -128,7 +105,7 @@ def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
         wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="evaluate")
 def cli(cfg: DictConfig) -> float:
     return evaluate(cfg)["pairwise_accuracy"]
 

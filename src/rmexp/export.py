@@ -1,4 +1,4 @@
-"""Export a run as a standalone HF model: `python -m rmexp.export checkpoint=<run dir> output_dir=<dir>`.
+"""Export a run as a standalone HF model: `rmexp-export checkpoint=<run dir> output_dir=<dir>`.
 
 The LoRA adapter is merged into the de-quantized base (the very weights it was trained against),
 with the trained score head, saved as safetensors in `dtype` (bf16 by default) with the tokenizer.
@@ -9,20 +9,12 @@ config records, under `rmexp`, the reward mean/std of the run's evaluation and i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import MISSING
+import hydra
+from omegaconf import DictConfig
 
-from rmexp.cli_args import parse
-
-
-@dataclass
-class ExportArgs:
-    checkpoint: str = MISSING  # a training run dir
-    output_dir: str = MISSING
-    dtype: str = "bfloat16"
-    eval_metrics: str | None = None  # an eval_metrics.json whose reward mean/std to record instead of the run's
+from rmexp.config import CONF_PATH, to_typed
 
 
 def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat16",
@@ -30,7 +22,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
     from peft import PeftModel
 
     from rmexp.model import load_reward_model, load_tokenizer, reward_head, torch_dtype
-    from rmexp.reward_model import read_run_config, reward_stats
+    from rmexp.rundir import read_run_config, reward_stats
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     cfg = read_run_config(checkpoint)
@@ -44,7 +36,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
     stats = json.loads(Path(eval_metrics).read_text()) if eval_metrics else reward_stats(checkpoint)
     merged.config.rmexp = {
         "reward_mean": stats.get("reward_mean"), "reward_std": stats.get("reward_std"),
-        "max_length": int(cfg.trainer.max_length), "system_prompt": cfg.data.get("system_prompt"),
+        "max_length": int(cfg.trainer.max_length), "system_prompt": cfg.data.system_prompt,
         "source_run": str(checkpoint.resolve()),
         "lora_r": int(cfg.lora.r), "base_model": str(cfg.model.name_or_path),
     }
@@ -58,12 +50,13 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
     return output_dir
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = parse(ExportArgs, argv, usage=__doc__.strip())
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")
+def cli(cfg: DictConfig) -> Path:
+    args = to_typed(cfg)
     out = export(args.checkpoint, args.output_dir, args.dtype, args.eval_metrics)
     print(f"exported {args.checkpoint} -> {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    cli()

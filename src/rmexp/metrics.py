@@ -1,4 +1,4 @@
-"""Pairwise accuracy and friends, from per-pair rewards."""
+"""Pairwise accuracy and friends, from per-pair rewards: intervals, baselines, accuracy by group."""
 
 from __future__ import annotations
 
@@ -45,3 +45,27 @@ def length_baseline_accuracy(chosen_tokens, rejected_tokens) -> float:
     chosen = np.asarray(chosen_tokens)
     rejected = np.asarray(rejected_tokens)
     return float((chosen > rejected).mean())
+
+
+PROMPT_BUCKETS = (64, 128, 256, 512)  # prompt-length bucket edges, in tokens
+
+
+def bucket_of(n_tokens: int) -> str:
+    lower = 0
+    for edge in PROMPT_BUCKETS:
+        if n_tokens < edge:
+            return f"{lower}-{edge - 1}"
+        lower = edge
+    return f"{lower}+"
+
+
+def accuracy_by(labels: list[str], correct: list[bool]) -> dict[str, dict]:
+    groups: dict[str, list[bool]] = {}
+    for label, ok in zip(labels, correct, strict=True):
+        groups.setdefault(label, []).append(ok)
+    def order(label: str):  # numeric buckets by their lower edge, names alphabetically
+        head = label.split("-")[0].rstrip("+")
+        return (0, int(head), "") if head.isdigit() else (1, 0, label)
+
+    return {k: {"pairwise_accuracy": sum(v) / len(v), "n_pairs": len(v)}
+            for k, v in sorted(groups.items(), key=lambda kv: order(kv[0]))}

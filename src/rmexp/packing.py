@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from rmexp._compat import attn_implementation
+from rmexp.config import Batching
 from rmexp.data import last_non_pad
 from rmexp.model import reward_head
 
@@ -218,12 +220,23 @@ def use_packed_attention(model) -> None:
 
 def packed_ready(model) -> bool:
     """Switch an SDPA model to the packed kernel; False where the model uses another attention kernel."""
-    attn = getattr(model.config, "_attn_implementation", None)
+    attn = attn_implementation(model)
     if attn not in ("sdpa", PACKED_ATTENTION):
         return False
     if attn != PACKED_ATTENTION:
         use_packed_attention(model)
     return True
+
+
+def build_collator(trainer_cfg, model, tokenizer) -> PackedPairCollator | None:
+    """PackedPairCollator for `trainer.batching=packed`, None (TRL's padded collator) for padded.
+    Packed batches need the packed attention kernel: switch the model first (`packed_ready`)."""
+    if trainer_cfg.batching is Batching.padded:
+        return None
+    if attn_implementation(model) != PACKED_ATTENTION:
+        raise ValueError(f"trainer.batching=packed needs model.attn_implementation=sdpa (got "
+                         f"{attn_implementation(model)}); use trainer.batching=padded for other attention kernels")
+    return PackedPairCollator.for_model(model, tokenizer.pad_token_id, trainer_cfg.packed_row_tokens)
 
 
 def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,4 +1,4 @@
-"""Summarise a sweep: `python -m rmexp.report <sweep_dir>`.
+"""Summarise a sweep: `rmexp-report sweep_dir=<dir>` (or `python -m rmexp.report sweep_dir=<dir>`).
 
 Writes summary.csv, summary.md and heatmap.png into the sweep dir, prints the best job and the
 command that reproduces it, and logs the table and heatmap to W&B in the sweep's group when the
@@ -7,14 +7,15 @@ jobs logged to W&B. Works while a sweep is still running, and with failed jobs.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
-import sys
 from pathlib import Path
 
+import hydra
 import yaml
+from omegaconf import DictConfig
 
+from rmexp.config import CONF_PATH, to_typed
 from rmexp.sweep import Job, read_jobs, sweep_group, sweep_keys
 
 RESULT_COLUMNS = ["pairwise_accuracy", "eval_loss", "runtime_s", "status"]
@@ -211,14 +212,11 @@ def report(sweep_dir: str | Path, use_wandb: bool = True) -> dict:
     return {"jobs": len(jobs), **counts, "best": best.dir.name if best else None, "wandb_run": run_id}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rmexp.report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="a Hydra multirun dir, e.g. outputs/multirun/<date>/<time>")
-    parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
-    args = parser.parse_args(argv)
-    report(args.sweep_dir, use_wandb=not args.no_wandb)
-    return 0
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="report")
+def cli(cfg: DictConfig) -> dict:
+    args = to_typed(cfg)
+    return report(args.sweep_dir, use_wandb=args.wandb)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

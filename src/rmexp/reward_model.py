@@ -1,8 +1,11 @@
 """A trained reward model, loaded for scoring: `RewardModel.load(run_dir or exported_dir)`.
 
 Text is formatted exactly as in training (same chat template, system prompt and truncation to the
-run's `trainer.max_length`) and scored by an fp32 head in packed rows (rmexp.scoring; pairs share
-their prompt's forward), or in right-padded batches with `packed=False`.
+run's `trainer.max_length`) and scored by an fp32 head. Packed (the default): a pair is one
+`[prompt][chosen][rejected]` segment, prompt computed once (rmexp.packing); single answers are
+`[prompt + answer]` segments; segments are sorted by length and packed many to a row up to
+`row_tokens`, so rows stay full. Padded (`packed=False`, the check): right-padded batches of whole
+sequences, as TRL's collator makes them. Both return rewards in input order.
 
 A `RewardModel` is also a reward function for TRL's GRPO/RLOO trainers:
 `GRPOTrainer(reward_funcs=RewardModel.load(run_dir, normalize=True), ...)` calls it as
@@ -11,30 +14,16 @@ A `RewardModel` is also a reward function for TRL's GRPO/RLOO trainers:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from rmexp.data import Pair, encode_answer, encode_pair, keep_last, with_system_prompt
-from rmexp.packing import packed_ready
-from rmexp.scoring import score_pairs, score_pairs_packed, score_sequences, score_sequences_packed
-
-RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with, written by rmexp.train
-
-
-def read_run_config(run_dir: str | Path) -> DictConfig:
-    run_dir = Path(run_dir)
-    for candidate in (run_dir / RUN_CONFIG, run_dir / ".hydra" / "config.yaml"):
-        if candidate.is_file():
-            return OmegaConf.load(candidate)
-    raise FileNotFoundError(f"{run_dir}: not an rmexp run dir (no {RUN_CONFIG} or .hydra/config.yaml)")
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+from rmexp.packing import PackedPairCollator, packed_ready, packed_rewards
+from rmexp.rundir import is_run_dir, read_run_config, reward_stats
 
 
 class RewardModel:
@@ -77,7 +66,7 @@ class RewardModel:
             base, _, _ = load_reward_model(cfg.model, cfg.quantization)
             model = PeftModel.from_pretrained(base, str(path))
             return cls(model, load_tokenizer(str(path)), int(cfg.trainer.max_length), str(path),
-                       cfg.data.get("system_prompt"), packed, row_tokens)
+                       cfg.data.system_prompt, packed, row_tokens)
         if (path / "config.json").is_file():
             from transformers import AutoModelForSequenceClassification
 
@@ -181,7 +170,112 @@ class RewardModel:
         return run | dict(getattr(self.model.config, "rmexp", None) or {}) | {"path": self.path}
 
 
-def reward_stats(run_dir: Path) -> dict:
-    """Reward mean/std of a run's held-out evaluation (metrics.json), for normalising rewards downstream."""
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    return {k: metrics[k] for k in ("reward_mean", "reward_std", "pairwise_accuracy", "n_eval_pairs") if k in metrics}
+# ---------------------------------------------------------------- forward passes
+
+
+def autocast_for(model) -> contextlib.AbstractContextManager:
+    """bf16 autocast when any weight is bf16: on CPU a bf16 score head cannot take fp32 hidden states."""
+    device = next(model.parameters()).device
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8) -> torch.Tensor:
+    """Reward of each token sequence (right-padded batches, as in training), as float32 on CPU."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        with autocast_for(model):
+            for i in range(0, len(sequences), batch_size):
+                ids = [torch.tensor(s) for s in sequences[i:i + batch_size]]
+                input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id).to(device)  # right-padded
+                mask = pad_sequence([torch.ones_like(t) for t in ids], batch_first=True, padding_value=0).to(device)
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                out.append(logits.float().squeeze(-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def score_pairs(model, chosen: list[list[int]], rejected: list[list[int]], pad_token_id: int,
+                pairs_per_batch: int = 8, progress: bool = False) -> torch.Tensor:
+    """Rewards (n_pairs x 2: chosen, rejected) of token sequences.
+
+    Chosen and rejected of a batch share one padded forward, as in TRL's collator, so scores match
+    the trainer's evaluation.
+    """
+    from tqdm.auto import tqdm
+
+    rows = []
+    steps = range(0, len(chosen), pairs_per_batch)
+    for i in tqdm(steps, desc="scoring pairs", unit="batch", disable=not progress or len(steps) < 4):
+        c, r = chosen[i:i + pairs_per_batch], rejected[i:i + pairs_per_batch]
+        rewards = score_sequences(model, [list(x) for x in c + r], pad_token_id, batch_size=2 * len(c))
+        rows.append(torch.stack(rewards.chunk(2), dim=1))
+    return torch.cat(rows)
+
+
+def length_batches(lengths: list[int], row_tokens: int) -> Iterator[list[int]]:
+    """Indices, longest first, in groups of at most `row_tokens` tokens (an oversize item alone)."""
+    group, used = [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if group and used + lengths[i] > row_tokens:
+            yield group
+            group, used = [], 0
+        group.append(i)
+        used += lengths[i]
+    if group:
+        yield group
+
+
+@torch.inference_mode()
+def _score_packed(model, examples: list[dict], lengths: list[int], pad_token_id: int, row_tokens: int,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    collator = PackedPairCollator.for_model(model, pad_token_id, row_tokens)
+    device = next(model.parameters()).device
+    single = "rejected_ids" not in examples[0]
+    chosen = torch.empty(len(examples))
+    rejected = None if single else torch.empty(len(examples))
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_for(model):
+            for group in length_batches(lengths, row_tokens):
+                batch = collator([examples[i] for i in group])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                c, r = packed_rewards(model, batch)
+                chosen[group] = c.float().cpu()
+                if r is not None:
+                    rejected[group] = r.float().cpu()
+                if progress is not None:
+                    progress.update(len(group))
+    finally:
+        model.train(was_training)
+    return chosen, rejected
+
+
+def score_pairs_packed(model, chosen: list[list[int]], rejected: list[list[int]], prompt_lens: list[int],
+                       pad_token_id: int, row_tokens: int = 2048, progress=None) -> torch.Tensor:
+    """Rewards (n_pairs x 2: chosen, rejected) from packed, prefix-shared segments; `prompt_lens` are
+    the leading tokens the two sequences share."""
+    examples = [{"chosen_ids": list(c), "rejected_ids": list(r), "prompt_len": p}
+                for c, r, p in zip(chosen, rejected, prompt_lens, strict=True)]
+    if not examples:
+        return torch.empty(0, 2)
+    lengths = [len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prompt_lens, strict=True)]
+    c, r = _score_packed(model, examples, lengths, pad_token_id, row_tokens, progress)
+    return torch.stack([c, r], dim=1)
+
+
+def score_sequences_packed(model, sequences: list[list[int]], pad_token_id: int, row_tokens: int = 2048) -> torch.Tensor:
+    """Reward of each token sequence, many sequences to a packed row."""
+    if not sequences:
+        return torch.empty(0)
+    examples = [{"input_ids": list(s)} for s in sequences]
+    return _score_packed(model, examples, [len(s) for s in sequences], pad_token_id, row_tokens)[0]

@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
 
-from rmexp.config import CONF_DIR
+from rmexp.config import CONF_PATH, to_typed
 
 log = logging.getLogger("rmexp.serve")
 
@@ -271,12 +271,13 @@ def build_app(model, serve_cfg):
     return app
 
 
-@hydra.main(config_path=CONF_DIR, config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=CONF_PATH, config_name="serve", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
     import uvicorn
 
     from rmexp.reward_model import RewardModel
 
+    cfg = to_typed(cfg)
     model = RewardModel.load(cfg.checkpoint, row_tokens=cfg.serve.row_tokens, normalize=cfg.serve.normalize)
     log.info("serving %s on http://%s:%d (POST /get_reward, POST /score, GET /health)",
              cfg.checkpoint, cfg.serve.host, cfg.serve.port)
@@ -284,4 +285,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

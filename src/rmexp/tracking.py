@@ -7,6 +7,7 @@ import netrc
 import os
 import re
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,8 @@ def has_credentials() -> bool:
 
 def resolve_mode(mode: Any) -> str:
     """Configured mode wins; else online with credentials, offline without."""
-    mode = getattr(mode, "value", mode)
     if mode:
-        return str(mode)
+        return mode.value if isinstance(mode, Enum) else str(mode)
     return "online" if has_credentials() else "offline"
 
 
@@ -65,3 +65,21 @@ def start_run(logger_cfg, config: dict, run_dir: Path, name: str | None, group: 
         warnings.warn(f"W&B online start failed ({e}); logging offline under {run_dir}/wandb", stacklevel=2)
         log.warning("W&B online start failed (%s); falling back to offline", e)
         return wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)
+
+
+def job_identity(run_dir: Path) -> tuple[str, str | None]:
+    """W&B run name (the job's overrides) and group (the sweep dir) when run under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return run_dir.name, None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return hc.job.override_dirname or run_dir.name, None
+    from rmexp.sweep import sweep_group, sweep_keys
+
+    keys = sweep_keys(hc.sweep.dir)
+    values = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    name = ",".join(f"{k}={values[k]}" for k in keys if k in values) or hc.job.override_dirname or run_dir.name
+    return name, sweep_group(hc.sweep.dir)  # every job of a sweep shares one group

@@ -8,10 +8,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_callback import ProgressCallback
 from trl import RewardTrainer
 
+from rmexp._compat import check as check_private_names
+from rmexp._compat import count_train_tokens, log_metric
+from rmexp.callbacks import TimeBudget, TrainingProgress
 from rmexp.lora import cache_dequantized_base, use_fused_lora
 from rmexp.metrics import pairwise_metrics
 from rmexp.model import keep_4bit_layers_trainable, reward_head
@@ -19,21 +22,16 @@ from rmexp.norm import use_fused_rms_norm
 from rmexp.packing import packed_rewards
 
 
+def last_eval_at(trainer, step: int) -> dict | None:
+    """The metrics of an evaluation the trainer already ran at `step`, so the final one is not repeated."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_pairwise_accuracy" in entry:
+            return entry if entry.get("step") == step and trainer.last_eval_rewards is not None else None
+    return None
+
+
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class TimeBudget(TrainerCallback):
-    """Stops training once the trainer's `time_budget_s` has passed since its scheduler started."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t._clock_start is not None and time.monotonic() - t._clock_start >= t.time_budget_s:
-            control.should_training_stop = True
-        return control
 
 
 class PairwiseRewardTrainer(RewardTrainer):
@@ -52,8 +50,11 @@ class PairwiseRewardTrainer(RewardTrainer):
                  **kwargs):
         self.head_learning_rate = head_learning_rate
         self.time_budget_s = time_budget_s
-        self._clock_start: float | None = None
+        self.clock_start: float | None = None
         super().__init__(*args, **kwargs)
+        check_private_names(self)  # fails naming the library if an upgrade moved one rmexp relies on
+        if self.pop_callback(ProgressCallback) is not None:  # one bar, training's; evaluations print their line
+            self.add_callback(TrainingProgress)
         keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
         if fused_lora:
             use_fused_lora(self.model)
@@ -95,10 +96,10 @@ class PairwiseRewardTrainer(RewardTrainer):
         if self.lr_scheduler is None:
             budget, warmup = self.time_budget_s, self.args.warmup_steps
             warm_time, warm_steps = (warmup, 0) if warmup < 1 else (0.0, int(warmup))
-            self._clock_start = time.monotonic()
+            self.clock_start = time.monotonic()
 
             def factor(step: int) -> float:
-                done = min(1.0, (time.monotonic() - self._clock_start) / budget)
+                done = min(1.0, (time.monotonic() - self.clock_start) / budget)
                 by_time = done / warm_time if done < warm_time else (1.0 - done) / (1.0 - warm_time)
                 by_step = (step + 1) / warm_steps if step < warm_steps else 1.0
                 return max(0.0, min(by_time, by_step))
@@ -118,10 +119,6 @@ class PairwiseRewardTrainer(RewardTrainer):
         if self._flop_parameters is None:
             self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._flop_parameters
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "prompt_len"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "chosen_index" in inputs:
@@ -147,17 +144,16 @@ class PairwiseRewardTrainer(RewardTrainer):
         loss = -F.logsigmoid(margin).mean()
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-        if mode == "train":
-            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["num_real_tokens"]).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        tokens = self.accelerator.gather_for_metrics(inputs["num_real_tokens"]).sum().item() if mode == "train" else None
+        count_train_tokens(self, tokens, mode)
         with torch.no_grad():
             rewards = self.accelerator.gather(torch.cat([chosen, rejected]).detach())
-            self._metrics[mode]["min_reward"].append(rewards.min().item())
-            self._metrics[mode]["mean_reward"].append(rewards.mean().item())
-            self._metrics[mode]["max_reward"].append(rewards.max().item())
             diff = (chosen - rejected).detach()
-            self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics((diff > 0).float().mean()).mean().item())
-            self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(diff.mean()).mean().item())
+            for key, value in (("min_reward", rewards.min()), ("mean_reward", rewards.mean()),
+                               ("max_reward", rewards.max()),
+                               ("accuracy", self.accelerator.gather_for_metrics((diff > 0).float().mean()).mean()),
+                               ("margin", self.accelerator.gather_for_metrics(diff.mean()).mean())):
+                log_metric(self, mode, key, value.item())
         return loss, SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

@@ -1,0 +1,1 @@
+"""rmexp's Hydra configs, shipped inside the package as rmexp.conf (pkg://rmexp.conf)."""

@@ -1,0 +1,96 @@
+"""Every touch of a private name of transformers, TRL or bitsandbytes, in one place.
+
+A private name can move at any upgrade without notice. Each one rmexp relies on is reached only
+through a function here, and `check()` verifies that every one is still where it was, naming the
+installed version when it is not (tests/test_compat.py runs it; so does a run's start, cheaply).
+Where a public route exists, it is used instead: right-padding by torch's pad_sequence (not TRL's pad),
+the collator's columns kept by `remove_unused_columns=False` (not Trainer's `_signature_columns`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib.metadata import version
+
+
+class CompatError(RuntimeError):
+    """A private name rmexp relies on moved: the message names the library, its version and the name."""
+
+
+def _require(ok: bool, lib: str, name: str, why: str) -> None:
+    if not ok:
+        raise CompatError(f"{lib} {version(lib)}: {name} is gone or changed ({why}); rmexp is tested with the "
+                          "versions pinned in pyproject.toml")
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def attn_implementation(model) -> str | None:
+    """The attention kernel a loaded model runs (transformers keeps it in `config._attn_implementation`)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+# ---------------------------------------------------------------- TRL
+
+
+def log_metric(trainer, mode: str, key: str, value: float) -> None:
+    """Append a value to what RewardTrainer averages into its next log line (`_metrics[mode][key]`)."""
+    trainer._metrics[mode][key].append(value)
+
+
+def count_train_tokens(trainer, n: int | None, mode: str) -> None:
+    """RewardTrainer's running token count (`num_tokens` in its logs): add `n` training tokens, log the total."""
+    if n is not None:
+        trainer._total_train_tokens += n
+    trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+
+
+def expected_new_head():
+    """TRL's context that silences transformers' "newly initialized: score.weight" warning (a new head is the point)."""
+    try:
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:
+        return contextlib.nullcontext()
+    return suppress_seqcls_warning()
+
+
+# ---------------------------------------------------------------- bitsandbytes
+
+
+def undo_cpu_inference_packing(module) -> None:
+    """Keep a Linear4bit on bitsandbytes' plain layout: with AVX512-BF16, bitsandbytes 0.50 repacks a weight
+    for its CPU inference kernel at the first eval-mode forward (`support_avx512bf16_for_cpu`), and the
+    repacked kernel has no backward; undo a repacking already made."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    module.support_avx512bf16_for_cpu = False
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+
+
+# ---------------------------------------------------------------- the check
+
+
+def check(trainer=None) -> None:
+    """Raise CompatError naming the library and version if any private name used above has moved.
+    With a RewardTrainer, also check the attributes it must have."""
+    import inspect
+
+    import bitsandbytes.functional as bnb_functional
+    import transformers
+    from bitsandbytes.nn import Linear4bit
+
+    _require(hasattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse"), "bitsandbytes",
+             "functional._convert_weight_packed_for_cpu_inverse", "undoing the CPU inference repacking")
+    _require("support_avx512bf16_for_cpu" in inspect.getsource(Linear4bit), "bitsandbytes",
+             "Linear4bit.support_avx512bf16_for_cpu", "the switch to its CPU inference kernel")
+    _require("_attn_implementation" in inspect.getsource(transformers.PretrainedConfig), "transformers",
+             "PretrainedConfig._attn_implementation", "the attention kernel a model runs")
+    if trainer is not None:
+        metrics = getattr(trainer, "_metrics", None)
+        _require(isinstance(metrics, dict) and "train" in metrics, "trl", "RewardTrainer._metrics",
+                 "the values averaged into a log line")
+        _require(isinstance(getattr(trainer, "_total_train_tokens", None), int), "trl",
+                 "RewardTrainer._total_train_tokens", "the running token count")

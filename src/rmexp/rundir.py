@@ -1,0 +1,156 @@
+"""What a run dir holds, and the only code that writes it.
+
+    <run dir>/rmexp_config.yaml   the resolved config (RewardModel.load and rmexp.export read it)
+             metrics.json        status, accuracy with its interval, baselines, data counts; written
+                                 whether the run succeeds or fails (run_record)
+             scores.jsonl        one line per held-out pair
+             adapter_*, tokenizer*  the trained adapter and head (trainer.save_model)
+             checkpoints/checkpoint-N  for trainer.resume=auto
+
+Files are written to a temp name and renamed, so a reader never sees half a file; a full disk, a
+quota or a read-only mount gives an error naming the run dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rmexp.config import RMExpConfig
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (and a plain single process): the one that writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run dir (an adapter beside its config), as opposed to an exported model dir."""
+    return (path / "adapter_config.json").is_file()
+
+
+def write_json(path: Path, obj) -> None:
+    """Write via a temp file and rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def score_lines(rewards: torch.Tensor, start: int = 0) -> Iterator[str]:
+    """scores.jsonl lines of rewards (n x 2), numbered from `start`."""
+    for i, (c, r) in enumerate(rewards.tolist(), start):
+        yield json.dumps({"index": i, "reward_chosen": c, "reward_rejected": r, "correct": c > r}) + "\n"
+
+
+def write_scores(path: Path, rewards: torch.Tensor) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(score_lines(rewards))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def writes_to(run_dir: Path):
+    """A full disk, a quota or a read-only mount while saving: an error that names the run dir."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        raise OSError(e.errno, f"cannot write the run to {run_dir}: {e.strerror or e}") from e
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint-N holding every file a resume needs; a half-written one is skipped."""
+    found = sorted((int(d.name.split("-")[1]), d) for d in checkpoints.glob("checkpoint-*")
+                   if d.name.split("-")[1].isdigit())
+    for _, d in reversed(found):
+        if all((d / f).is_file() for f in CHECKPOINT_FILES):
+            return d
+        log.warning("skipping incomplete checkpoint %s", d)
+    return None
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    """`trainer.resume`: null (fresh), auto (this run dir's last complete checkpoint) or a checkpoint dir."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpt = last_complete_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            log.warning("trainer.resume=auto: no complete checkpoint under %s/checkpoints; starting fresh", run_dir)
+            return None
+        log.info("resuming from %s", ckpt)
+        return str(ckpt)
+    if not Path(resume).is_dir():
+        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume}")
+    return resume
+
+
+def read_run_config(run_dir: str | Path) -> RMExpConfig:
+    """The config a run was trained with, typed (the schema's checks apply to it as to a new run)."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / RUN_CONFIG, run_dir / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            saved = OmegaConf.load(candidate)
+            saved.paths = {"output_dir": str(run_dir)}  # .hydra/config.yaml keeps Hydra's interpolation
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RMExpConfig), saved))
+    raise FileNotFoundError(f"{run_dir}: not an rmexp run dir (no {RUN_CONFIG} or .hydra/config.yaml)")
+
+
+def reward_stats(run_dir: Path) -> dict:
+    """Reward mean/std of a run's held-out evaluation (metrics.json), for normalising rewards downstream."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return {k: metrics[k] for k in ("reward_mean", "reward_std", "pairwise_accuracy", "n_eval_pairs") if k in metrics}
+
+
+@dataclass
+class RunRecord:
+    """What `run_record` writes at the end: `result` (metrics.json) and the W&B run to finish, if any."""
+
+    run_dir: Path
+    result: dict[str, Any] = field(default_factory=lambda: {"status": "running"})
+    wandb_run: Any = None
+
+
+@contextlib.contextmanager
+def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
+    """Own a run's end, whatever happens inside: metrics.json gets `status` ok (the body set `result`)
+    or failed (with the error and traceback), and the runtime; the W&B run gets the status and is
+    finished with a matching exit code. `write=False` on ranks other than 0."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record, started = RunRecord(run_dir), time.time()
+    try:
+        yield record
+        record.result["status"] = "ok"
+    except BaseException as e:
+        record.result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                         "traceback": traceback.format_exc(limit=20)}
+        raise
+    finally:
+        record.result["runtime_s"] = round(time.time() - started, 2)
+        if write:
+            write_json(run_dir / "metrics.json", record.result)
+        if record.wandb_run is not None:
+            failed = record.result["status"] != "ok"
+            record.wandb_run.summary.update({"status": record.result["status"]}
+                                            | ({"error": record.result["error"]} if failed else {}))
+            record.wandb_run.finish(exit_code=1 if failed else 0)
