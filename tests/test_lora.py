@@ -77,40 +77,56 @@ SPEED_KEYS = ("fused_lora", "dequant_cache", "fused_rms_norm", "optim")
 PLAIN = ("false", "false", "false", "adamw_torch")  # peft's and transformers' own layers, AdamW's per-tensor loop
 
 
+def train_tiny(out, values: tuple[str, ...], probe=None) -> tuple[dict, torch.Tensor]:
+    """The tiny nf4 model in fp32, 8 steps with the speed settings `values` (SPEED_KEYS order)."""
+    settings = [f"trainer.{k}={v}" for k, v in zip(SPEED_KEYS, values, strict=True)]
+    main(compose_cfg(*tiny_overrides(out, "logger=none", "trainer.bf16=false", "model.dtype=float32",
+                                     "lora.lora_dropout=0", *settings)), callbacks=[probe] if probe else None)
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    return (json.loads((out / "metrics.json").read_text()),
+            torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores]))
+
+
 @pytest.mark.slow
-def test_training_with_each_speed_setting_gives_the_same_losses_and_rewards(tmp_path):
-    """The tiny nf4 model in fp32, same steps: the plain layers and optimizer, then each speed setting
-    in turn, then all of them (the defaults), give identical training, to rounding."""
-    variants = {"plain": PLAIN, "fused": ("true", *PLAIN[1:]), "cached": ("true", "true", *PLAIN[2:]),
-                "norm": ("false", "false", "true", "adamw_torch"), "defaults": None}
+def test_each_speed_layer_trains_as_the_plain_layers(tmp_path):
+    """Same steps, plain SGD (which passes gradients on as they are, where Adam's g / sqrt(v) enlarges
+    float rounding wherever a gradient is near zero): the plain layers, then each speed layer in turn,
+    then all of them, give the same training to rounding."""
+    variants = {"plain": ("false", "false", "false"), "fused": ("true", "false", "false"),
+                "cached": ("true", "true", "false"), "norm": ("false", "false", "true"), "all": ("true", "true", "true")}
     runs = {}
-    for name, values in variants.items():
-        out, probe = tmp_path / name, KeepModel()
-        settings = [] if values is None else [f"trainer.{k}={v}" for k, v in zip(SPEED_KEYS, values, strict=True)]
-        main(compose_cfg(*tiny_overrides(out, "logger=none", "trainer.bf16=false", "model.dtype=float32",
-                                         "lora.lora_dropout=0", *settings)),
-             callbacks=[probe])
+    for name, layers in variants.items():
+        probe = KeepModel()
+        runs[name] = train_tiny(tmp_path / name, (*layers, "sgd"), probe)
         kinds = [type(m).__name__ for m in probe.model.modules()]
-        fused, cache = (values or ("true", "true"))[:2]
-        assert any(k.startswith("FusedLinear") for k in kinds) == (fused == "true")
-        assert any(k.startswith("FusedLlamaRMSNorm") for k in kinds) == (name in ("norm", "defaults"))
+        fused, cache, norm = (v == "true" for v in layers)
+        assert any(k.startswith("FusedLinear") for k in kinds) == fused
+        assert any(k.startswith("FusedLlamaRMSNorm") for k in kinds) == norm
         cached = [m for m in probe.model.modules() if type(m).__name__.startswith("Cached")]
-        assert bool(cached) == (cache == "true")
+        assert bool(cached) == cache
         assert all(m.rmexp_dequantized is not None for m in cached)  # used, not just installed
-        metrics = json.loads((out / "metrics.json").read_text())
-        scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
-        runs[name] = metrics, torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores])
-    peft_m, peft_r = runs.pop("plain")
-    assert not torch.allclose(peft_r, torch.zeros_like(peft_r))
+    plain_m, plain_r = runs.pop("plain")
+    assert not torch.allclose(plain_r, torch.zeros_like(plain_r))
     for name, (metrics, rewards) in runs.items():
-        assert metrics["train_loss"] == pytest.approx(peft_m["train_loss"], abs=1e-5), name
-        assert metrics["eval_loss"] == pytest.approx(peft_m["eval_loss"], abs=1e-5), name
-        # The layers compute the same sums (1e-4). The fused AdamW takes the same steps to float
-        # rounding (1e-7 a step), which Adam's g / sqrt(v) enlarges where gradients are near zero
-        # (LoRA's B starts at zero): after 8 steps at this test's high learning rate, 5e-4.
-        tolerance = 2e-3 if name == "defaults" else 1e-4
-        assert torch.allclose(rewards, peft_r, atol=tolerance), name
-        assert torch.equal(rewards[:, 0] > rewards[:, 1], peft_r[:, 0] > peft_r[:, 1]), name
+        assert metrics["train_loss"] == pytest.approx(plain_m["train_loss"], abs=1e-5), name
+        assert metrics["eval_loss"] == pytest.approx(plain_m["eval_loss"], abs=1e-5), name
+        # fused and cached layers compute the same sums; the norm's closed-form backward rounds
+        # differently (2e-7 of a gradient), measured 3e-4 on rewards after 8 steps
+        assert torch.allclose(rewards, plain_r, atol=1e-3), name
+        assert torch.equal(rewards[:, 0] > rewards[:, 1], plain_r[:, 0] > plain_r[:, 1]), name
+
+
+@pytest.mark.slow
+def test_the_fused_optimizer_takes_the_same_steps(tmp_path):
+    """AdamW in one kernel (the default) against its per-tensor loop, on the plain layers."""
+    loop_m, loop_r = train_tiny(tmp_path / "loop", PLAIN)
+    fused_m, fused_r = train_tiny(tmp_path / "fused", (*PLAIN[:3], "adamw_torch_fused"))
+    assert fused_m["train_loss"] == pytest.approx(loop_m["train_loss"], abs=1e-5)
+    assert fused_m["eval_loss"] == pytest.approx(loop_m["eval_loss"], abs=1e-5)
+    # the same steps to float rounding (1e-7 a step), which Adam's g / sqrt(v) enlarges where
+    # gradients are near zero (LoRA's B starts at zero): after 8 steps at this test's rate, 5e-4
+    assert torch.allclose(fused_r, loop_r, atol=2e-3)
+    assert torch.equal(fused_r[:, 0] > fused_r[:, 1], loop_r[:, 0] > loop_r[:, 1])
 
 
 def quantized_linear(compute_dtype, nested: bool):

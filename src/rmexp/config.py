@@ -125,7 +125,7 @@ class TrainerConfig:
     # keep the frozen 4-bit base dequantized after its first use instead of dequantizing it twice a
     # step: auto (when the 16-bit copy fits 20% of free memory), true, false
     dequant_cache: str = MISSING
-    # RMSNorm layers (Gemma, Llama, Mistral, Qwen) through torch's fused rms_norm kernel: the same outputs
+    # RMSNorm layers (Gemma, Llama, Mistral, Qwen) with a closed-form backward (rmexp.norm): the same outputs
     fused_rms_norm: bool = MISSING
     # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = MISSING
