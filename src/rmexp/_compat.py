@@ -9,7 +9,6 @@ the collator's columns kept by `remove_unused_columns=False` (not Trainer's `_si
 
 from __future__ import annotations
 
-import contextlib
 from importlib.metadata import version
 
 
@@ -48,10 +47,8 @@ def count_train_tokens(trainer, n: int | None, mode: str) -> None:
 
 def expected_new_head():
     """TRL's context that silences transformers' "newly initialized: score.weight" warning (a new head is the point)."""
-    try:
-        from trl.trainer.reward_trainer import suppress_seqcls_warning
-    except ImportError:
-        return contextlib.nullcontext()
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
     return suppress_seqcls_warning()
 
 
@@ -76,18 +73,19 @@ def undo_cpu_inference_packing(module) -> None:
 def check(trainer=None) -> None:
     """Raise CompatError naming the library and version if any private name used above has moved.
     With a RewardTrainer, also check the attributes it must have."""
-    import inspect
-
     import bitsandbytes.functional as bnb_functional
     import transformers
+    import trl.trainer.reward_trainer as trl_reward_trainer
     from bitsandbytes.nn import Linear4bit
 
     _require(hasattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse"), "bitsandbytes",
              "functional._convert_weight_packed_for_cpu_inverse", "undoing the CPU inference repacking")
-    _require("support_avx512bf16_for_cpu" in inspect.getsource(Linear4bit), "bitsandbytes",
+    _require(hasattr(Linear4bit(8, 8), "support_avx512bf16_for_cpu"), "bitsandbytes",
              "Linear4bit.support_avx512bf16_for_cpu", "the switch to its CPU inference kernel")
-    _require("_attn_implementation" in inspect.getsource(transformers.PretrainedConfig), "transformers",
+    _require(hasattr(transformers.PretrainedConfig(), "_attn_implementation"), "transformers",
              "PretrainedConfig._attn_implementation", "the attention kernel a model runs")
+    _require(hasattr(trl_reward_trainer, "suppress_seqcls_warning"), "trl",
+             "trainer.reward_trainer.suppress_seqcls_warning", "silencing the new-head warning")
     if trainer is not None:
         metrics = getattr(trainer, "_metrics", None)
         _require(isinstance(metrics, dict) and "train" in metrics, "trl", "RewardTrainer._metrics",
