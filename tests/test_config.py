@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,42 @@ def test_cli_typo_fails_fast_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "lora.r" in proc.stderr + proc.stdout
     assert not (Path(tmp_path) / "metrics.json").exists()  # failed in composition, no model touched
+
+
+FREE_TEXT = ["天空是什么颜色？", "it's", "a\\b", "end\\", "x\\'y", "${oc.env:HOME}", "\\${x}", "\\\\${x}", "\\${",
+             "a=b, c [1,2] {k: v}", " spaces ", "", "null", "'quoted'", '"double"', "$x ${ }"]
+
+
+@pytest.mark.parametrize("text", FREE_TEXT)
+def test_score_passes_any_free_text_through_hydra_unchanged(text):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from rmexp.score import quote_free_text
+
+    (arg,) = quote_free_text([f"question={text}"])
+    value = OverridesParser.create().parse_overrides([arg])[0].value()
+    assert OmegaConf.create({"question": value}).question == text
+
+
+def test_a_run_config_round_trips_with_literal_interpolations_and_loads_from_older_versions(tmp_path):
+    from omegaconf import OmegaConf
+
+    from rmexp.config import OnError, to_typed
+    from rmexp.rundir import RUN_CONFIG, read_run_config, write_run_config
+
+    prompt = "Answer as `echo ${HOME}` would; \\${x} too."
+    literal = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", prompt)  # as text, not interpolation
+    cfg = to_typed(compose_cfg("data.path=data/preference.jsonl", f"paths.output_dir={tmp_path}",
+                               f"data.system_prompt='{literal}'"))
+    assert cfg.data.system_prompt == prompt  # composed and resolved: the text itself
+    saved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True)
+    write_run_config(tmp_path, saved)
+    assert read_run_config(tmp_path).data.system_prompt == prompt
+    # as an earlier version wrote it: the enum by its old member name, a key that did not exist yet
+    old = OmegaConf.load(tmp_path / RUN_CONFIG)
+    old.data.on_error = "raise_"
+    del old.trainer["fused_rms_norm"]
+    OmegaConf.save(old, tmp_path / RUN_CONFIG)
+    loaded = read_run_config(tmp_path)
+    assert loaded.data.on_error is OnError["raise"] and loaded.trainer.fused_rms_norm is True

@@ -44,3 +44,20 @@ def test_other_norms_are_left_alone():
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
     assert use_fused_rms_norm(model) == 0
     assert [type(m) for m in model] == [torch.nn.LayerNorm, torch.nn.RMSNorm]
+
+
+@pytest.mark.parametrize("cls", [Gemma3RMSNorm, LlamaRMSNorm])
+def test_fused_rms_norm_backward_stays_fp32_under_autocast(cls):
+    torch.manual_seed(0)
+    norm = cls(96, eps=1e-6)
+    norm.weight.data.normal_()
+    fused = torch.nn.Sequential(copy.deepcopy(norm))
+    use_fused_rms_norm(fused)
+    grads, x0 = [], 3 * torch.randn(2, 7, 96)
+    for layer in (norm, fused[0]):
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+            (out.float() * torch.linspace(-1, 1, 96)).sum().backward()  # backward inside autocast
+        grads.append(x.grad)
+    assert torch.allclose(grads[1], grads[0], atol=1e-6, rtol=1e-6)

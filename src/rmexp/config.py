@@ -57,8 +57,9 @@ class Batching(str, Enum):
     padded = "padded"
 
 
-# `raise` is a keyword, so this enum is built by call: Hydra takes `data.on_error=raise` by member name
-OnError = Enum("OnError", {"raise": "raise", "skip": "skip"}, type=str)
+# `raise` is a keyword, so this enum is built by call: Hydra takes `data.on_error=raise` by member name.
+# `raise_` (an alias) is how run configs written before this spelling saved it.
+OnError = Enum("OnError", {"raise": "raise", "skip": "skip", "raise_": "raise"}, type=str)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
 
     from rmexp.tracking import start_run
 
-    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True)  # resolved already
     run = start_run(cfg.logger, config, out_dir, f"eval-{Path(str(cfg.checkpoint)).name}", None)
     try:
         run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

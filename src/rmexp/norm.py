@@ -54,6 +54,11 @@ class _GemmaNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, rstd, scale = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):  # the dot products stay fp32 under any autocast
+            return _GemmaNorm._backward(ctx, g, x, rstd, scale)
+
+    @staticmethod
+    def _backward(ctx, g, x, rstd, scale):
         dx, x_hat = _input_grad(_fp32_copy(g).mul_(scale), x, rstd)
         dw = _weight_grad(x_hat.mul_(g.float()), ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return dx.to(x.dtype), dw, None
@@ -71,6 +76,11 @@ class _LlamaNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, rstd, weight = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return _LlamaNorm._backward(ctx, g, x, rstd, weight)
+
+    @staticmethod
+    def _backward(ctx, g, x, rstd, weight):
         dx, x_hat = _input_grad((g * weight).float(), x, rstd)  # g * w in the compute dtype, as autograd has it
         dw = _weight_grad(g * x_hat.to(x.dtype), weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.to(x.dtype), dw, None

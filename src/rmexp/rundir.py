@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -103,8 +104,40 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     return resume
 
 
+def _escaped(obj: Any) -> Any:
+    """Strings with `${` kept literal when the YAML is read back (OmegaConf would interpolate them)."""
+    if isinstance(obj, dict):
+        return {k: _escaped(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_escaped(v) for v in obj]
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", obj) if isinstance(obj, str) else obj
+
+
+def write_run_config(run_dir: Path, config: dict) -> None:
+    """rmexp_config.yaml: the resolved config (a plain dict, values as the run used them)."""
+    from omegaconf import OmegaConf
+
+    tmp = run_dir / (RUN_CONFIG + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(_escaped(config)), encoding="utf-8")
+    os.replace(tmp, run_dir / RUN_CONFIG)
+
+
+def _group_defaults():
+    """Today's default of every key (the groups' base options), for a run saved before a key existed."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    conf = resources.files("rmexp.conf")
+    groups = {"model": "model/base.yaml", "quantization": "quantization/base.yaml", "lora": "lora/default.yaml",
+              "data": "data/base.yaml", "trainer": "trainer/default.yaml", "logger": "logger/base.yaml"}
+    return OmegaConf.create({group: OmegaConf.load(conf.joinpath(path).open(encoding="utf-8"))
+                             for group, path in groups.items()})
+
+
 def read_run_config(run_dir: str | Path) -> RMExpConfig:
-    """The config a run was trained with, typed (the schema's checks apply to it as to a new run)."""
+    """The config a run was trained with, typed (the schema's checks apply to it as to a new run); a key
+    the run's version did not have takes today's default."""
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -112,7 +145,8 @@ def read_run_config(run_dir: str | Path) -> RMExpConfig:
         if candidate.is_file():
             saved = OmegaConf.load(candidate)
             saved.paths = {"output_dir": str(run_dir)}  # .hydra/config.yaml keeps Hydra's interpolation
-            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RMExpConfig), saved))
+            merged = OmegaConf.merge(OmegaConf.structured(RMExpConfig), _group_defaults(), saved)
+            return OmegaConf.to_object(merged)
     raise FileNotFoundError(f"{run_dir}: not an rmexp run dir (no {RUN_CONFIG} or .hydra/config.yaml)")
 
 

@@ -25,7 +25,8 @@ def quote_free_text(argv: list[str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if sep and key in FREE_TEXT:
             value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value).replace("${", "\\${")
+            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+            value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # `${` stays text
             arg = f"{key}='{value}'"
         out.append(arg)
     return out

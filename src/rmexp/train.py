@@ -20,7 +20,14 @@ from rmexp.data import load_data, tokenize_pairs
 from rmexp.metrics import length_baseline_accuracy
 from rmexp.model import build_bnb_config, build_lora_config, build_reward_config, load_reward_model
 from rmexp.packing import build_collator, packed_ready
-from rmexp.rundir import RUN_CONFIG, is_main_process, resume_checkpoint, run_record, write_scores, writes_to
+from rmexp.rundir import (
+    is_main_process,
+    resume_checkpoint,
+    run_record,
+    write_run_config,
+    write_scores,
+    writes_to,
+)
 from rmexp.tracking import job_identity, scrub_secrets, start_run
 from rmexp.trainer import PairwiseRewardTrainer, last_eval_at
 
@@ -28,9 +35,9 @@ log = logging.getLogger("rmexp.train")
 
 
 def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
-    cfg = to_typed(cfg)
     run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()  # rank 0 alone writes and logs
     with run_record(run_dir, write=main_process) as record:
+        cfg = to_typed(cfg)  # inside: a config that cannot resolve is a failed run, recorded
         # Everything that can be checked without a model is checked first.
         lora_config, _ = build_lora_config(cfg.lora), build_bnb_config(cfg.quantization)
         train_pairs, eval_pairs, data_stats = load_data(cfg.data)
@@ -40,9 +47,10 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization)
         train_ds, eval_ds, truncation = tokenize_splits(tokenizer, train_pairs, eval_pairs, cfg.trainer.max_length)
 
-        resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True))
+        # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
+        resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
         if main_process:  # the run dir describes itself, Hydra or not (RewardModel.load reads it)
-            (run_dir / RUN_CONFIG).write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
+            write_run_config(run_dir, resolved)
         if cfg.logger.backend.value == "wandb" and main_process:
             record.wandb_run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir))
             record.wandb_run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
