@@ -12,6 +12,7 @@ A composed config is converted once (`to_typed`) and passed on as these dataclas
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
@@ -28,6 +29,11 @@ def sample_path(name: str) -> str:
     """`${rmexp.sample:preference.jsonl}`: a file of data/ (our own pairs), wherever rmexp is installed."""
     with resources.as_file(resources.files("rmexp.sample").joinpath(name)) as path:
         return str(path)
+
+
+def literal(text: str) -> str:
+    """`text` with every `${` kept as text when OmegaConf reads it (a backslash before one doubled)."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
 
 
 def to_typed(cfg):

@@ -18,7 +18,6 @@ import errno
 import json
 import logging
 import os
-import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rmexp.config import RMExpConfig
+from rmexp.config import RMExpConfig, literal
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def _escaped(obj: Any) -> Any:
         return {k: _escaped(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_escaped(v) for v in obj]
-    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", obj) if isinstance(obj, str) else obj
+    return literal(obj) if isinstance(obj, str) else obj
 
 
 def write_run_config(run_dir: Path, config: dict) -> None:

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rmexp.config import CONF_PATH, ScoreConfig, to_typed
+from rmexp.config import CONF_PATH, ScoreConfig, literal, to_typed
 
 FREE_TEXT = ("question", "answer")
 
@@ -26,7 +26,7 @@ def quote_free_text(argv: list[str]) -> list[str]:
         if sep and key in FREE_TEXT:
             value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
             value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
-            value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # `${` stays text
+            value = literal(value)  # `${` stays text
             arg = f"{key}='{value}'"
         out.append(arg)
     return out
