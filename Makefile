@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report serve bench bench-quality bench-serve test test-fast lint clean
+.PHONY: help install train sweep report serve bench bench-quality bench-serve bench-data test test-fast lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ bench-quality: $(STAMP) ## quality vs the seed recipe at equal wall time (gemma3
 
 bench-serve: $(STAMP) ## reward server under 16 concurrent clients vs in-process scoring: make bench-serve CHECKPOINT=<run dir>
 	$(PY) bench/serve.py --checkpoint $(CHECKPOINT) --data $(BENCH_DATA) --clients 16 $(ARGS)
+
+PAIRS ?= 1000000
+bench-data: $(STAMP) ## data pipeline: load+validate+tokenize PAIRS synthetic pairs, in-memory vs datasets (num_proc 2) and its cache
+	$(PY) bench/data.py --pairs $(PAIRS) $(ARGS)
 
 test: $(STAMP) ## run the whole test suite (CPU, tiny model; what CI runs)
 	$(PY) -m pytest -q $(ARGS)

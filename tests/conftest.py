@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ DPO_EN = SHARED_DATA / "llamafactory-dpo" / "dpo_en_300.json"
 needs_shared = pytest.mark.skipif(not HH_PAIRS.is_file(), reason="../shared/data is absent")
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# tokenized datasets of the tests (and of their subprocesses) stay out of the user's datasets cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="rmexp-tests-datasets-"))
 os.environ.pop("WANDB_API_KEY", None)  # tests never go online
 
 

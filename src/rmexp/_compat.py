@@ -1,4 +1,4 @@
-"""Every touch of a private name of transformers, TRL or bitsandbytes, in one place.
+"""Every touch of a private name of transformers, TRL, bitsandbytes, datasets or submitit, in one place.
 
 A private name can move at any upgrade without notice. Each one rmexp relies on is reached only
 through a function here, and `check()` verifies that every one is still where it was, naming the
@@ -67,6 +67,26 @@ def undo_cpu_inference_packing(module) -> None:
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
 
 
+# ---------------------------------------------------------------- datasets
+
+
+def dataset_fingerprint(ds) -> str:
+    """The fingerprint datasets keys a dataset's cache files by (`Dataset._fingerprint`): rmexp passes its
+    own `new_fingerprint` to map, built from it, instead of letting datasets hash a tokenizer (15 s for Gemma's)."""
+    return ds._fingerprint
+
+
+# ---------------------------------------------------------------- submitit
+
+
+def submitit_preempt_signal() -> int:
+    """The signal submitit's jobs get before a preemption or the time limit (`JobEnvironment._usr_sig()`:
+    USR2 unless SUBMITIT_PREEMPT_SIGNAL names another)."""
+    from submitit import JobEnvironment
+
+    return JobEnvironment._usr_sig()
+
+
 # ---------------------------------------------------------------- the check
 
 
@@ -86,6 +106,13 @@ def check(trainer=None) -> None:
              "PretrainedConfig._attn_implementation", "the attention kernel a model runs")
     _require(hasattr(trl_reward_trainer, "suppress_seqcls_warning"), "trl",
              "trainer.reward_trainer.suppress_seqcls_warning", "silencing the new-head warning")
+    from datasets import Dataset
+    from submitit import JobEnvironment
+
+    _require(callable(getattr(JobEnvironment, "_usr_sig", None)), "submitit", "JobEnvironment._usr_sig",
+             "the signal a job gets before preemption")
+    _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",
+             "Dataset._fingerprint", "the cache key of a dataset")
     if trainer is not None:
         metrics = getattr(trainer, "_metrics", None)
         _require(isinstance(metrics, dict) and "train" in metrics, "trl", "RewardTrainer._metrics",

@@ -1,22 +1,41 @@
-"""Trainer callbacks: stop cleanly on SIGTERM (SLURM's notice before a kill), stop at a time budget,
-show one progress bar."""
+"""Trainer callbacks: stop cleanly on SIGTERM (SLURM's notice before a kill) or on a submitit job's
+preemption signal, log the loss at every checkpoint, stop at a time budget, show one progress bar."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from rmexp._compat import submitit_preempt_signal
+from rmexp.rundir import Preempted, last_complete_checkpoint, submitit_job_id
+
 log = logging.getLogger(__name__)
 
 
-class StopOnSigterm(TrainerCallback):
-    """SIGTERM (SLURM's notice before a kill): save a checkpoint at the end of this step, then stop.
-    The handler is installed only inside `with`, and only on the main thread (signals reach it alone)."""
+def submitit_signal() -> tuple[int, object] | None:
+    """In a submitit job: the signal submitit sends before a preemption or the time limit (USR2 unless
+    SUBMITIT_PREEMPT_SIGNAL says otherwise) and the handler submitit installed for it, which saves the
+    job's submission, requeues the job and exits at once; else None."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    signum = submitit_preempt_signal()
+    handler = signal.getsignal(signum)
+    return (signum, handler) if callable(handler) else None
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (SLURM's notice before a kill), or in a submitit job submitit's preemption / time-limit
+    signal: save a checkpoint at the end of this step, then stop; `raise_if_stopped` says what follows.
+    Submitit's own handler would requeue and exit mid-step: it runs only once the checkpoint is saved
+    (Preempted.requeue). The handlers are installed only inside `with`, and only on the main thread
+    (signals reach it alone)."""
 
     received: int | None = None
 
@@ -26,19 +45,46 @@ class StopOnSigterm(TrainerCallback):
         return control
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        log.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
         self.received = signum
 
     def __enter__(self):
-        self._previous = None
+        self._previous, self._submitit = {}, None
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._submitit = submitit_signal()
+            for signum in {signal.SIGTERM, *(self._submitit[:1] if self._submitit else ())}:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
+
+    def raise_if_stopped(self, step: int, run_dir: Path) -> None:
+        """After training: Preempted if submitit's signal stopped it (the job is to be requeued), an
+        InterruptedError naming the resume command if SIGTERM did; nothing if no signal came."""
+        if self.received is None:
+            return
+        name = signal.Signals(self.received).name
+        if self._submitit is not None and self.received == self._submitit[0]:
+            signum, handler = self._submitit
+            checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+            raise Preempted({"step": step, "signal": name, "job_id": submitit_job_id(),
+                             "checkpoint": str(checkpoint) if checkpoint else None},
+                            requeue=lambda: handler(signum, None))
+        raise InterruptedError(f"stopped by {name} at step {step}; a checkpoint is in {run_dir}/checkpoints: "
+                               f"continue with hydra.run.dir={run_dir} trainer.resume=auto")
+
+
+class LogAtCheckpoint(TrainerCallback):
+    """Log the loss at every step a checkpoint is saved, so a checkpoint's log_history holds the loss of
+    every step up to it and a resumed run can report the whole run's train_loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+        return control
 
 
 class TimeBudget(TrainerCallback):

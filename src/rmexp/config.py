@@ -89,6 +89,9 @@ class QuantizationConfig:
     bnb_4bit_quant_type: QuantType = MISSING
     bnb_4bit_use_double_quant: bool = MISSING
     bnb_4bit_compute_dtype: str = MISSING  # auto: bf16 where the hardware has it, else fp32
+    # dtype the packed 4-bit weights are stored in: uint8, bfloat16, float16, float32, or auto (the compute
+    # dtype); FSDP needs it equal to model.dtype, the dtype of the weights left unquantized
+    bnb_4bit_quant_storage: str = MISSING
 
 
 @dataclass
@@ -104,14 +107,29 @@ class LoraConfig:
 
 
 @dataclass
+class SourceConfig:
+    # One source of a mixture (data.sources). Defaults here, not in YAML: they apply to each list item.
+    path: str = MISSING  # a local JSONL/JSON/Parquet file or a hub dataset id
+    name: str | None = None  # the hub dataset's configuration name
+    split: str = "train"  # the hub dataset's split
+    fraction: float = 1.0  # the first share of the source's records
+    weight: float | None = None  # sampling weight in the mixture; null for every source: all pairs of each
+
+
+@dataclass
 class DataConfig:
-    path: str = MISSING
+    path: str | None = MISSING
+    sources: list[SourceConfig] = MISSING
     eval_path: str | None = MISSING
     eval_fraction: float = MISSING  # held out, seeded by split_seed, when eval_path is null
     split_seed: int = MISSING  # fixed apart from trainer.seed so every sweep job sees the same split
     max_pairs: int | None = MISSING  # read only the first N pairs of each file
     system_prompt: str | None = MISSING  # prepended as a system message to every prompt
     on_error: OnError = MISSING
+    num_proc: int | None = MISSING  # tokenizing processes; null: one per core for large sources, one for small
+    cache_dir: str | None = MISSING  # tokenized datasets' cache; null: datasets' own (~/.cache/huggingface/datasets)
+    streaming: bool = MISSING  # read and tokenize while training (needs trainer.max_steps and data.eval_path)
+    stopping_strategy: str = MISSING  # a weighted mixture ends: first_exhausted, all_exhausted (datasets' names)
 
 
 @dataclass

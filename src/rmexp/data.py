@@ -304,24 +304,33 @@ def load_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "
     return pairs, stats
 
 
-def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Seeded held-out split by `group` (a pair without one is its own group); both sides keep a group.
+def held_out(groups: list[str | None], eval_fraction: float, seed: int, where: str = "data") -> set[int]:
+    """Indices held out for evaluation: a seeded share of the groups (None: an item is its own group);
+    both sides keep at least one group.
 
     Grouping keeps an item and its translation (or paraphrase) on one side, so the eval set never
     scores an answer the model was trained on in another language.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"data.eval_fraction must be in (0, 1), got {eval_fraction}", reason="config")
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        groups.setdefault(p.group if p.group is not None else f"\0{i}", []).append(i)
-    if len(groups) < 2:
-        raise DataError(f"{pairs[0].where if pairs else 'data'}: need at least 2 pairs (or groups) to hold some out "
-                        "for evaluation; set data.eval_path", reason="no_pairs")
-    order = list(groups)
-    random.Random(seed).shuffle(order)
+    if all(g is None for g in groups):  # each pair its own group: the same draw without a dict of a million keys
+        members, order = None, list(range(len(groups)))
+    else:
+        members = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g if g is not None else f"\0{i}", []).append(i)
+        order = list(members)
+    if len(order) < 2:
+        raise DataError(f"{where}: need at least 2 pairs (or groups) to hold some out for evaluation; "
+                        "set data.eval_path", reason="no_pairs")
+    random.Random(seed).shuffle(order)  # a shuffle's permutation depends on the length alone, not the items
     n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
-    held = {i for g in order[:n_eval] for i in groups[g]}
+    return set(order[:n_eval]) if members is None else {i for g in order[:n_eval] for i in members[g]}
+
+
+def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """`held_out` applied to pairs: (train, eval), each in file order."""
+    held = held_out([p.group for p in pairs], eval_fraction, seed, pairs[0].where if pairs else "data")
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
@@ -374,16 +383,24 @@ def _answer_messages(answer: Answer) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
 
 
-def render(tokenizer, prompt: list[dict[str, str]], answer: Answer) -> tuple[str | None, str]:
+def render(tokenizer, prompt: list[dict[str, str]], answer: Answer,
+           heads: dict | None = None) -> tuple[str | None, str]:
     """Text of the prompt and of the answer, through the chat template when the tokenizer has one.
 
     Returns (None, whole text) for a template that rewrites earlier turns once an answer follows, so
-    that the prompt render is not a prefix of the whole.
+    that the prompt render is not a prefix of the whole. `heads` caches prompt renders by prompt
+    object: a pair's two answers share one.
     """
     messages = _answer_messages(answer)
     replies = messages[0]["role"] == "assistant"
     if getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=replies) if prompt else ""
+        key = (id(prompt), replies)
+        if heads is None or key not in heads:
+            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=replies) if prompt else ""
+            if heads is None:
+                heads = {}
+            heads[key] = head
+        head = heads[key]
         full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
         return (head, full[len(head):]) if full.startswith(head) else (None, full)
     names = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -423,29 +440,44 @@ def keep_last(ids: list[int], n: int, bos_token_id: int | None) -> list[int]:
     return lead + (ids[-keep:] if keep else [])
 
 
-def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_length: int) -> Encoded:
-    """Tokens of one answer after its prompt, fitted to max_length on its own.
+def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of many texts in one tokenizer call (the same ids as one call each)."""
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+
+
+def encode_answers(tokenizer, items: list[tuple[list[dict[str, str]], Answer]], max_length: int) -> list[Encoded]:
+    """Tokens of each (prompt, answer) after its prompt, fitted to max_length on its own.
 
     Over-long sequences lose prompt tokens from the left (a leading BOS is kept), and only an answer
     that alone is too long is cut from the right. Each answer is fitted by itself, so a pair's
-    answers and a single `RewardModel.score` call see the same tokens.
+    answers and a single `RewardModel.score` call see the same tokens. All texts go through the
+    tokenizer in two batched calls, and a prompt object shared by several items is rendered and
+    tokenized once.
     """
     templated = bool(getattr(tokenizer, "chat_template", None))
-    head, text = render(tokenizer, prompt, answer)
-    if head is None:  # no clean prompt/answer boundary: split where the prompt's own render stops matching
-        prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
-                               add_special_tokens=False)["input_ids"]
-        full = tokenizer(text, add_special_tokens=False)["input_ids"]
-        k = min(_common_prefix(prompt_ids, full), len(full) - 1)
-        prompt_ids, answer_ids = full[:k], full[k:]
-    else:
-        # A chat template writes its own BOS; plain text gets the tokenizer's special tokens on the prompt.
-        prompt_ids = tokenizer(head, add_special_tokens=not templated)["input_ids"] if head or not templated else []
-        answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not templated and tokenizer.eos_token_id is not None:
-            answer_ids = answer_ids + [tokenizer.eos_token_id]
-    n_prompt, n_answer = len(prompt_ids), len(answer_ids)
+    heads: dict = {}
+    rendered = [render(tokenizer, prompt, answer, heads) for prompt, answer in items]
+    # the prompt gets the tokenizer's special tokens only for plain text (a chat template writes its own BOS)
+    prompt_texts = list(dict.fromkeys(h for h, _ in rendered if h is not None and (h or not templated)))
+    prompt_ids = dict(zip(prompt_texts, _token_ids(tokenizer, prompt_texts, not templated), strict=True))
+    answer_ids_all = _token_ids(tokenizer, [text for _, text in rendered], False)
+    out = []
+    for (prompt, _), (head, _), answer_ids in zip(items, rendered, answer_ids_all, strict=True):
+        if head is None:  # no clean prompt/answer boundary: split where the prompt's own render stops matching
+            p_ids = _token_ids(tokenizer, [tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                                         add_generation_prompt=True)], False)[0]
+            k = min(_common_prefix(p_ids, answer_ids), len(answer_ids) - 1)
+            p_ids, answer_ids = answer_ids[:k], answer_ids[k:]
+        else:
+            p_ids = prompt_ids.get(head, [])
+            if not templated and tokenizer.eos_token_id is not None:
+                answer_ids = answer_ids + [tokenizer.eos_token_id]
+        out.append(_fit(tokenizer, p_ids, answer_ids, max_length))
+    return out
 
+
+def _fit(tokenizer, prompt_ids: list[int], answer_ids: list[int], max_length: int) -> Encoded:
+    n_prompt, n_answer = len(prompt_ids), len(answer_ids)
     keep = max_length - len(answer_ids)
     prompt_truncated = len(prompt_ids) > max(keep, 0)
     if prompt_truncated:
@@ -454,6 +486,11 @@ def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_l
     answer_truncated = len(answer_ids) > room
     answer_ids = answer_ids[:room]
     return Encoded(prompt_ids + answer_ids, len(prompt_ids), n_prompt, n_answer, prompt_truncated, answer_truncated)
+
+
+def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_length: int) -> Encoded:
+    """`encode_answers` of one answer."""
+    return encode_answers(tokenizer, [(prompt, answer)], max_length)[0]
 
 
 def last_non_pad(ids: list[int], pad_token_id: int | None) -> int:
@@ -479,18 +516,25 @@ class EncodedPair:
         return self.chosen.ids == self.rejected.ids
 
 
-def encode_pair(tokenizer, pair: Pair, max_length: int) -> EncodedPair:
-    """Both answers of a pair, each fitted to max_length as `encode_answer` does, and their shared prefix.
+def encode_pairs(tokenizer, pairs: list[Pair], max_length: int) -> list[EncodedPair]:
+    """Both answers of each pair, each fitted to max_length as `encode_answers` does, and their shared prefix.
 
     The shared prefix stops before the token each reward is read at (the last non-pad token), so
     each answer keeps that token in its own part of a packed segment.
     """
-    chosen = encode_answer(tokenizer, pair.prompt, pair.chosen, max_length)
-    rejected = encode_answer(tokenizer, pair.prompt, pair.rejected, max_length)
+    answers = encode_answers(tokenizer, [(p.prompt, a) for p in pairs for a in (p.chosen, p.rejected)], max_length)
     pad = tokenizer.pad_token_id
-    shared = min(_common_prefix(chosen.ids, rejected.ids), last_non_pad(chosen.ids, pad),
-                 last_non_pad(rejected.ids, pad))
-    return EncodedPair(chosen, rejected, shared)
+    out = []
+    for chosen, rejected in zip(answers[0::2], answers[1::2], strict=True):
+        shared = min(_common_prefix(chosen.ids, rejected.ids), last_non_pad(chosen.ids, pad),
+                     last_non_pad(rejected.ids, pad))
+        out.append(EncodedPair(chosen, rejected, shared))
+    return out
+
+
+def encode_pair(tokenizer, pair: Pair, max_length: int) -> EncodedPair:
+    """`encode_pairs` of one pair."""
+    return encode_pairs(tokenizer, [pair], max_length)[0]
 
 
 def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int):
@@ -501,8 +545,7 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int):
     if max_length < 8:
         raise DataError(f"trainer.max_length must be at least 8, got {max_length}", reason="config")
     rows, counts = [], Counter()
-    for pair in pairs:
-        enc = encode_pair(tokenizer, pair, max_length)
+    for pair, enc in zip(pairs, encode_pairs(tokenizer, pairs, max_length), strict=True):
         counts["prompt_truncated"] += enc.chosen.prompt_truncated or enc.rejected.prompt_truncated
         counts["answer_truncated"] += enc.chosen.answer_truncated or enc.rejected.answer_truncated
         counts["truncated"] += enc.truncated

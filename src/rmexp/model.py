@@ -46,6 +46,25 @@ def torch_dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------- config -> HF objects
 
 
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+
+
+def quant_storage_dtype(q) -> torch.dtype:
+    """`quantization.bnb_4bit_quant_storage` as a dtype; `auto` is the compute dtype.
+
+    The packed 4-bit codes take the same bytes in any of these (two a uint8, four a bfloat16); what
+    changes is the dtype FSDP sees: it flattens each wrapped block's parameters into one tensor of one
+    dtype, so under FSDP the storage must be the dtype of the weights left unquantized (`model.dtype`).
+    """
+    name = str(q.bnb_4bit_quant_storage)
+    if name == "auto":
+        return torch_dtype(q.bnb_4bit_compute_dtype)
+    if name not in QUANT_STORAGE:
+        raise ValueError(f"quantization.bnb_4bit_quant_storage must be auto or one of {', '.join(QUANT_STORAGE)}, "
+                         f"got {name!r}")
+    return getattr(torch, name)
+
+
 def build_bnb_config(q):
     """The `quantization` group as a BitsAndBytesConfig, or None for an unquantized base."""
     from transformers import BitsAndBytesConfig
@@ -61,7 +80,7 @@ def build_bnb_config(q):
         bnb_4bit_quant_type=q.bnb_4bit_quant_type.value,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.bnb_4bit_compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage_dtype(q),
     )
 
 
@@ -156,11 +175,53 @@ def build_reward_config(trainer_cfg: TrainerConfig, run_dir: Path, report_to: st
     )
 
 
-def device_map_for(bnb_config) -> dict | None:
-    """Quantized weights must live on this process's GPU; on CPU, or unquantized, let Trainer place them."""
-    if bnb_config is None or not torch.cuda.is_available():
+def fsdp_launched() -> bool:
+    """Whether this process was started for FSDP: `accelerate launch` with an FSDP config file (such as
+    conf/accelerate/fsdp_qlora.yaml) exports ACCELERATE_USE_FSDP=true before the model loads."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def device_map_for(bnb_config, fsdp: bool | None = None, cuda: bool | None = None) -> dict | None:
+    """Where from_pretrained puts the weights.
+
+    DDP (torchrun, accelerate launch without FSDP): every rank holds the whole quantized model on its own
+    GPU, `{"": LOCAL_RANK}`. FSDP (`fsdp`, by default `fsdp_launched()`): None, FSDP places and shards the
+    weights when the trainer wraps the model. On CPU (`cuda`, by default whether CUDA is there), or
+    unquantized, None: Trainer places them.
+    """
+    fsdp = fsdp_launched() if fsdp is None else fsdp
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if fsdp or bnb_config is None or not cuda:
         return None
-    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": local_rank()}
+
+
+def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None) -> dict:
+    """The keyword arguments `load_reward_model` gives `from_pretrained` (everything but the path).
+
+    Under FSDP (`fsdp`, by default `fsdp_launched()`) a 4-bit base must store its codes in the dtype of its
+    unquantized weights, or FSDP cannot flatten a decoder layer's norms and 4-bit weights together: checked
+    here, before anything loads.
+    """
+    fsdp = fsdp_launched() if fsdp is None else fsdp
+    bnb = build_bnb_config(quant_cfg)
+    dtype = torch_dtype(model_cfg.dtype)
+    if fsdp and bnb is not None and bnb.load_in_4bit and bnb.bnb_4bit_quant_storage != dtype:
+        raise ValueError(
+            f"FSDP needs quantization.bnb_4bit_quant_storage ({bnb.bnb_4bit_quant_storage}) equal to model.dtype "
+            f"({dtype}): FSDP flattens each layer's parameters into one tensor of one dtype (experiment=fsdp_qlora_70b "
+            "sets both to bfloat16)")
+    if fsdp and bnb is not None and bnb.load_in_8bit:
+        raise ValueError("FSDP shards 4-bit bitsandbytes weights stored as floats, not LLM.int8(): use quantization=nf4")
+    kwargs = dict(num_labels=1, dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  quantization_config=bnb, device_map=device_map_for(bnb, fsdp), use_safetensors=True)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    return kwargs
 
 
 def keep_4bit_layers_trainable(model) -> int:
@@ -244,14 +305,15 @@ def load_reward_model(model_cfg, quant_cfg):
     """AutoModelForSequenceClassification(num_labels=1), quantized per config, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
+    fsdp = fsdp_launched()
+    kwargs = from_pretrained_kwargs(model_cfg, quant_cfg, fsdp)
     path = resolve_model_path(model_cfg.name_or_path, model_cfg.cache_dir)
     tok = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
-    bnb = build_bnb_config(quant_cfg)
-    kwargs = dict(num_labels=1, dtype=torch_dtype(model_cfg.dtype), revision=model_cfg.revision,
-                  trust_remote_code=model_cfg.trust_remote_code, quantization_config=bnb,
-                  device_map=device_map_for(bnb), use_safetensors=True)
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if fsdp and kwargs["quantization_config"] is not None and torch.cuda.is_available():
+        # With no device_map, transformers' bitsandbytes loader quantizes on the *current* CUDA device, and
+        # nothing has set it yet (the trainer's arguments are built after the model): every rank would put
+        # its copy on GPU 0. Make it this rank's GPU, as accelerate does later anyway.
+        torch.cuda.set_device(local_rank())
     with expected_new_head():
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tok.pad_token_id

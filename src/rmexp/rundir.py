@@ -2,10 +2,10 @@
 
     <run dir>/rmexp_config.yaml   the resolved config (RewardModel.load and rmexp.export read it)
              metrics.json        status, accuracy with its interval, baselines, data counts; written
-                                 whether the run succeeds or fails (run_record)
+                                 whether the run succeeds, fails or is preempted (run_record)
              scores.jsonl        one line per held-out pair
              adapter_*, tokenizer*  the trained adapter and head (trainer.save_model)
-             checkpoints/checkpoint-N  for trainer.resume=auto
+             checkpoints/checkpoint-N  for trainer.resume=auto, and a requeued submitit job's resume
 
 Files are written to a temp name and renamed, so a reader never sees half a file; a full disk, a
 quota or a read-only mount gives an error naming the run dir.
@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +87,56 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
+def submitit_job_id() -> str | None:
+    """The submitit job this process runs in (its id stays the same when the job is requeued), else None."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit
+
+    try:
+        return submitit.JobEnvironment().job_id
+    except (RuntimeError, KeyError):  # SUBMITIT_EXECUTOR inherited by a process that is no submitit job
+        return None
+
+
+def requeued_attempt(run_dir: Path) -> dict | None:
+    """When this process is a submitit job run again (requeued after a preemption or its time limit, or
+    restarted by SLURM): the metrics.json its previous attempt left in this run dir; else None. A new
+    job writing into a dir another job used is not a requeue (the job ids differ)."""
+    job_id = submitit_job_id()
+    if job_id is None:
+        return None
+    try:
+        previous = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):  # none yet (the previous attempt was killed outright) or half a file
+        previous = {}
+    if previous.get("job_id") == job_id or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return previous
+    return None
+
+
+class Preempted(BaseException):
+    """A submitit job stopped on submitit's preemption / time-limit signal, its checkpoint saved.
+
+    `run_record` writes status `preempted` (with `details`: the step, the signal, the checkpoint), then
+    `requeue()` runs submitit's own handler for the signal, which saves the job's submission, requeues
+    it and exits; the requeued job resumes from the checkpoint (`resume_checkpoint`). A BaseException,
+    like SystemExit: no error for an `except Exception` (a sweep's failed-job guard) to swallow."""
+
+    def __init__(self, details: dict, requeue: Callable[[], Any]):
+        super().__init__(f"preempted at step {details['step']} ({details['signal']}); requeueing the job")
+        self.details, self.requeue = details, requeue
+
+
 def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    """`trainer.resume`: null (fresh), auto (this run dir's last complete checkpoint) or a checkpoint dir."""
+    """`trainer.resume`: null (fresh), auto (this run dir's last complete checkpoint) or a checkpoint dir.
+    A requeued submitit job resumes from its run dir's last complete checkpoint whatever `resume` says."""
+    if requeued_attempt(run_dir) is not None:
+        ckpt = last_complete_checkpoint(run_dir / "checkpoints")
+        if ckpt is not None:
+            log.info("resuming requeued job %s from %s", submitit_job_id(), ckpt)
+            return str(ckpt)
+        log.warning("requeued job %s: no complete checkpoint under %s/checkpoints", submitit_job_id(), run_dir)
     if not resume:
         return None
     if resume == "auto":
@@ -166,24 +214,34 @@ class RunRecord:
 
 @contextlib.contextmanager
 def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
-    """Own a run's end, whatever happens inside: metrics.json gets `status` ok (the body set `result`)
-    or failed (with the error and traceback), and the runtime; the W&B run gets the status and is
-    finished with a matching exit code. `write=False` on ranks other than 0."""
+    """Own a run's end, whatever happens inside: metrics.json gets `status` ok (the body set `result`),
+    failed (with the error and traceback) or preempted (Preempted: the step and checkpoint), the runtime,
+    and under submitit the job id; the W&B run gets the status and is finished with a matching exit code.
+    `write=False` on ranks other than 0."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record, started = RunRecord(run_dir), time.time()
     try:
         yield record
         record.result["status"] = "ok"
+    except Preempted as e:  # not a failure: the job is requeued and resumes from its checkpoint
+        record.result = {"status": "preempted", **e.details}
+        raise
     except BaseException as e:
         record.result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                          "traceback": traceback.format_exc(limit=20)}
         raise
     finally:
         record.result["runtime_s"] = round(time.time() - started, 2)
+        if job_id := submitit_job_id():  # how a requeued attempt of this job knows its predecessor
+            record.result["job_id"] = job_id
+        if record.wandb_run is not None:  # a requeued attempt logs into the same W&B run
+            record.result["wandb_run_id"] = record.wandb_run.id
         if write:
             write_json(run_dir / "metrics.json", record.result)
         if record.wandb_run is not None:
-            failed = record.result["status"] != "ok"
-            record.wandb_run.summary.update({"status": record.result["status"]}
-                                            | ({"error": record.result["error"]} if failed else {}))
-            record.wandb_run.finish(exit_code=1 if failed else 0)
+            status = record.result["status"]
+            record.wandb_run.summary.update({"status": status}
+                                            | ({"error": record.result["error"]} if status == "failed" else {}))
+            if status == "preempted":
+                record.wandb_run.mark_preempting()
+            record.wandb_run.finish(exit_code=0 if status == "ok" else 1)

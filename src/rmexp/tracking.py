@@ -44,8 +44,10 @@ def scrub_secrets(obj: Any) -> Any:
     return obj
 
 
-def start_run(logger_cfg, config: dict, run_dir: Path, name: str | None, group: str | None):
-    """wandb.init with everything from config; falls back to offline when an online start fails."""
+def start_run(logger_cfg, config: dict, run_dir: Path, name: str | None, group: str | None,
+              run_id: str | None = None):
+    """wandb.init with everything from config; falls back to offline when an online start fails.
+    `run_id`: continue that run (a requeued job's previous attempt) instead of starting a new one."""
     import wandb
 
     mode = resolve_mode(logger_cfg.mode)
@@ -55,7 +57,7 @@ def start_run(logger_cfg, config: dict, run_dir: Path, name: str | None, group: 
         project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group or group,
         name=logger_cfg.name or name, tags=list(logger_cfg.tags) or None, config=scrub_secrets(config),
         dir=str(run_dir), reinit="finish_previous",  # a sweep job never logs into the previous job's run
-    )
+    ) | ({"id": run_id, "resume": "allow"} if run_id else {})
     settings = dict(init_timeout=logger_cfg.init_timeout, console="off", x_disable_stats=True)
     try:
         return wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)

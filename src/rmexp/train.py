@@ -14,14 +14,24 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from rmexp.callbacks import StopOnSigterm
+from rmexp.builtin import resolve_model_path
+from rmexp.callbacks import StopOnSignal
 from rmexp.config import CONF_PATH, Batching, RMExpConfig, to_typed
-from rmexp.data import load_data, tokenize_pairs
+from rmexp.data import DataError
+from rmexp.dataset import build_datasets, sources_of
 from rmexp.metrics import length_baseline_accuracy
-from rmexp.model import build_bnb_config, build_lora_config, build_reward_config, load_reward_model
+from rmexp.model import (
+    build_bnb_config,
+    build_lora_config,
+    build_reward_config,
+    load_reward_model,
+    load_tokenizer,
+)
 from rmexp.packing import build_collator, packed_ready
 from rmexp.rundir import (
+    Preempted,
     is_main_process,
+    requeued_attempt,
     resume_checkpoint,
     run_record,
     write_run_config,
@@ -40,40 +50,47 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         cfg = to_typed(cfg)  # inside: a config that cannot resolve is a failed run, recorded
         # Everything that can be checked without a model is checked first.
         lora_config, _ = build_lora_config(cfg.lora), build_bnb_config(cfg.quantization)
-        train_pairs, eval_pairs, data_stats = load_data(cfg.data)
-        log.info(config_summary(cfg, len(train_pairs), len(eval_pairs)))
+        sources_of(cfg.data)
+        if cfg.data.streaming and cfg.trainer.max_steps <= 0:
+            raise DataError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs in",
+                            reason="config")
+        # the data before the model: its errors come in seconds, not after an 8B load
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+        train_ds, eval_ds, data_stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
+        truncation = data_stats.pop("truncation")
+        log_truncation(truncation, cfg.trainer.max_length)
+        log.info(config_summary(cfg, train_ds, eval_ds))
 
         set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
         model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization)
-        train_ds, eval_ds, truncation = tokenize_splits(tokenizer, train_pairs, eval_pairs, cfg.trainer.max_length)
 
         # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
         resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
         if main_process:  # the run dir describes itself, Hydra or not (RewardModel.load reads it)
             write_run_config(run_dir, resolved)
         if cfg.logger.backend.value == "wandb" and main_process:
-            record.wandb_run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir))
+            record.wandb_run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir),
+                                         run_id=(requeued_attempt(run_dir) or {}).get("wandb_run_id"))
             record.wandb_run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
         if cfg.trainer.batching is Batching.packed:
             packed_ready(model)  # switch to the packed attention kernel (build_collator says if it could not)
-        stop_on_sigterm = StopOnSigterm()
+        stop_on_signal = StopOnSignal()
         trainer = PairwiseRewardTrainer(
             model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if record.wandb_run else "none", model),
             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=lora_config,
-            callbacks=[*(callbacks or []), stop_on_sigterm], data_collator=build_collator(cfg.trainer, model, tokenizer),
+            callbacks=[*(callbacks or []), stop_on_signal], data_collator=build_collator(cfg.trainer, model, tokenizer),
             head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s,
             fused_lora=cfg.trainer.fused_lora, dequant_cache=cfg.trainer.dequant_cache,
             fused_rms_norm=cfg.trainer.fused_rms_norm)
-        if len(trainer.train_dataset) != len(train_ds):  # ours are truncated to fit: TRL must filter none
+        if not streamed(train_ds) and len(trainer.train_dataset) != len(train_ds):  # ours fit: TRL filters none
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
-        resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)
+        resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)  # a requeued submitit job: its own last checkpoint
         # Baselines beside the accuracy: the same eval pairs before any step, and a length count.
         initial = trainer.evaluate()["eval_pairwise_accuracy"]
-        with stop_on_sigterm, writes_to(run_dir):  # checkpoints are saved while training
+        with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
             train_output = trainer.train(resume_from_checkpoint=resumed_from)
-        if stop_on_sigterm.received is not None:
-            raise InterruptedError(f"stopped by SIGTERM at step {trainer.state.global_step}; a checkpoint is in "
-                                   f"{run_dir}/checkpoints: continue with hydra.run.dir={run_dir} trainer.resume=auto")
+        stop_on_signal.raise_if_stopped(trainer.state.global_step, run_dir)  # SIGTERM, or submitit's preemption
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
         with writes_to(run_dir):
@@ -82,7 +99,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
                 (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
                 write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
         record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
-            "n_train_pairs": len(train_ds), "resumed_from": resumed_from, "data": data_stats,
+            "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resumed_from, "data": data_stats,
             "truncation": truncation, "model": model_path}
         if record.wandb_run is not None:
             record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
@@ -93,14 +110,22 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     return record.result["pairwise_accuracy"]
 
 
-def config_summary(cfg: RMExpConfig, n_train: int, n_eval: int) -> str:
-    """One line on what this run is, before anything loads (the whole config is in rmexp_config.yaml)."""
+def config_summary(cfg: RMExpConfig, train_ds, eval_ds) -> str:
+    """One line on what this run is, before the model loads (the whole config is in rmexp_config.yaml)."""
     q, t = cfg.quantization, cfg.trainer
     bits = "4-bit " + q.bnb_4bit_quant_type.value if q.load_in_4bit else "8-bit" if q.load_in_8bit else "unquantized"
     length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs:g} epoch(s)"
-    return (f"{cfg.model.name_or_path} ({bits}), LoRA r={cfg.lora.r}: {n_train} training pairs, {n_eval} held out "
-            f"({cfg.data.path}); lr {t.learning_rate:g}, batch {t.per_device_train_batch_size} {t.batching.value}, "
+    n_train = "streamed" if streamed(train_ds) else len(train_ds)
+    data = cfg.data.path or ", ".join(s.path for s in cfg.data.sources)
+    return (f"{cfg.model.name_or_path} ({bits}), LoRA r={cfg.lora.r}: {n_train} training pairs, {len(eval_ds)} held out "
+            f"({data}); lr {t.learning_rate:g}, batch {t.per_device_train_batch_size} {t.batching.value}, "
             f"{length} -> {cfg.paths.output_dir}")
+
+
+def streamed(ds) -> bool:
+    from datasets import IterableDataset
+
+    return isinstance(ds, IterableDataset)
 
 
 def run_result(trainer, final: dict, initial: float, train_output, eval_ds) -> dict:
@@ -114,21 +139,21 @@ def run_result(trainer, final: dict, initial: float, train_output, eval_ds) -> d
         "eval_loss": final["eval_loss"],
         "train_loss": train_output.training_loss,
         "train_runtime_s": round(train_output.metrics["train_runtime"], 2),
-        "n_train_pairs_seen": round((trainer.state.epoch or 0.0) * len(trainer.train_dataset)),
+        "n_train_pairs_seen": (trainer.state.global_step * trainer.args.gradient_accumulation_steps
+                               * trainer.args.train_batch_size * trainer.args.world_size
+                               if streamed(trainer.train_dataset)
+                               else round((trainer.state.epoch or 0.0) * len(trainer.train_dataset))),
         "global_step": trainer.state.global_step,
     }
 
 
-def tokenize_splits(tokenizer, train_pairs, eval_pairs, max_length: int):
-    """Both splits tokenized, and what truncation cost (counted and logged: nothing is dropped)."""
-    train_ds, train_trunc = tokenize_pairs(tokenizer, train_pairs, max_length)
-    eval_ds, eval_trunc = tokenize_pairs(tokenizer, eval_pairs, max_length)
-    for split, ds, counts in (("train", train_ds, train_trunc), ("eval", eval_ds, eval_trunc)):
+def log_truncation(truncation: dict, max_length: int) -> None:
+    """What fitting pairs to max_length cost, per split (counted and logged: nothing is dropped)."""
+    for split, counts in truncation.items():
         if counts.get("n_truncated"):
-            log.warning("%s: %d of %d pairs truncated to trainer.max_length=%d (%d lost prompt tokens, "
-                        "%d lost answer tokens); none dropped", split, counts["n_truncated"], len(ds), max_length,
+            log.warning("%s: %d pairs truncated to trainer.max_length=%d (%d lost prompt tokens, %d lost answer "
+                        "tokens); none dropped", split, counts["n_truncated"], max_length,
                         counts.get("n_prompt_truncated", 0), counts.get("n_answer_truncated", 0))
-    return train_ds, eval_ds, {"train": train_trunc, "eval": eval_trunc}
 
 
 def summary_line(result: dict, run_dir: Path) -> str:
@@ -159,15 +184,20 @@ def free_memory() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 def cli(cfg: DictConfig) -> float:
-    if not in_multirun():
-        return main(cfg)
-    try:  # a failed job is recorded in its metrics.json; the sweep goes on and fails at the end
-        return main(cfg)
-    except Exception as e:  # noqa: BLE001
-        log.error("job failed: %s: %s", type(e).__name__, e)
+    try:
+        if not in_multirun():
+            return main(cfg)
+        try:  # a failed job is recorded in its metrics.json; the sweep goes on and fails at the end
+            return main(cfg)
+        except Exception as e:  # noqa: BLE001
+            log.error("job failed: %s: %s", type(e).__name__, e)
+            return float("nan")
+        finally:
+            free_memory()
+    except Preempted as stop:  # checkpointed, metrics.json says preempted: submitit requeues the job and exits
+        log.warning("%s", stop)
+        stop.requeue()
         return float("nan")
-    finally:
-        free_memory()
 
 
 if __name__ == "__main__":

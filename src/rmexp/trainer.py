@@ -3,8 +3,10 @@ the packed, prefix-shared forward (rmexp.packing)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +16,25 @@ from trl import RewardTrainer
 
 from rmexp._compat import check as check_private_names
 from rmexp._compat import count_train_tokens, log_metric
-from rmexp.callbacks import TimeBudget, TrainingProgress
+from rmexp.callbacks import LogAtCheckpoint, TimeBudget, TrainingProgress
+from rmexp.fsdp import check_fsdp_batching, fsdp_speed_options, prepare_for_fsdp
 from rmexp.lora import cache_dequantized_base, use_fused_lora
 from rmexp.metrics import pairwise_metrics
 from rmexp.model import keep_4bit_layers_trainable, reward_head
 from rmexp.norm import use_fused_rms_norm
 from rmexp.packing import packed_rewards
+
+
+def whole_run_loss(log_history: list[dict], start: int, session_loss: float, end: int) -> float:
+    """The mean training loss over steps 1..end of a run resumed at step `start`: the checkpoint's logged
+    losses (each the mean over the steps since the previous log) up to `start`, and `session_loss`, the
+    mean over the steps since. A step before `start` that no log covers (a checkpoint saved between two
+    logs by an older rmexp) is left out of the mean."""
+    total, logged = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and logged < entry["step"] <= start:
+            total, logged = total + entry["loss"] * (entry["step"] - logged), entry["step"]
+    return (total + session_loss * (end - start)) / max(logged + end - start, 1)
 
 
 def last_eval_at(trainer, step: int) -> dict | None:
@@ -55,7 +70,11 @@ class PairwiseRewardTrainer(RewardTrainer):
         check_private_names(self)  # fails naming the library if an upgrade moved one rmexp relies on
         if self.pop_callback(ProgressCallback) is not None:  # one bar, training's; evaluations print their line
             self.add_callback(TrainingProgress)
+        self.add_callback(LogAtCheckpoint)  # last: it sees every callback's should_save
         keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
+        if self.is_fsdp_enabled:  # what cannot run sharded (rmexp.fsdp)
+            check_fsdp_batching(self.data_collator)
+            fused_lora, dequant_cache = fsdp_speed_options(fused_lora, dequant_cache)
         if fused_lora:
             use_fused_lora(self.model)
         cache_dequantized_base(self.model, dequant_cache)
@@ -67,6 +86,20 @@ class PairwiseRewardTrainer(RewardTrainer):
         for param in self.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
+        if self.is_fsdp_enabled:  # before the first evaluate() wraps the model
+            prepare_for_fsdp(self.model, self.accelerator)
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Trainer.train, whose `training_loss` is the mean over the whole run after a resume as well
+        (transformers averages the steps since the checkpoint only), so a resumed run reports the
+        uninterrupted run's train_loss."""
+        if not isinstance(resume_from_checkpoint, str):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # read first: save_total_limit may delete the checkpoint while training
+        start = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        loss = whole_run_loss(self.state.log_history, start, output.training_loss, output.global_step)
+        return output._replace(training_loss=loss, metrics={**output.metrics, "train_loss": loss})
 
     def create_optimizer(self, model=None):
         """The trainer's optimizer, with the reward head's parameters in a group of their own learning rate.

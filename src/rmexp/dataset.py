@@ -1,0 +1,479 @@
+"""The training and eval datasets, built with 🤗 datasets from preference sources.
+
+A source (`data.path`, or each of `data.sources`: a local JSONL/JSON/Parquet file or a hub dataset
+id) is read into Arrow on disk, then validated and tokenized by `Dataset.map` in `data.num_proc`
+processes, a batch of pairs per tokenizer call. Both steps are cached by fingerprint (the file's
+path, size and mtime; the tokenizer, max_length, system prompt and this code), so a second run on
+the same data and tokenizer reads the result back memory-mapped instead of redoing the work; under
+torchrun rank 0 builds while the other ranks wait, then they read its cache (`main_process_first`).
+
+A bad record becomes a row holding its error: with data.on_error=skip it is counted by reason and
+left out; with raise the first one in file order stops the run, naming file, line and field. Then,
+as the in-memory path of rmexp.data does: duplicates are found, a train pair that stands in the
+eval file is refused, and the seeded split keeps a group on one side. Sources are mixed by `weight`
+(sampled in proportion, seeded by data.split_seed) or, with no weights, taken whole. With
+`data.streaming=true` the train file is read and tokenized while training consumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+from datasets.fingerprint import Hasher
+
+from rmexp import data as data_module
+from rmexp._compat import dataset_fingerprint
+from rmexp.config import DataConfig, SourceConfig
+from rmexp.data import (
+    DataError,
+    LoadStats,
+    encode_pairs,
+    held_out,
+    iter_records,
+    parse_record,
+    with_system_prompt,
+)
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "prompt_len", "chosen_tokens", "rejected_tokens"]
+MAP_BATCH = 256  # pairs per tokenizer call: large enough to amortise the call, small for the worker's memory
+STREAM_SHUFFLE_BUFFER = 10_000  # pairs; a streamed file is shuffled within this window (memory stays fixed)
+# Any edit to validation or tokenization must miss the old cache: the code itself is in the fingerprint.
+CODE_HASH = hashlib.sha256(Path(data_module.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features({
+        "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32")), "prompt_len": Value("int32"),
+        "chosen_tokens": Value("int32"), "rejected_tokens": Value("int32"), "margin": Value("float64"),
+        "group": Value("string"), "key": Value("int64"), "line": Value("int64"),
+        "reason": Value("string"), "error": Value("string"),
+        "prompt_truncated": Value("bool"), "answer_truncated": Value("bool"), "identical": Value("bool")})
+
+
+def _raw_features():
+    from datasets import Features, Value
+
+    return Features({"line": Value("int64"), "json": Value("string"), "reason": Value("string"),
+                     "error": Value("string")})
+
+
+# ---------------------------------------------------------------- reading a source
+
+
+def json_rows(path: str, size: int, mtime_ns: int):
+    """(line, JSON text) of each record of a JSONL file or a JSON array; a record that cannot be read
+    is a row with its error. `size` and `mtime_ns` are not read: they key the Arrow cache to the file's state."""
+    with open(path, "rb") as f:
+        is_array = f.read(4096).lstrip().startswith(b"[")
+    if is_array:  # an array is parsed whole, as rmexp.data reads it
+        try:
+            for where, record in iter_records(path):
+                yield {"line": int(where.rsplit(":", 1)[1]), "json": json.dumps(record, ensure_ascii=False),
+                       "reason": None, "error": None}
+        except DataError as e:  # the array itself is broken: nothing after it can be read
+            yield {"line": 0, "json": None, "reason": e.reason, "error": str(e)}
+        return
+    with open(path, "rb") as f:  # JSONL: parsed in the map's workers, one line a row
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield {"line": lineno, "json": None, "reason": "encoding",
+                       "error": f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})"}
+                continue
+            if line.strip():
+                yield {"line": lineno, "json": line, "reason": None, "error": None}
+
+
+def read_source(src: SourceConfig, cache_dir: str | None, streaming: bool):
+    """A source as an Arrow dataset (or an iterable one), its name in messages, and whether its rows are
+    JSON text (local JSON files) or records (Parquet, hub datasets)."""
+    from datasets import Dataset, IterableDataset, load_dataset
+
+    local = Path(src.path).expanduser()
+    if local.exists() or local.suffix in (".jsonl", ".json", ".parquet"):  # a missing file is not a hub id
+        if not local.is_file():
+            raise DataError(f"{src.path}: no such preference file", reason="missing_file")
+        if local.suffix == ".parquet":
+            return (load_dataset("parquet", data_files=str(local), split="train", cache_dir=cache_dir,
+                                 streaming=streaming), src.path, False)
+        st = local.stat()
+        kwargs = {"path": str(local.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if streaming:
+            return IterableDataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs), src.path, True
+        return (Dataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs, cache_dir=cache_dir),
+                src.path, True)
+    return (load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir, streaming=streaming),
+            f"{src.path}[{src.split}]", False)
+
+
+# ---------------------------------------------------------------- validating and tokenizing
+
+
+class PortableTokenizer:
+    """A tokenizer that travels to map's worker processes by the standard pickle (1 s for Gemma's) instead
+    of dill, which datasets' multiprocess pickles with: ~5 s a worker for Gemma's 262k vocabulary, one
+    worker after another, so the second started when the first was done (measured)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __reduce__(self):
+        return _unpickle_tokenizer, (pickle.dumps(self.tokenizer, protocol=pickle.HIGHEST_PROTOCOL),)
+
+
+def _unpickle_tokenizer(blob: bytes) -> PortableTokenizer:
+    return PortableTokenizer(pickle.loads(blob))
+
+
+def encode_rows(batch: dict, indices: list[int], *, tokenizer: PortableTokenizer, max_length: int,
+                system_prompt: str | None, origin: str, json_text: bool) -> dict:
+    """`Dataset.map` function: a batch of source rows -> token rows, or error rows (reason, message)."""
+    tokenizer = tokenizer.tokenizer
+    names = list(batch)
+    n = len(indices)
+    out: dict[str, list] = {k: [None] * n for k in _features()}
+    pairs, slots = [], []
+    for i in range(n):
+        line = batch["line"][i] if json_text else indices[i] + 1  # Parquet/hub: the record's number
+        where = f"{origin}:{line}"
+        out["line"][i] = line
+        try:
+            if json_text:
+                if batch["error"][i] is not None:
+                    raise DataError(batch["error"][i], batch["reason"][i])
+                try:
+                    record = json.loads(batch["json"][i])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})",
+                                    reason="malformed_json") from None
+            else:  # an Arrow row has every column of its dataset: a record's absent fields are None
+                record = {k: batch[k][i] for k in names if batch[k][i] is not None}
+            pair = parse_record(record, where)
+        except DataError as e:
+            out["reason"][i], out["error"][i], out["key"][i] = e.reason, str(e), 0
+            continue
+        out["key"][i] = int.from_bytes(hashlib.blake2b(pair.key().encode(), digest_size=8).digest(), "little",
+                                       signed=True)
+        out["margin"][i], out["group"][i] = pair.margin, pair.group
+        pair.prompt = with_system_prompt(pair.prompt, system_prompt)
+        pairs.append(pair)
+        slots.append(i)
+    for i, enc in zip(slots, encode_pairs(tokenizer, pairs, max_length), strict=True):
+        out["chosen_ids"][i], out["rejected_ids"][i] = enc.chosen.ids, enc.rejected.ids
+        out["prompt_len"][i] = enc.shared_len
+        out["chosen_tokens"][i], out["rejected_tokens"][i] = enc.chosen.answer_tokens, enc.rejected.answer_tokens
+        out["prompt_truncated"][i] = enc.chosen.prompt_truncated or enc.rejected.prompt_truncated
+        out["answer_truncated"][i] = enc.chosen.answer_truncated or enc.rejected.answer_truncated
+        out["identical"][i] = enc.identical
+    for i in set(range(n)) - set(slots):  # error rows: empty ids, no flags
+        out["chosen_ids"][i] = out["rejected_ids"][i] = []
+        out["prompt_truncated"][i] = out["answer_truncated"][i] = out["identical"][i] = False
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenizer's ids: its vocabulary and rules, chat template and special tokens (0.4 s for
+    Gemma's 262k vocabulary, where datasets' own hash of the object takes 15 s)."""
+    parts = [type(tokenizer).__name__, str(getattr(tokenizer, "chat_template", None)),
+             str([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts.append(backend.to_str() if backend is not None else Hasher.hash(tokenizer))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def encode_source(raw, origin: str, json_text: bool, tokenizer, data_cfg: DataConfig, max_length: int,
+                  num_proc: int | None, tokenizer_fp: str | None = None):
+    """`encode_rows` over a whole source, cached under a fingerprint of the rows, the tokenizer, the
+    settings and this code: a second run with the same ones reads the cached Arrow files."""
+    from datasets import IterableDataset
+
+    fn_kwargs = dict(tokenizer=PortableTokenizer(tokenizer), max_length=max_length, system_prompt=data_cfg.system_prompt,
+                     origin=origin, json_text=json_text)
+    kwargs = dict(batched=True, batch_size=MAP_BATCH, with_indices=True, features=_features(),
+                  remove_columns=list(raw.column_names or []), fn_kwargs=fn_kwargs)
+    if isinstance(raw, IterableDataset):
+        return raw.map(encode_rows, **kwargs)
+    key = [dataset_fingerprint(raw), tokenizer_fp or tokenizer_fingerprint(tokenizer), max_length,
+           data_cfg.system_prompt, origin, json_text, CODE_HASH]
+    num_proc = num_proc if num_proc and num_proc > 1 and len(raw) > 1 else None
+    if num_proc:  # the workers are the parallelism: a tokenizer's own threads in forked workers would deadlock
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return raw.map(encode_rows, num_proc=num_proc, new_fingerprint=Hasher.hash(key),
+                   desc=f"Validating and tokenizing {origin}", **kwargs)
+
+
+def auto_num_proc(n_rows: int) -> int:
+    """data.num_proc=null: one process per core (at most 8) for large sources; one for small ones,
+    where starting workers costs more than it saves."""
+    return min(os.cpu_count() or 1, 8) if n_rows >= 20_000 else 1
+
+
+# ---------------------------------------------------------------- choosing the pairs
+
+
+def _column(ds, name: str, as_list: bool = False):
+    """One column of a dataset without an indices mapping (a fresh map's output), from Arrow: numpy, or a list."""
+    column = ds.with_format("arrow", columns=[name])[:].column(name)
+    return column.to_pylist() if as_list else column.to_numpy(zero_copy_only=False)
+
+
+def _columns(ds, names: list[str], chunk: int = 65_536) -> dict[str, np.ndarray]:
+    """Columns of the rows a dataset shows (its selection or mixture applied). Gathered a chunk at a time:
+    datasets gathers rows one by one, and a million at once held 3 GB of row objects (measured)."""
+    view = ds.select_columns(names).with_format("arrow")
+    parts = [view[i:i + chunk] for i in range(0, len(view), chunk)]
+    return {n: np.concatenate([p.column(n).to_numpy(zero_copy_only=False) for p in parts]) if parts
+            else np.zeros(0) for n in names}
+
+
+def kept_rows(mapped, origin: str, on_error: str, max_pairs: int | None) -> tuple[np.ndarray, LoadStats]:
+    """Row numbers of the valid, first-seen pairs (at most max_pairs), and what was read and skipped.
+    With on_error=raise the first bad or duplicate record raises, naming where."""
+    reasons = _column(mapped, "reason", as_list=True)
+    bad = np.fromiter((r is not None for r in reasons), dtype=bool, count=len(reasons))
+    ok = np.flatnonzero(~bad)
+    keys = _column(mapped, "key")[ok] if len(ok) else np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    is_first = np.zeros(len(ok), dtype=bool)
+    is_first[first] = True
+    kept = ok[is_first]
+    limit = len(reasons)  # rows read: up to the max_pairs-th pair, as the in-memory path counts
+    if max_pairs is not None and len(kept) >= max_pairs:
+        kept = kept[:max_pairs]
+        limit = int(kept[-1]) + 1
+    duplicates = {int(ok[j]): int(ok[first[inverse[j]]]) for j in np.flatnonzero(~is_first) if ok[j] < limit}
+    problems = sorted([int(i) for i in np.flatnonzero(bad[:limit])] + list(duplicates))
+    stats = LoadStats(n_records=limit, n_pairs=len(kept))
+    if problems:
+        lines = _column(mapped, "line")
+        for i in problems:
+            stats.skipped["duplicate_pair" if i in duplicates else reasons[i]] += 1
+        if on_error == "raise":
+            i = problems[0]
+            message = (f"{origin}:{lines[i]}: duplicate of the pair at {origin}:{lines[duplicates[i]]}"
+                       if i in duplicates else mapped[i]["error"])
+            more = f"; {len(problems) - 1} more bad records in {origin}" if len(problems) > 1 else ""
+            raise DataError(f"{message} (data.on_error=skip skips and counts such records{more})",
+                            "duplicate_pair" if i in duplicates else reasons[i])
+    if not len(kept):
+        raise DataError(f"{origin}: no preference pairs (read {stats.n_records} records, "
+                        f"skipped {dict(stats.skipped) or 0})", reason="no_pairs")
+    return kept, stats
+
+
+STAT_COLUMNS = ["source_id", "prompt_truncated", "answer_truncated", "identical", "margin"]
+
+
+def truncation_counts(cols: dict[str, np.ndarray]) -> dict[str, int]:
+    """What fitting to max_length cost, as rmexp.data.tokenize_pairs counts it."""
+    prompt, answer = cols["prompt_truncated"], cols["answer_truncated"]
+    return {"n_answer_truncated": int(answer.sum()), "n_identical_after_truncation": int(cols["identical"].sum()),
+            "n_prompt_truncated": int(prompt.sum()), "n_truncated": int((prompt | answer).sum())}
+
+
+def with_margins(ds, margins: np.ndarray):
+    """The training columns; `margin` only when a pair has one (the others get 0, as in rmexp.data)."""
+    margins = margins.astype(float)
+    if not np.isfinite(margins).any():
+        return ds.select_columns(TRAIN_COLUMNS)
+    if np.isnan(margins).any():
+        ds = ds.map(lambda b: {"margin": [0.0 if m is None else m for m in b["margin"]]}, batched=True,
+                    desc="Margins")
+    return ds.select_columns([*TRAIN_COLUMNS, "margin"])
+
+
+# ---------------------------------------------------------------- the datasets of a run
+
+
+def sources_of(data_cfg: DataConfig) -> list[SourceConfig]:
+    """data.sources, or data.path as the one source; checked before anything is read."""
+    if data_cfg.path and data_cfg.sources:
+        raise DataError("data: set data.path (one file) or data.sources (a mixture), not both; data=mixture starts "
+                        "with no path", reason="config")
+    sources = list(data_cfg.sources) or ([SourceConfig(path=data_cfg.path)] if data_cfg.path else [])
+    if not sources:
+        raise DataError("data: no data; set data.path=<file> or data.sources=[{path: ...}, ...]", reason="config")
+    weights = [s.weight for s in sources]
+    for s in sources:
+        if not 0.0 < s.fraction <= 1.0:
+            raise DataError(f"data.sources: {s.path}: fraction must be in (0, 1], got {s.fraction}", reason="config")
+        if s.weight is not None and s.weight <= 0:
+            raise DataError(f"data.sources: {s.path}: weight must be positive, got {s.weight}", reason="config")
+    if any(w is not None for w in weights) and any(w is None for w in weights):
+        raise DataError("data.sources: give every source a weight, or none (none: every pair of every source)",
+                        reason="config")
+    if data_cfg.max_pairs is not None and data_cfg.max_pairs <= 0:
+        raise DataError(f"data.max_pairs must be positive, got {data_cfg.max_pairs}", reason="config")
+    if data_cfg.streaming:
+        if not data_cfg.eval_path:
+            raise DataError("data.streaming=true needs data.eval_path: a stream has no end to hold pairs out from",
+                            reason="config")
+        if any(s.fraction < 1.0 for s in sources):
+            raise DataError("data.streaming=true: a source's fraction needs its length; use weight", reason="config")
+    return sources
+
+
+def load_source(src: SourceConfig, index: int, tokenizer, data_cfg: DataConfig, max_length: int):
+    """One source validated and tokenized: (rows with a `source_id` column, kept row numbers, stats)."""
+    raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=False)
+    if src.fraction < 1.0:
+        raw = raw.select(range(max(1, round(len(raw) * src.fraction))))
+    num_proc = data_cfg.num_proc or auto_num_proc(len(raw))
+    max_pairs, on_error = data_cfg.max_pairs, data_cfg.on_error.value
+    if max_pairs is not None and max_pairs < len(raw):  # the first max_pairs records usually suffice
+        mapped = encode_source(raw.select(range(max_pairs)), origin, json_text, tokenizer, data_cfg, max_length,
+                               num_proc)
+        if len(kept_rows(mapped, origin, "skip", max_pairs)[0]) < max_pairs:
+            mapped = encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, num_proc)
+    else:
+        mapped = encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, num_proc)
+    kept, stats = kept_rows(mapped, origin, on_error, max_pairs)
+    mapped = mapped.add_column("source_id", np.full(len(mapped), index, dtype=np.int32))
+    return mapped, kept, stats, origin
+
+
+def leaked(train_keys: np.ndarray, eval_keys: np.ndarray) -> np.ndarray:
+    """Mask of train pairs that also stand in the eval file."""
+    return np.isin(train_keys, eval_keys)
+
+
+def build_datasets(data_cfg: DataConfig, tokenizer, max_length: int):
+    """(train, eval, stats): memory-mapped datasets of TRAIN_COLUMNS (+ margin), and per-source counts.
+    Rank 0 builds first; the other ranks then read its cache."""
+    from accelerate import PartialState
+
+    if max_length < 8:
+        raise DataError(f"trainer.max_length must be at least 8, got {max_length}", reason="config")
+    sources = sources_of(data_cfg)
+    with PartialState().main_process_first():
+        if data_cfg.streaming:
+            return build_streamed(sources, data_cfg, tokenizer, max_length)
+        return build_mapped(sources, data_cfg, tokenizer, max_length)
+
+
+def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int):
+    from datasets import concatenate_datasets, interleave_datasets
+
+    on_error = data_cfg.on_error.value
+    stats: dict = {"sources": {}}
+    held = None
+    if data_cfg.eval_path:
+        held_src = SourceConfig(path=data_cfg.eval_path)
+        eval_mapped, eval_kept, eval_stats, _ = load_source(held_src, len(sources), tokenizer, data_cfg, max_length)
+        eval_keys = _column(eval_mapped, "key")[eval_kept]
+        held = eval_mapped.select(eval_kept)
+        stats["eval_file"] = eval_stats.as_dict()
+    train_parts, eval_parts, origins = [], [], []
+    for k, src in enumerate(sources):
+        mapped, kept, st, origin = load_source(src, k, tokenizer, data_cfg, max_length)
+        if held is not None:
+            in_eval = leaked(_column(mapped, "key")[kept], eval_keys)
+            if in_eval.any():
+                first = int(kept[np.argmax(in_eval)])
+                if on_error == "raise":
+                    line = _column(mapped, "line")[first]
+                    raise DataError(f"{origin}:{line}: the same pair is in the eval file {data_cfg.eval_path} "
+                                    f"({int(in_eval.sum())} such pairs): train/eval leakage (data.on_error=skip drops "
+                                    "them from training and counts them)", reason="in_eval_file")
+                st.skipped["in_eval_file"] += int(in_eval.sum())
+                st.n_pairs -= int(in_eval.sum())
+                kept = kept[~in_eval]
+            train_parts.append(mapped.select(kept))
+        else:
+            groups = np.asarray(_column(mapped, "group", as_list=True), dtype=object)[kept]
+            out = held_out(list(groups), data_cfg.eval_fraction, data_cfg.split_seed,
+                           f"{origin}:{_column(mapped, 'line')[kept[0]]}")
+            mask = np.zeros(len(kept), dtype=bool)
+            mask[list(out)] = True
+            train_parts.append(mapped.select(kept[~mask]))
+            eval_parts.append(mapped.select(kept[mask]))
+        origins.append(origin)
+        stats["sources"][origin] = st.as_dict() | {"fraction": src.fraction, "weight": src.weight}
+        if st.skipped:
+            msg = (f"{origin}: skipped {sum(st.skipped.values())} of {st.n_records} records "
+                   f"(data.on_error=skip): {dict(st.skipped)}")
+            log.warning(msg)
+            print(msg)
+    if sources[0].weight is not None and len(train_parts) > 1:
+        total = sum(s.weight for s in sources)
+        train = interleave_datasets(train_parts, probabilities=[s.weight / total for s in sources],
+                                    seed=data_cfg.split_seed, stopping_strategy=data_cfg.stopping_strategy)
+    else:
+        train = concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
+    eval_ = held if held is not None else (concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0])
+    truncation, margins = {}, {}
+    for split, ds in (("train", train), ("eval", eval_)):
+        cols = _columns(ds, STAT_COLUMNS)
+        counts = np.bincount(cols["source_id"], minlength=len(sources) + 1)
+        for k, origin in enumerate(origins):
+            stats["sources"][origin][f"n_{split}"] = int(counts[k])
+        truncation[split], margins[split] = truncation_counts(cols), cols["margin"]
+    if data_cfg.path:  # the one-file shorthand keeps its name
+        stats["train_file"] = stats["sources"][origins[0]]
+    return (with_margins(train, margins["train"]), with_margins(eval_, margins["eval"]),
+            stats | {"truncation": truncation})
+
+
+class StreamCounts(dict):
+    """What a stream has read so far, by source: pairs and skipped records. A live dict (JSON as it is),
+    shared rather than copied when datasets copies the pipeline; with dataloader workers it sees none."""
+
+    def __init__(self, origins: list[str], on_error: str):
+        super().__init__({o: {"n_pairs_read": 0, "n_skipped": 0, "skipped": {}} for o in origins})
+        self.origins, self.on_error = origins, on_error
+
+    def keep(self, row: dict) -> bool:
+        counts = self[self.origins[row["source_id"]]]
+        if row["reason"] is None:
+            counts["n_pairs_read"] += 1
+            return True
+        if self.on_error == "raise":
+            raise DataError(f"{row['error']} (data.on_error=skip skips and counts such records)", row["reason"])
+        counts["n_skipped"] += 1
+        counts["skipped"][row["reason"]] = counts["skipped"].get(row["reason"], 0) + 1
+        return False
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int):
+    """An iterable train dataset read and tokenized as training consumes it (duplicates are not looked
+    for: that would hold every pair's key), and the eval file as usual."""
+    from datasets import interleave_datasets
+
+    eval_mapped, eval_kept, eval_stats, _ = load_source(SourceConfig(path=data_cfg.eval_path), len(sources),
+                                                        tokenizer, data_cfg, max_length)
+    eval_ = eval_mapped.select(eval_kept)
+    streams, origins = [], []
+    for k, src in enumerate(sources):
+        raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=True)
+        stream = encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, None)
+        streams.append(stream.map(lambda b, k=k: {"source_id": [k] * len(b["line"])}, batched=True))
+        origins.append(origin)
+    counts = StreamCounts(origins, data_cfg.on_error.value)
+    if sources[0].weight is not None and len(streams) > 1:
+        total = sum(s.weight for s in sources)
+        train = interleave_datasets(streams, probabilities=[s.weight / total for s in sources],
+                                    seed=data_cfg.split_seed, stopping_strategy=data_cfg.stopping_strategy)
+    else:
+        train = streams[0] if len(streams) == 1 else interleave_datasets(streams, stopping_strategy="all_exhausted")
+    train = (train.filter(counts.keep)
+             .map(lambda b: {"margin": [0.0 if m is None else m for m in b["margin"]]}, batched=True)
+             .shuffle(seed=data_cfg.split_seed, buffer_size=STREAM_SHUFFLE_BUFFER))
+    log.warning("data.streaming=true: duplicate pairs are not looked for in a stream")
+    cols = _columns(eval_, STAT_COLUMNS)
+    stats = {"sources": counts, "eval_file": eval_stats.as_dict(), "truncation": {"eval": truncation_counts(cols)}}
+    # margin kept (0 for a pair without one): whether any pair of the stream has one is not known in advance
+    return train.select_columns([*TRAIN_COLUMNS, "margin"]), with_margins(eval_, cols["margin"]), stats
