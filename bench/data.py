@@ -6,9 +6,8 @@ Writes a synthetic file of N seed-format pairs (made-up words; token lengths dra
 prompt median 90 tokens with a long tail, answers ~40-50), once, then runs each path in its own
 process: the in-memory path (`rmexp.data.load_pairs` + `split_pairs` + `tokenize_pairs`: Python lists,
 one process), the datasets path (`rmexp.dataset.build_datasets`, `--num-proc` workers, an empty
-cache), and the datasets path again on the cache it wrote. Peak RSS is the largest sum over the
-process and its children, sampled every 0.1 s (shared pages of forked workers count once per process,
-against the new path). Prints one JSON line at the end. `--today-src DIR` runs the in-memory path from
+cache), and the datasets path again on the cache it wrote. Peak memory is the largest PSS sum over the
+process and its children, sampled every 0.2 s (a page shared by n processes counts 1/n in each). Prints one JSON line at the end. `--today-src DIR` runs the in-memory path from
 another checkout's src/ (e.g. a worktree of an older commit).
 """
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, compose_cfg, needs_shared
 from rmexp.config import to_typed
-from rmexp.data import DataError, load_data, tokenize_pairs
+from rmexp.data import DataError, encode_pairs, load_data, parse_record, tokenize_pairs
 from rmexp.dataset import build_datasets
 
 SAMPLE = ROOT / "data" / "preference.jsonl"
@@ -91,7 +91,8 @@ def test_a_second_run_reads_the_cache_and_a_changed_file_does_not(tmp_path, toke
     again, _, _ = build_datasets(cfg, tokenizer, 64)
     assert written and cache_files() == written  # nothing re-tokenized: the same files, untouched
     assert again.to_list() == first.to_list()
-    two, _, _ = build_datasets(data_cfg(tmp_path, f"data.path={f}", "data.num_proc=2"), tokenizer, 64)
+    # its own cache: datasets would take the one-process cache for a two-process map
+    two, _, _ = build_datasets(data_cfg(tmp_path / "two", f"data.path={f}", "data.num_proc=2"), tokenizer, 64)
     assert two.to_list() == first.to_list()  # two worker processes, the same rows
     write_jsonl(f, SAMPLE.read_text(encoding="utf-8").splitlines()[:210])
     grown, _, _ = build_datasets(cfg, tokenizer, 64)
@@ -110,11 +111,47 @@ def test_mixture_fraction_weights_and_parquet(tmp_path, tokenizer):
     s_en, s_zh = stats["sources"][str(en)], stats["sources"][str(zh)]
     assert s_en["n_records"] == 120 and s_zh["n_records"] == 240  # fraction: the first half of en
     assert s_en["n_train"] + s_zh["n_train"] == len(train) and s_en["n_eval"] + s_zh["n_eval"] == len(held)
-    assert s_en["n_eval"] == 12 and s_zh["n_eval"] == 24  # each source holds out its own share
+    # one grouped split over both sources: an English item and its Chinese translation on the same side
+    pairs = [parse_record(r, "x") for r in rows]
+    group_of = {tuple(e.chosen.ids): r["group"] for r, e in zip(rows, encode_pairs(tokenizer, pairs, 64), strict=True)}
+    train_groups = {group_of[tuple(r["chosen_ids"])] for r in train.to_list()}
+    eval_groups = {group_of[tuple(r["chosen_ids"])] for r in held.to_list()}
+    assert eval_groups and not train_groups & eval_groups
     # weights 3:1 until the first source runs out: about three English pairs to a Chinese one
-    assert s_en["n_train"] == 108 and 20 <= s_zh["n_train"] <= 60
+    assert 2 <= s_en["n_train"] / max(s_zh["n_train"], 1) <= 4.5 and s_en["n_train"] + s_en["n_eval"] == 120
     again, _, _ = build_datasets(data_cfg(tmp_path, "data=mixture", sources, "data.eval_fraction=0.1"), tokenizer, 64)
     assert again.to_list() == train.to_list()  # seeded by data.split_seed
+
+
+def test_few_good_records_first_an_empty_file_and_a_raw_line_separator(tmp_path, tokenizer):
+    good = [{"question": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(5)]
+    f = write_jsonl(tmp_path / "late.jsonl", [{"question": "q"}, {"question": "q"}, *good])
+    train, held, stats = build_datasets(data_cfg(tmp_path, f"data.path={f}", "data.max_pairs=3", "data.on_error=skip"),
+                                        tokenizer, 64)
+    assert len(train) + len(held) == 3 and stats["train_file"]["n_records"] == 5  # read up to the third good pair
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"{empty}: no preference pairs"):
+        build_datasets(data_cfg(tmp_path, f"data.path={empty}"), tokenizer, 64)
+    # U+2028 is legal raw inside a JSON string: a record holding one is one record in both readers
+    sep = write_jsonl(tmp_path / "sep.jsonl", [{"question": "a\u2028b", "chosen": "c", "rejected": "d"}, *good])
+    assert_same_as_in_memory(data_cfg(tmp_path, f"data.path={sep}"), tokenizer)
+
+
+def test_a_stream_reads_each_source_once_without_weights_and_refuses_eval_pairs(tmp_path, tokenizer):
+    good = [{"question": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(8)]
+    a, b = write_jsonl(tmp_path / "a.jsonl", good[:5]), write_jsonl(tmp_path / "b.jsonl", good[5:])
+    held = write_jsonl(tmp_path / "held.jsonl", [good[0], {"question": "new", "chosen": "x", "rejected": "y"}])
+    common = ("data=mixture", f"data.sources=[{{path:'{a}'}},{{path:'{b}'}}]", f"data.eval_path={held}",
+              "data.streaming=true")
+    train, _, stats = build_datasets(data_cfg(tmp_path, *common, "data.on_error=skip"), tokenizer, 64)
+    assert len(list(train)) == 7  # 8 pairs, the one also in the eval file skipped, none twice
+    assert stats["sources"][str(a)] == {"n_pairs_read": 4, "n_skipped": 1, "skipped": {"in_eval_file": 1}}
+    assert stats["sources"][str(b)]["n_pairs_read"] == 3
+    capped, _, _ = build_datasets(data_cfg(tmp_path, *common, "data.on_error=skip", "data.max_pairs=2"), tokenizer, 64)
+    assert len(list(capped)) == 4  # the first 2 pairs of each source
+    with pytest.raises(DataError, match=rf"{a}:1: the same pair is in the eval file"):
+        list(build_datasets(data_cfg(tmp_path, *common), tokenizer, 64)[0])
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -45,6 +45,8 @@ class StopOnSignal(TrainerCallback):
         return control
 
     def _handle(self, signum, frame):
+        if self.received is not None:  # the first signal decides (SLURM's SIGTERM after submitit's USR2 too)
+            return
         log.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
         self.received = signum
 

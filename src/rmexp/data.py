@@ -97,7 +97,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     if text.lstrip().startswith("["):
         yield from _iter_array(path, text)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

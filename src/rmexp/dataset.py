@@ -70,9 +70,10 @@ def _raw_features():
 # ---------------------------------------------------------------- reading a source
 
 
-def json_rows(path: str, size: int, mtime_ns: int):
+def json_rows(path: str, size: int, mtime_ns: int, code: str):
     """(line, JSON text) of each record of a JSONL file or a JSON array; a record that cannot be read
-    is a row with its error. `size` and `mtime_ns` are not read: they key the Arrow cache to the file's state."""
+    is a row with its error. `size`, `mtime_ns` and `code` (CODE_HASH) are not read: they key the Arrow
+    cache to the file's state and to this code."""
     with open(path, "rb") as f:
         is_array = f.read(4096).lstrip().startswith(b"[")
     if is_array:  # an array is parsed whole, as rmexp.data reads it
@@ -108,11 +109,14 @@ def read_source(src: SourceConfig, cache_dir: str | None, streaming: bool):
             return (load_dataset("parquet", data_files=str(local), split="train", cache_dir=cache_dir,
                                  streaming=streaming), src.path, False)
         st = local.stat()
-        kwargs = {"path": str(local.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        kwargs = {"path": str(local.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "code": CODE_HASH}
         if streaming:
             return IterableDataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs), src.path, True
-        return (Dataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs, cache_dir=cache_dir),
-                src.path, True)
+        try:
+            ds = Dataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs, cache_dir=cache_dir)
+        except ValueError as e:  # datasets refuses to build an empty dataset
+            raise DataError(f"{src.path}: no preference pairs (no records: {e})", reason="no_pairs") from None
+        return ds, src.path, True
     return (load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir, streaming=streaming),
             f"{src.path}[{src.split}]", False)
 
@@ -193,7 +197,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def encode_source(raw, origin: str, json_text: bool, tokenizer, data_cfg: DataConfig, max_length: int,
-                  num_proc: int | None, tokenizer_fp: str | None = None):
+                  num_proc: int | None, tokenizer_fp: str):
     """`encode_rows` over a whole source, cached under a fingerprint of the rows, the tokenizer, the
     settings and this code: a second run with the same ones reads the cached Arrow files."""
     from datasets import IterableDataset
@@ -204,7 +208,7 @@ def encode_source(raw, origin: str, json_text: bool, tokenizer, data_cfg: DataCo
                   remove_columns=list(raw.column_names or []), fn_kwargs=fn_kwargs)
     if isinstance(raw, IterableDataset):
         return raw.map(encode_rows, **kwargs)
-    key = [dataset_fingerprint(raw), tokenizer_fp or tokenizer_fingerprint(tokenizer), max_length,
+    key = [dataset_fingerprint(raw), tokenizer_fp, max_length,
            data_cfg.system_prompt, origin, json_text, CODE_HASH]
     num_proc = num_proc if num_proc and num_proc > 1 and len(raw) > 1 else None
     if num_proc:  # the workers are the parallelism: a tokenizer's own threads in forked workers would deadlock
@@ -234,7 +238,7 @@ def _columns(ds, names: list[str], chunk: int = 65_536) -> dict[str, np.ndarray]
     view = ds.select_columns(names).with_format("arrow")
     parts = [view[i:i + chunk] for i in range(0, len(view), chunk)]
     return {n: np.concatenate([p.column(n).to_numpy(zero_copy_only=False) for p in parts]) if parts
-            else np.zeros(0) for n in names}
+            else np.zeros(0, dtype=np.int64) for n in names}
 
 
 def kept_rows(mapped, origin: str, on_error: str, max_pairs: int | None) -> tuple[np.ndarray, LoadStats]:
@@ -324,28 +328,28 @@ def sources_of(data_cfg: DataConfig) -> list[SourceConfig]:
     return sources
 
 
-def load_source(src: SourceConfig, index: int, tokenizer, data_cfg: DataConfig, max_length: int):
+def load_source(src: SourceConfig, index: int, tokenizer, data_cfg: DataConfig, max_length: int, tokenizer_fp: str):
     """One source validated and tokenized: (rows with a `source_id` column, kept row numbers, stats)."""
     raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=False)
     if src.fraction < 1.0:
         raw = raw.select(range(max(1, round(len(raw) * src.fraction))))
     num_proc = data_cfg.num_proc or auto_num_proc(len(raw))
     max_pairs, on_error = data_cfg.max_pairs, data_cfg.on_error.value
+    encode = lambda rows: encode_source(rows, origin, json_text, tokenizer, data_cfg, max_length, num_proc,  # noqa: E731
+                                        tokenizer_fp)
     if max_pairs is not None and max_pairs < len(raw):  # the first max_pairs records usually suffice
-        mapped = encode_source(raw.select(range(max_pairs)), origin, json_text, tokenizer, data_cfg, max_length,
-                               num_proc)
-        if len(kept_rows(mapped, origin, "skip", max_pairs)[0]) < max_pairs:
-            mapped = encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, num_proc)
+        mapped = encode(raw.select(range(max_pairs)))
+        try:
+            enough = len(kept_rows(mapped, origin, "skip", max_pairs)[0]) >= max_pairs
+        except DataError:  # not one good pair among them
+            enough = False
+        if not enough:
+            mapped = encode(raw)
     else:
-        mapped = encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, num_proc)
+        mapped = encode(raw)
     kept, stats = kept_rows(mapped, origin, on_error, max_pairs)
     mapped = mapped.add_column("source_id", np.full(len(mapped), index, dtype=np.int32))
     return mapped, kept, stats, origin
-
-
-def leaked(train_keys: np.ndarray, eval_keys: np.ndarray) -> np.ndarray:
-    """Mask of train pairs that also stand in the eval file."""
-    return np.isin(train_keys, eval_keys)
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, max_length: int):
@@ -356,48 +360,49 @@ def build_datasets(data_cfg: DataConfig, tokenizer, max_length: int):
     if max_length < 8:
         raise DataError(f"trainer.max_length must be at least 8, got {max_length}", reason="config")
     sources = sources_of(data_cfg)
+    tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    # one build, by rank 0, into data.cache_dir: on several nodes it must be a shared file system
     with PartialState().main_process_first():
         if data_cfg.streaming:
-            return build_streamed(sources, data_cfg, tokenizer, max_length)
-        return build_mapped(sources, data_cfg, tokenizer, max_length)
+            return build_streamed(sources, data_cfg, tokenizer, max_length, tokenizer_fp)
+        return build_mapped(sources, data_cfg, tokenizer, max_length, tokenizer_fp)
 
 
-def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int):
+def drop_leaked(mapped, kept: np.ndarray, eval_keys: np.ndarray, stats: LoadStats, origin: str,
+                data_cfg: DataConfig) -> np.ndarray:
+    """`kept` without the pairs that also stand in the eval file: a DataError naming the first, or counted."""
+    in_eval = np.isin(_column(mapped, "key")[kept], eval_keys)
+    if in_eval.any():
+        if data_cfg.on_error.value == "raise":
+            line = _column(mapped, "line")[int(kept[np.argmax(in_eval)])]
+            raise DataError(f"{origin}:{line}: the same pair is in the eval file {data_cfg.eval_path} "
+                            f"({int(in_eval.sum())} such pairs): train/eval leakage (data.on_error=skip drops "
+                            "them from training and counts them)", reason="in_eval_file")
+        stats.skipped["in_eval_file"] += int(in_eval.sum())
+        stats.n_pairs -= int(in_eval.sum())
+        kept = kept[~in_eval]
+        if not len(kept):
+            raise DataError(f"{origin}: every pair is in the eval file {data_cfg.eval_path}", reason="no_pairs")
+    return kept
+
+
+def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int, tokenizer_fp: str):
     from datasets import concatenate_datasets, interleave_datasets
 
-    on_error = data_cfg.on_error.value
     stats: dict = {"sources": {}}
-    held = None
+    eval_keys = held = None
     if data_cfg.eval_path:
-        held_src = SourceConfig(path=data_cfg.eval_path)
-        eval_mapped, eval_kept, eval_stats, _ = load_source(held_src, len(sources), tokenizer, data_cfg, max_length)
+        eval_mapped, eval_kept, eval_stats, _ = load_source(SourceConfig(path=data_cfg.eval_path), len(sources),
+                                                            tokenizer, data_cfg, max_length, tokenizer_fp)
         eval_keys = _column(eval_mapped, "key")[eval_kept]
         held = eval_mapped.select(eval_kept)
         stats["eval_file"] = eval_stats.as_dict()
-    train_parts, eval_parts, origins = [], [], []
+    parts, origins = [], []
     for k, src in enumerate(sources):
-        mapped, kept, st, origin = load_source(src, k, tokenizer, data_cfg, max_length)
-        if held is not None:
-            in_eval = leaked(_column(mapped, "key")[kept], eval_keys)
-            if in_eval.any():
-                first = int(kept[np.argmax(in_eval)])
-                if on_error == "raise":
-                    line = _column(mapped, "line")[first]
-                    raise DataError(f"{origin}:{line}: the same pair is in the eval file {data_cfg.eval_path} "
-                                    f"({int(in_eval.sum())} such pairs): train/eval leakage (data.on_error=skip drops "
-                                    "them from training and counts them)", reason="in_eval_file")
-                st.skipped["in_eval_file"] += int(in_eval.sum())
-                st.n_pairs -= int(in_eval.sum())
-                kept = kept[~in_eval]
-            train_parts.append(mapped.select(kept))
-        else:
-            groups = np.asarray(_column(mapped, "group", as_list=True), dtype=object)[kept]
-            out = held_out(list(groups), data_cfg.eval_fraction, data_cfg.split_seed,
-                           f"{origin}:{_column(mapped, 'line')[kept[0]]}")
-            mask = np.zeros(len(kept), dtype=bool)
-            mask[list(out)] = True
-            train_parts.append(mapped.select(kept[~mask]))
-            eval_parts.append(mapped.select(kept[mask]))
+        mapped, kept, st, origin = load_source(src, k, tokenizer, data_cfg, max_length, tokenizer_fp)
+        if eval_keys is not None:
+            kept = drop_leaked(mapped, kept, eval_keys, st, origin, data_cfg)
+        parts.append((mapped, kept))
         origins.append(origin)
         stats["sources"][origin] = st.as_dict() | {"fraction": src.fraction, "weight": src.weight}
         if st.skipped:
@@ -405,15 +410,29 @@ def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, m
                    f"(data.on_error=skip): {dict(st.skipped)}")
             log.warning(msg)
             print(msg)
-    if sources[0].weight is not None and len(train_parts) > 1:
-        total = sum(s.weight for s in sources)
-        train = interleave_datasets(train_parts, probabilities=[s.weight / total for s in sources],
+    if held is None:  # one grouped split over every source: an item and its translation may sit in two sources
+        groups = [g for mapped, kept in parts
+                  for g in np.asarray(_column(mapped, "group", as_list=True), dtype=object)[kept]]
+        out = held_out(groups, data_cfg.eval_fraction, data_cfg.split_seed,
+                       f"{origins[0]}:{_column(parts[0][0], 'line')[parts[0][1][0]]}")
+        mask, offset, splits = np.zeros(len(groups), dtype=bool), 0, []
+        mask[list(out)] = True
+        for mapped, kept in parts:
+            part_mask = mask[offset:offset + len(kept)]
+            offset += len(kept)
+            splits.append((mapped.select(kept[~part_mask]), mapped.select(kept[part_mask])))
+        held = concatenate_datasets([e for _, e in splits if len(e)])
+    else:
+        splits = [(mapped.select(kept), None) for mapped, kept in parts]
+    mix = [(t, s.weight) for (t, _), s in zip(splits, sources, strict=True) if len(t)]  # a source all held out adds none
+    if sources[0].weight is not None and len(mix) > 1:
+        total = sum(w for _, w in mix)
+        train = interleave_datasets([t for t, _ in mix], probabilities=[w / total for _, w in mix],
                                     seed=data_cfg.split_seed, stopping_strategy=data_cfg.stopping_strategy)
     else:
-        train = concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
-    eval_ = held if held is not None else (concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0])
+        train = concatenate_datasets([t for t, _ in mix])
     truncation, margins = {}, {}
-    for split, ds in (("train", train), ("eval", eval_)):
+    for split, ds in (("train", train), ("eval", held)):
         cols = _columns(ds, STAT_COLUMNS)
         counts = np.bincount(cols["source_id"], minlength=len(sources) + 1)
         for k, origin in enumerate(origins):
@@ -421,56 +440,67 @@ def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, m
         truncation[split], margins[split] = truncation_counts(cols), cols["margin"]
     if data_cfg.path:  # the one-file shorthand keeps its name
         stats["train_file"] = stats["sources"][origins[0]]
-    return (with_margins(train, margins["train"]), with_margins(eval_, margins["eval"]),
+    return (with_margins(train, margins["train"]), with_margins(held, margins["eval"]),
             stats | {"truncation": truncation})
 
 
 class StreamCounts(dict):
-    """What a stream has read so far, by source: pairs and skipped records. A live dict (JSON as it is),
-    shared rather than copied when datasets copies the pipeline; with dataloader workers it sees none."""
+    """What a stream has read so far, by source: pairs and skipped records, a pair that stands in the eval
+    file among them. A live dict (JSON as it is), shared rather than copied when datasets copies the
+    pipeline; with dataloader workers it sees none. A record read twice (a new pass) counts twice."""
 
-    def __init__(self, origins: list[str], on_error: str):
+    def __init__(self, origins: list[str], on_error: str, eval_keys: set[int], eval_path: str):
         super().__init__({o: {"n_pairs_read": 0, "n_skipped": 0, "skipped": {}} for o in origins})
-        self.origins, self.on_error = origins, on_error
+        self.origins, self.on_error, self.eval_keys, self.eval_path = origins, on_error, eval_keys, eval_path
 
     def keep(self, row: dict) -> bool:
-        counts = self[self.origins[row["source_id"]]]
-        if row["reason"] is None:
+        counts, reason, error = self[self.origins[row["source_id"]]], row["reason"], row["error"]
+        if reason is None and row["key"] in self.eval_keys:
+            reason = "in_eval_file"
+            error = (f"{self.origins[row['source_id']]}:{row['line']}: the same pair is in the eval file "
+                     f"{self.eval_path}: train/eval leakage")
+        if reason is None:
             counts["n_pairs_read"] += 1
             return True
         if self.on_error == "raise":
-            raise DataError(f"{row['error']} (data.on_error=skip skips and counts such records)", row["reason"])
+            raise DataError(f"{error} (data.on_error=skip skips and counts such records)", reason)
         counts["n_skipped"] += 1
-        counts["skipped"][row["reason"]] = counts["skipped"].get(row["reason"], 0) + 1
+        counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
         return False
 
     def __deepcopy__(self, memo):
         return self
 
 
-def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int):
+def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int, tokenizer_fp: str):
     """An iterable train dataset read and tokenized as training consumes it (duplicates are not looked
     for: that would hold every pair's key), and the eval file as usual."""
-    from datasets import interleave_datasets
+    from datasets import Value, concatenate_datasets, interleave_datasets
 
     eval_mapped, eval_kept, eval_stats, _ = load_source(SourceConfig(path=data_cfg.eval_path), len(sources),
-                                                        tokenizer, data_cfg, max_length)
+                                                        tokenizer, data_cfg, max_length, tokenizer_fp)
     eval_ = eval_mapped.select(eval_kept)
-    streams, origins = [], []
+    counts = StreamCounts([], data_cfg.on_error.value, set(_column(eval_mapped, "key")[eval_kept].tolist()),
+                          data_cfg.eval_path)
+    streams, features = [], _features()
+    features["source_id"] = Value("int32")
     for k, src in enumerate(sources):
         raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=True)
-        stream = encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, None)
-        streams.append(stream.map(lambda b, k=k: {"source_id": [k] * len(b["line"])}, batched=True))
-        origins.append(origin)
-    counts = StreamCounts(origins, data_cfg.on_error.value)
+        counts.origins.append(origin)
+        counts[origin] = {"n_pairs_read": 0, "n_skipped": 0, "skipped": {}}
+        # features given at each step: without them datasets runs rows ahead to find them, and counts twice
+        stream = (encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, None, tokenizer_fp)
+                  .map(lambda b, k=k: {"source_id": [k] * len(b["line"])}, batched=True, features=features)
+                  .filter(counts.keep))
+        streams.append(stream.take(data_cfg.max_pairs) if data_cfg.max_pairs else stream)
     if sources[0].weight is not None and len(streams) > 1:
         total = sum(s.weight for s in sources)
         train = interleave_datasets(streams, probabilities=[s.weight / total for s in sources],
                                     seed=data_cfg.split_seed, stopping_strategy=data_cfg.stopping_strategy)
-    else:
-        train = streams[0] if len(streams) == 1 else interleave_datasets(streams, stopping_strategy="all_exhausted")
-    train = (train.filter(counts.keep)
-             .map(lambda b: {"margin": [0.0 if m is None else m for m in b["margin"]]}, batched=True)
+    else:  # no weights: every pair of every source, one source after the other (the shuffle window mixes them)
+        train = concatenate_datasets(streams) if len(streams) > 1 else streams[0]
+    train = (train.map(lambda b: {"margin": [0.0 if m is None else m for m in b["margin"]]}, batched=True,
+                       features=features)
              .shuffle(seed=data_cfg.split_seed, buffer_size=STREAM_SHUFFLE_BUFFER))
     log.warning("data.streaming=true: duplicate pairs are not looked for in a stream")
     cols = _columns(eval_, STAT_COLUMNS)
