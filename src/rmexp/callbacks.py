@@ -4,7 +4,6 @@ preemption signal, log the loss at every checkpoint, stop at a time budget, show
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ def submitit_signal() -> tuple[int, object] | None:
     """In a submitit job: the signal submitit sends before a preemption or the time limit (USR2 unless
     SUBMITIT_PREEMPT_SIGNAL says otherwise) and the handler submitit installed for it, which saves the
     job's submission, requeues the job and exits at once; else None."""
-    if not os.environ.get("SUBMITIT_EXECUTOR"):
+    if submitit_job_id() is None:
         return None
     signum = submitit_preempt_signal()
     handler = signal.getsignal(signum)

@@ -395,12 +395,10 @@ def render(tokenizer, prompt: list[dict[str, str]], answer: Answer,
     messages = _answer_messages(answer)
     replies = messages[0]["role"] == "assistant"
     if getattr(tokenizer, "chat_template", None):
+        heads = {} if heads is None else heads
         key = (id(prompt), replies)
-        if heads is None or key not in heads:
-            head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=replies) if prompt else ""
-            if heads is None:
-                heads = {}
-            heads[key] = head
+        if key not in heads:
+            heads[key] = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=replies) if prompt else ""
         head = heads[key]
         full = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
         return (head, full[len(head):]) if full.startswith(head) else (None, full)

@@ -301,14 +301,15 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
-def load_reward_model(model_cfg, quant_cfg):
-    """AutoModelForSequenceClassification(num_labels=1), quantized per config, and its tokenizer."""
+def load_reward_model(model_cfg, quant_cfg, tokenizer=None):
+    """AutoModelForSequenceClassification(num_labels=1), quantized per config, and its tokenizer (`tokenizer`,
+    when the caller loaded it already)."""
     from transformers import AutoModelForSequenceClassification
 
     fsdp = fsdp_launched()
     kwargs = from_pretrained_kwargs(model_cfg, quant_cfg, fsdp)
     path = resolve_model_path(model_cfg.name_or_path, model_cfg.cache_dir)
-    tok = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
+    tok = tokenizer or load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if fsdp and kwargs["quantization_config"] is not None and torch.cuda.is_available():
         # With no device_map, transformers' bitsandbytes loader quantizes on the *current* CUDA device, and
         # nothing has set it yet (the trainer's arguments are built after the model): every rank would put

@@ -63,7 +63,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         log.info(config_summary(cfg, train_ds, eval_ds))
 
         set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
-        model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization)
+        model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization, tokenizer)
 
         # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
         resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
