@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import socket
 import subprocess
 import sys
 import time
+import timeit
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -183,20 +186,19 @@ def test_server_answers_bad_input_with_a_named_4xx(server, endpoint, body, statu
 
 @pytest.mark.slow
 def test_get_reward_takes_openrlhf_decoded_text(server, run):
-    """OpenRLHF sends its templated sequences decoded with special tokens: left pads, a closing EOS.
-    They are stripped, and a templated prompt is not wrapped in the chat template again."""
+    """OpenRLHF sends its templated sequences decoded with special tokens: left pads, the end-of-turn
+    marker, a closing EOS. The reward is the one training's tokens give that (prompt, response)."""
     rm = RewardModel.load(run)
     tok = rm.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
                                      add_generation_prompt=True)
     assert rm.is_templated(prompt) and not rm.is_templated(PROMPTS[0])
-    expected = rm.score_tokens([rm.text_tokens(prompt + COMPLETIONS[0])])[0]
-    query = prompt + COMPLETIONS[0] + tok.eos_token
+    expected = rm.score(PROMPTS[0], COMPLETIONS[0])
+    query = prompt + COMPLETIONS[0] + rm.template_parts()["end_of_turn"].strip() + tok.eos_token
     got = httpx.post(f"{server}/get_reward", timeout=60, json={
-        "query": [tok.pad_token * 3 + query, query], "prompts": [tok.pad_token * 3 + prompt, prompt]})
+        "query": [tok.pad_token * 3 + query, query + tok.pad_token], "prompts": [tok.pad_token * 3 + prompt, prompt]})
     assert got.status_code == 200, got.text
     assert got.json()["rewards"] == pytest.approx([expected, expected], abs=1e-4)
-    assert rm.text_tokens(prompt + COMPLETIONS[0]) != rm.tokens(prompt, COMPLETIONS[0])  # wrapped twice otherwise
 
 
 def test_an_item_the_chat_template_rejects_fails_its_own_request_by_name(run):
@@ -243,27 +245,259 @@ def test_server_answers_32_concurrent_clients(server, run):
 def test_the_app_serves_again_after_a_restart():
     """Its queue and scoring thread belong to one lifetime: a second start gets new ones."""
     from fastapi.testclient import TestClient
-    from hydra import compose, initialize_config_module
 
-    from rmexp.config import CONF_MODULE, to_typed
     from rmexp.serve import build_app
 
-    class Stub:  # a RewardModel's serving surface, rewards = token counts
-        normalize, path, n_truncated, tokenizer = False, "stub", 0, None
-
-        def is_templated(self, text):
-            return False
-
-        def tokens(self, prompt, answer):
-            return list(range(len(prompt) + len(answer)))
-
-        def score_tokens(self, sequences):
-            return [float(len(s)) for s in sequences]
-
-    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
-        serve_cfg = to_typed(compose("serve", overrides=["checkpoint=unused"]).serve)  # the shipped defaults
-    app = build_app(Stub(), serve_cfg)
+    app = build_app(Stub(), serve_config())  # the shipped defaults
     for _ in range(2):
         with TestClient(app) as client:
             got = client.post("/score", json={"prompts": ["ab", "c"], "completions": ["d", "ef"]})
             assert got.status_code == 200 and got.json() == {"rewards": [3.0, 3.0]}
+
+
+# ---------------------------------------------------------------- train/serve token identity
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+MARKERS = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+CONVERSATIONS = [  # (prompt messages, response)
+    ([{"role": "user", "content": PROMPTS[0]}], COMPLETIONS[0]),
+    ([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PROMPTS[1]}], COMPLETIONS[1]),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+      {"role": "user", "content": PROMPTS[2]}], " " + COMPLETIONS[2] + "\n"),
+]
+
+
+def serve_config(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    from rmexp.config import CONF_MODULE, to_typed
+
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        return to_typed(compose("serve", overrides=["checkpoint=unused", *overrides]).serve)
+
+
+def openrlhf_request(rm, marker: str) -> dict:
+    """What OpenRLHF's remote reward call sends: prompts through the chat template, each query the
+    left-padded prompt + response + end-of-turn marker + EOS (+ right pads), decoded with specials."""
+    tok = rm.tokenizer
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in CONVERSATIONS]
+    queries = [tok.pad_token * 2 + p + r + marker + tok.eos_token + tok.pad_token * i
+               for i, (p, (_, r)) in enumerate(zip(prompts, CONVERSATIONS, strict=True))]
+    return {"query": queries, "prompts": prompts, "labels": [""] * len(prompts)}
+
+
+def assert_served_as_trained(rm, marker: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from rmexp.serve import build_app, encode, parse_get_reward
+
+    body = openrlhf_request(rm, marker)
+    items = parse_get_reward(body, 100, rm.tokenizer)
+    assert encode(rm, items, "query") == [rm.tokens(m, r) for m, r in CONVERSATIONS]  # the same token ids
+    expected = rm.score_batch(CONVERSATIONS)
+    with TestClient(build_app(rm, serve_config())) as client:
+        got = client.post("/get_reward", json=body)
+    assert got.status_code == 200, got.text
+    # the same ids packed the same way: only a kernel's run-to-run rounding could differ
+    assert got.json()["rewards"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def fp32_tiny():
+    from rmexp.model import load_reward_model
+
+    cfg = compose_cfg("model=tiny", "quantization=none", "model.dtype=float32", "data.path=data/preference.jsonl")
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("template", ["gemma", "chatml", "llama3"])
+def test_get_reward_scores_the_token_ids_training_gives_the_pair(fp32_tiny, template):
+    from rmexp.builtin import GEMMA_CHAT_TEMPLATE
+
+    model, tok = fp32_tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = {"gemma": GEMMA_CHAT_TEMPLATE, "chatml": CHATML, "llama3": LLAMA3}[template]
+    rm = RewardModel(model, tok, max_length=256, path="tiny")
+    assert rm.template_parts()["end_of_turn"].strip() == MARKERS[template]
+    assert_served_as_trained(rm, MARKERS[template])
+    # the seed recipe pads with EOS (Llama has no pad token): pads and EOS strip as one run
+    tok.pad_token = tok.eos_token
+    assert_served_as_trained(RewardModel(model, tok, max_length=256, path="tiny"), MARKERS[template])
+
+
+@pytest.mark.slow
+def test_get_reward_scores_gemma3_as_trained():
+    """The make-train default model, its own tokenizer (`<end_of_turn>` one special token)."""
+    from rmexp.model import load_reward_model
+
+    cfg = compose_cfg("quantization=none", "model.dtype=float32", "data.path=data/preference.jsonl")
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    rm = RewardModel(model.eval(), tok, max_length=512, path="gemma")
+    assert rm.template_parts()["end_of_turn"] == "<end_of_turn>\n"
+    assert_served_as_trained(rm, "<end_of_turn>")
+
+
+# ---------------------------------------------------------------- exposure: keys, limits, shapes
+
+
+class Stub:  # a RewardModel's serving surface, rewards = token counts
+    normalize, path, n_truncated = False, "/secret/run/dir", 0
+
+    class tokenizer:  # noqa: N801 - stands in for a tokenizer object
+        pad_token, eos_token = "<pad>", "</s>"
+
+    def is_templated(self, text):
+        return False
+
+    def tokens(self, prompt, answer):
+        return list(range(len(prompt) + len(answer)))
+
+    def score_tokens(self, sequences):
+        return [float(len(s)) for s in sequences]
+
+
+def test_strip_is_linear_in_the_pads_it_removes():
+    from rmexp.serve import strip
+
+    assert strip("<pad><pad>Q: hi</s><pad></s>", ("<pad>",), ("<pad>", "</s>")) == "Q: hi"
+    assert strip("<pad>", ("<pad>",), ("<pad>",)) == "" and strip("ab", ("",), ("",)) == "ab"
+
+    def seconds(n: int) -> float:
+        text = "<pad>" * n + "Q" + "</s>" * n
+        return min(timeit.repeat(lambda: strip(text, ("<pad>",), ("<pad>", "</s>")), number=1, repeat=3))
+
+    # removing one pad per pass with a copy each time is quadratic: 4x the pads would take ~16x
+    small, large = seconds(20_000), seconds(80_000)
+    assert large < 8 * small, (small, large)
+
+
+def test_a_huge_padded_query_is_answered_while_health_stays_quick():
+    from fastapi.testclient import TestClient
+
+    from rmexp.serve import build_app
+
+    with TestClient(build_app(Stub(), serve_config())) as client:
+        body = {"query": ["<pad>" * 100_000 + "Q: hi A" + "</s>"], "prompts": ["Q: hi "]}
+        got = client.post("/get_reward", json=body)
+        assert got.status_code == 200 and got.json() == {"rewards": [7.0]}
+
+
+def test_an_api_key_guards_every_route_but_health():
+    from fastapi.testclient import TestClient
+
+    from rmexp.serve import build_app
+
+    body = {"prompts": ["ab"], "completions": ["c"]}
+    with TestClient(build_app(Stub(), serve_config("serve.api_key=s3cret"))) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            got = client.post("/score", json=body, headers=headers)
+            assert got.status_code == 401 and got.json()["field"] == "authorization", got.text
+            assert got.headers["www-authenticate"] == "Bearer"
+        assert client.get("/nowhere").status_code == 401  # no route is named to a caller without the key
+        assert client.get("/health").status_code == 200
+        got = client.post("/score", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert got.status_code == 200 and got.json() == {"rewards": [3.0]}
+
+
+def test_the_api_key_comes_from_the_environment(monkeypatch):
+    from rmexp.serve import api_key
+
+    monkeypatch.setenv("RMEXP_API_KEY", "from-env")
+    assert api_key(serve_config()) == "from-env"
+    assert api_key(serve_config("serve.api_key=given")) == "given"
+    monkeypatch.delenv("RMEXP_API_KEY")
+    assert api_key(serve_config()) is None
+
+
+def test_errors_share_one_shape_and_nothing_else_is_served():
+    from fastapi.testclient import TestClient
+
+    from rmexp.serve import build_app
+
+    with TestClient(build_app(Stub(), serve_config())) as client:
+        for method, path, status, field in [("GET", "/nowhere", 404, "path"), ("GET", "/score", 405, "method"),
+                                            ("GET", "/docs", 404, "path"), ("GET", "/redoc", 404, "path"),
+                                            ("GET", "/openapi.json", 404, "path")]:
+            got = client.request(method, path)
+            assert got.status_code == status and got.json()["field"] == field and got.json()["error"], got.text
+        assert client.head("/health").status_code == 200
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and "/secret" not in json.dumps(health)
+    with TestClient(build_app(Stub(), serve_config("serve.docs=true"))) as client:
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_serving_beyond_loopback_without_a_key_warns(caplog):
+    from rmexp.serve import is_loopback, warn_if_exposed
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("gpu-node-7")
+    with caplog.at_level(logging.WARNING, logger="rmexp.serve"):
+        warn_if_exposed(serve_config("serve.host=127.0.0.1"))
+        warn_if_exposed(serve_config("serve.host=0.0.0.0", "serve.api_key=k"))
+        assert not caplog.records
+        warn_if_exposed(serve_config("serve.host=0.0.0.0"))
+    assert len(caplog.records) == 1 and "without an API key" in caplog.text and "RMEXP_API_KEY" in caplog.text
+
+
+@pytest.fixture
+def stub_server(caplog):
+    """The Stub behind the real uvicorn server and its read deadline (1 s), in a thread."""
+    import threading
+
+    import uvicorn
+
+    from rmexp.serve import build_app, server_config
+
+    cfg = serve_config("serve.read_timeout_s=1", f"serve.port={free_port()}")
+    server = uvicorn.Server(uvicorn.Config(build_app(Stub(), cfg), **server_config(cfg)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    with caplog.at_level(logging.INFO):
+        thread.start()
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield cfg
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_slow_clients_are_answered_408_and_closed_within_the_read_timeout(stub_server):
+    cfg = stub_server
+    partial = [b"", b"POST /score HTTP/1.1\r\nHost: x\r\n",  # nothing yet; half a header
+               b"POST /score HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"pr"]
+    clients = []
+    for i in range(20):
+        sock = socket.create_connection(("127.0.0.1", cfg.port))
+        sock.sendall(partial[i % 3])
+        clients.append(sock)
+    start = time.time()
+    for sock in clients:
+        sock.settimeout(cfg.read_timeout_s + 5)
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["field"] == "body"
+    assert time.time() - start < cfg.read_timeout_s + 3  # all closed by the deadline, not one after another
+    assert httpx.get(f"http://127.0.0.1:{cfg.port}/health", timeout=5).status_code == 200
+
+
+def test_a_client_gone_mid_body_is_one_info_line(stub_server, caplog):
+    cfg = stub_server
+    sock = socket.create_connection(("127.0.0.1", cfg.port))
+    sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+    time.sleep(0.3)
+    sock.close()
+    time.sleep(0.5)
+    assert httpx.get(f"http://127.0.0.1:{cfg.port}/health", timeout=5).status_code == 200
+    gone = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

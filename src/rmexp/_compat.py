@@ -1,4 +1,4 @@
-"""Every touch of a private name of transformers, TRL, bitsandbytes, datasets or submitit, in one place.
+"""Every touch of a private name of transformers, TRL, bitsandbytes, datasets, submitit or uvicorn, in one place.
 
 A private name can move at any upgrade without notice. Each one rmexp relies on is reached only
 through a function here, and `check()` verifies that every one is still where it was, naming the
@@ -9,6 +9,7 @@ the collator's columns kept by `remove_unused_columns=False` (not Trainer's `_si
 
 from __future__ import annotations
 
+import asyncio
 from importlib.metadata import version
 
 
@@ -87,6 +88,70 @@ def submitit_preempt_signal() -> int:
     return JobEnvironment._usr_sig()
 
 
+# ---------------------------------------------------------------- uvicorn
+
+
+def read_timeout_protocol(timeout_s: float, body: bytes):
+    """uvicorn's h11 protocol with a deadline on reading each request: uvicorn times out idle
+    keep-alive connections but not one that opens and sends a partial header or body, so a few hundred
+    slow clients could hold the server. A request not read whole `timeout_s` after its connection
+    opened or its first byte came is answered 408 with the JSON `body` and its connection closed.
+    Builds on the protocol's connection (`conn`, h11's state machine), `transport` and `loop`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    reading = (h11.IDLE, h11.SEND_BODY)  # the client's request not yet read whole
+
+    class ReadTimeoutProtocol(H11Protocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.deadline = self.loop.call_later(timeout_s, self.read_timed_out)
+
+        def data_received(self, data: bytes) -> None:
+            if self.deadline is None and self.conn.their_state is h11.IDLE:  # a next request begins
+                self.deadline = self.loop.call_later(timeout_s, self.read_timed_out)
+            super().data_received(data)
+            if self.deadline is not None and self.conn.their_state not in reading:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+            super().connection_lost(exc)
+
+        def read_timed_out(self) -> None:
+            self.deadline = None
+            if self.transport.is_closing() or self.conn.their_state not in reading:
+                return
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer begun: say why before closing
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return ReadTimeoutProtocol
+
+
+def _h11_protocol_has_its_parts() -> bool:
+    import h11
+    from uvicorn import Config
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.server import ServerState
+
+    async def app(scope, receive, send):  # never called
+        pass
+
+    protocol = H11Protocol(Config(app, http="h11", log_config=None), ServerState(), {}, _loop=asyncio.new_event_loop())
+    try:
+        return isinstance(protocol.conn, h11.Connection) and hasattr(protocol, "transport") and all(
+            callable(getattr(protocol, n, None)) for n in ("connection_made", "data_received", "connection_lost"))
+    finally:
+        protocol.loop.close()
+
+
 # ---------------------------------------------------------------- the check
 
 
@@ -113,6 +178,8 @@ def check(trainer=None) -> None:
              "the signal a job gets before preemption")
     _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",
              "Dataset._fingerprint", "the cache key of a dataset")
+    _require(_h11_protocol_has_its_parts(), "uvicorn", "protocols.http.h11_impl.H11Protocol.conn/transport/loop",
+             "the request read deadline")
     if trainer is not None:
         metrics = getattr(trainer, "_metrics", None)
         _require(isinstance(metrics, dict) and "train" in metrics, "trl", "RewardTrainer._metrics",

@@ -236,6 +236,11 @@ class ServerConfig:
     max_request_bytes: int = MISSING
     row_tokens: int = MISSING  # tokens per packed row
     normalize: bool = MISSING  # (r - mean) / std with the run's held-out reward statistics
+    api_key: str | None = MISSING  # required as 'Authorization: Bearer <key>' by every route but /health
+    read_timeout_s: float = MISSING  # a request not read whole by then: 408, connection closed
+    keep_alive_s: int = MISSING  # an idle keep-alive connection is closed after this
+    max_connections: int = MISSING  # served at once (503 beyond)
+    docs: bool = MISSING  # serve /docs, /redoc and /openapi.json
 
 
 @dataclass

@@ -492,6 +492,13 @@ def encode_answer(tokenizer, prompt: list[dict[str, str]], answer: Answer, max_l
     return encode_answers(tokenizer, [(prompt, answer)], max_length)[0]
 
 
+def encode_rendered(tokenizer, prompt_text: str, answer_text: str, max_length: int) -> Encoded:
+    """Tokens of a prompt already through the chat template and of the answer text the template
+    wrote after it, tokenized apart and fitted as `encode_answers` does for templated pairs."""
+    prompt_ids, answer_ids = _token_ids(tokenizer, [prompt_text, answer_text], False)
+    return _fit(tokenizer, prompt_ids, answer_ids, max_length)
+
+
 def last_non_pad(ids: list[int], pad_token_id: int | None) -> int:
     for k in range(len(ids) - 1, -1, -1):
         if ids[k] != pad_token_id:

@@ -15,13 +15,14 @@ A `RewardModel` is also a reward function for TRL's GRPO/RLOO trainers:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from rmexp.data import Pair, encode_answer, encode_pair, keep_last, with_system_prompt
+from rmexp.data import Pair, encode_answer, encode_pair, encode_rendered, render, with_system_prompt
 from rmexp.packing import PackedPairCollator, packed_ready, packed_rewards
 from rmexp.rundir import is_run_dir, read_run_config, reward_stats
 
@@ -38,7 +39,7 @@ class RewardModel:
         self.reward_std: float | None = None
         self.n_truncated = 0  # answers scored that lost tokens to max_length
         self._count = threading.Lock()  # tokens() may run on several threads (the reward server)
-        self._template_head: str | None = None
+        self._template: dict[str, str] | None = None
 
     @classmethod
     def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 2048, normalize: bool = False) -> RewardModel:
@@ -92,26 +93,47 @@ class RewardModel:
             self.n_truncated += encoded.prompt_truncated or encoded.answer_truncated
         return encoded.ids
 
-    def is_templated(self, text: str) -> bool:
-        """Whether `text` already starts the way the chat template starts a user turn."""
-        if self._template_head is None:
-            head = ""
+    def template_parts(self) -> dict[str, str]:
+        """What the chat template writes around turns, found by rendering marker contents: `head`, the
+        text every rendered conversation starts with (with or without a system turn); `end_of_turn`,
+        what follows an assistant turn's content (Gemma's `<end_of_turn>\\n`). Empty without a template."""
+        if self._template is None:
+            parts = {"head": "", "end_of_turn": ""}
             if getattr(self.tokenizer, "chat_template", None):
-                marker = "\u2063rmexp\u2063"
-                head = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}],
-                                                          tokenize=False).split(marker)[0]
-            self._template_head = head
-        return bool(self._template_head) and text.startswith(self._template_head)
+                mark = "\u2063rmexp\u2063"
+                apply = self.tokenizer.apply_chat_template
+                heads = [apply([{"role": "user", "content": mark}], tokenize=False).split(mark)[0]]
+                with contextlib.suppress(Exception):  # a template may refuse a system turn
+                    heads.append(apply([{"role": "system", "content": mark}, {"role": "user", "content": "u"}],
+                                       tokenize=False).split(mark)[0])
+                parts["head"] = os.path.commonprefix(heads)
+                turn = apply([{"role": "user", "content": "u"}, {"role": "assistant", "content": mark}], tokenize=False)
+                parts["end_of_turn"] = turn.split(mark)[-1] if mark in turn else ""
+            self._template = parts
+        return self._template
 
-    def text_tokens(self, text: str) -> list[int]:
-        """Token ids of text that is already formatted (template applied), fitted to max_length from
-        the left (a leading BOS kept), as training fits an over-long prompt."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_length:
-            ids = keep_last(ids, self.max_length, self.tokenizer.bos_token_id)
-            with self._count:
-                self.n_truncated += 1
-        return ids
+    def is_templated(self, text: str) -> bool:
+        """Whether `text` already starts the way the chat template starts a conversation."""
+        head = self.template_parts()["head"]
+        return bool(head) and text.startswith(head)
+
+    def templated_tokens(self, prompt: str, response: str) -> list[int]:
+        """Token ids of a response to a prompt already through the chat template (OpenRLHF's
+        `--apply_chat_template`), the ids training gives that (prompt, response) pair: a closing
+        end-of-turn marker (where generation stopped) is taken off the response, which is then
+        rendered by the template as the assistant turn, tokenized apart from the prompt and fitted to
+        max_length as in training. The assistant turn's render does not depend on the turns before it
+        in the templates rmexp is tested with (Gemma-3, ChatML, Llama-3)."""
+        end = self.template_parts()["end_of_turn"]
+        for marker in (end, end.strip()):
+            if marker and response.endswith(marker):
+                response = response[:-len(marker)]
+                break
+        _, answer_text = render(self.tokenizer, [{"role": "user", "content": "u"}], response)
+        encoded = encode_rendered(self.tokenizer, prompt, answer_text, self.max_length)
+        with self._count:
+            self.n_truncated += encoded.prompt_truncated or encoded.answer_truncated
+        return encoded.ids
 
     def score(self, question, answer: str) -> float:
         """Reward of one answer; `question` is a string or a list of chat messages."""

@@ -7,18 +7,27 @@ FastAPI on uvicorn, listening on `serve.host`:`serve.port` (127.0.0.1:5000):
   start with its prompt; the rest is the response. Other fields (OpenRLHF's `labels`) are ignored.
 - `POST /score` `{"prompts": [...], "completions": [...]}` -> `{"rewards": [...]}`: TRL's
   reward-function call; prompts and completions are strings or chat message lists.
-- `GET /health` -> the checkpoint, requests and texts served, and how many lost tokens to max_length.
+- `GET /health` (and `HEAD`) -> status, requests and texts served, how many lost tokens to max_length.
 
 Prompts and responses are formatted exactly as in training (chat template, system prompt,
-truncation), and tokenized per request (an item the chat template rejects fails its own request
-only). Texts of requests that arrive together (within `serve.batch_window_ms`, up to
-`serve.max_batch`) are scored in one packed forward on one scoring thread. Bad input gets a 4xx
-with `{"error": ..., "field": ...}` naming the field, never a 500.
+truncation): a prompt OpenRLHF already put through the chat template gets its response rendered as
+the template's assistant turn, so the server reads each reward at the token training read it at.
+Bodies are parsed and tokenized off the event loop (an item the chat template rejects fails its own
+request only). Texts of requests that arrive together (within `serve.batch_window_ms`, up to
+`serve.max_batch`) are scored in one packed forward on one scoring thread. Every error, 401, 404,
+405, 408, 413 and 422 alike, is `{"error": ..., "field": ...}` naming the field, never a 500.
+
+Exposure: with `serve.api_key` (or `RMEXP_API_KEY`) every route but `/health` needs
+`Authorization: Bearer <key>`; a request not read whole within `serve.read_timeout_s` gets a 408 and
+its connection is closed; at most `serve.max_connections` are served at once (503 beyond); the API
+docs (`/docs`, `/redoc`, `/openapi.json`) are off unless `serve.docs=true`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -28,8 +37,10 @@ from typing import Any
 
 import hydra
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from rmexp.config import CONF_PATH, to_typed
 
@@ -70,12 +81,12 @@ def encode(model, items: list, field: str) -> list[list[int]]:
     """Token ids of each (prompt, answer) item, formatted as in training; an item the model's chat
     template rejects (say, roles out of order) is a BadRequest naming it, before any batch sees it.
     A prompt that already went through the chat template (OpenRLHF's `--apply_chat_template`) is not
-    wrapped again: prompt + answer is scored as the text it is."""
+    wrapped again: its answer is rendered as the template's assistant turn after it."""
     sequences = []
     for i, (prompt, answer) in enumerate(items):
         try:
-            if isinstance(prompt, str) and model.is_templated(prompt):
-                sequences.append(model.text_tokens(prompt + answer))
+            if isinstance(prompt, str) and isinstance(answer, str) and model.is_templated(prompt):
+                sequences.append(model.templated_tokens(prompt, answer))
             else:
                 sequences.append(model.tokens(prompt, answer))
         except Exception as e:  # noqa: BLE001 - jinja2's TemplateError and whatever a template raises
@@ -88,33 +99,39 @@ def _same_length(body: dict, a: str, b: str) -> None:
         raise BadRequest(b, f"{len(body[a])} {a} but {len(body[b])} {b}: one each")
 
 
-def _strip(text: str, lead: tuple[str, ...], trail: tuple[str, ...]) -> str:
-    """`text` without repeats of the `lead` strings at its start and of the `trail` strings at its end."""
-    changed = True
-    while changed:
-        changed = False
+def strip(text: str, lead: tuple[str, ...], trail: tuple[str, ...]) -> str:
+    """`text` without repeats of the `lead` strings at its start and of the `trail` strings at its
+    end: the ends are found by counting (linear in what is removed) and the text is sliced once."""
+    lead, trail = tuple(s for s in lead if s), tuple(s for s in trail if s)
+    start, end = 0, len(text)
+    moved = True
+    while moved:
+        moved = False
         for s in lead:
-            if s and text.startswith(s):
-                text, changed = text[len(s):], True
+            while text.startswith(s, start, end):
+                start, moved = start + len(s), True
+    moved = True
+    while moved:
+        moved = False
         for s in trail:
-            if s and text.endswith(s):
-                text, changed = text[:-len(s)], True
-    return text
+            while end - len(s) >= start and text.endswith(s, start, end):
+                end, moved = end - len(s), True
+    return text[start:end]
 
 
 def parse_get_reward(body: Any, max_items: int, tokenizer) -> list[tuple[str, str]]:
     """OpenRLHF's request: (prompt, response) items, each response the query after its prompt.
 
-    OpenRLHF decodes its sequences with special tokens: left padding and a closing EOS are dropped
-    here, as its own reward server does."""
+    OpenRLHF decodes its sequences with special tokens: pads on either side and closing EOS tokens
+    are dropped here, as its own reward server does."""
     if not isinstance(body, dict):
         raise BadRequest("body", "the body must be a JSON object")
     queries, prompts = _text_list(body, "query", max_items), _text_list(body, "prompts", max_items)
     _same_length(body, "query", "prompts")
-    pads = (tokenizer.pad_token or "",)
+    pads, eos = (tokenizer.pad_token or "",), (tokenizer.eos_token or "",)
     items = []
     for i, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
-        query, prompt = _strip(query, pads, pads + (tokenizer.eos_token or "",)), _strip(prompt, pads, ())
+        query, prompt = strip(query, pads, pads + eos), strip(prompt, pads, ())
         if not query.startswith(prompt):
             raise BadRequest(f"query[{i}]", f"query[{i}] does not start with prompts[{i}]")
         items.append((prompt, query[len(prompt):]))
@@ -194,8 +211,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = JSONResponse({"error": f"request body over serve.max_request_bytes={self.max_bytes}",
-                                  "field": "body"}, status_code=413)
+        too_large = error(413, f"request body over serve.max_request_bytes={self.max_bytes}", "body")
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_large(scope, receive, send)
@@ -219,6 +235,43 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class ApiKey:
+    """ASGI middleware: every route but `/health` needs `Authorization: Bearer <key>` (compared in
+    constant time, so the answer's timing tells nothing of the key)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, b"Bearer " + key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                                        "with the key the server was started with", "authorization",
+                                   {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def error(status: int, message: str, field: str, headers: dict | None = None) -> JSONResponse:
+    """The one shape of every error answer."""
+    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
+
+
+def api_key(serve_cfg) -> str | None:
+    """`serve.api_key` (by default the environment's `RMEXP_API_KEY`, which keeps the key out of the
+    saved config and the process list); None or empty: no key."""
+    return serve_cfg.api_key or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, treat it as reachable from outside
+        return False
+
+
 def build_app(model, serve_cfg):
     """The FastAPI app around a loaded `RewardModel`."""
     stats = {"requests": 0, "texts": 0, "started": time.time()}
@@ -230,22 +283,41 @@ def build_app(model, serve_cfg):
         yield
         await batcher.stop()
 
-    app = FastAPI(title="rmexp reward server", lifespan=lifespan)
+    docs = bool(serve_cfg.docs)
+    app = FastAPI(title="rmexp reward server", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.add_middleware(BodyLimit, max_bytes=int(serve_cfg.max_request_bytes))
+    key = api_key(serve_cfg)
+    if key:
+        app.add_middleware(ApiKey, key=key)  # outermost: no body is read for a request without the key
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc: BadRequest):
-        return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status)
+        return error(exc.status, exc.message, exc.field)
 
-    async def read_json(request: Request) -> Any:
-        raw = await request.body()
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):  # routing's 404 and 405
+        field = {404: "path", 405: "method"}.get(exc.status_code, "request")
+        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", field, exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, exc):
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s disconnected before its %s %s body was read", client, request.method, request.url.path)
+        return Response(status_code=499)  # nobody reads it
+
+    def prepare(raw: bytes, parse, field: str) -> tuple[list, list[list[int]]]:
+        """Parse, check and tokenize a body: run on a worker thread, off the event loop."""
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
             raise BadRequest("body", f"the body is not valid JSON: {e}") from None
+        items = parse(body)
+        return items, encode(model, items, field)
 
-    async def rewards_for(items, field: str) -> JSONResponse:
-        sequences = await asyncio.get_running_loop().run_in_executor(None, encode, model, items, field)
+    async def rewards_for(request: Request, parse, field: str) -> JSONResponse:
+        raw = await request.body()
+        items, sequences = await asyncio.get_running_loop().run_in_executor(None, prepare, raw, parse, field)
         rewards = await batcher.submit(sequences)
         if model.normalize:
             rewards = model.normalized(rewards)
@@ -253,22 +325,44 @@ def build_app(model, serve_cfg):
         stats["texts"] += len(items)
         return JSONResponse({"rewards": rewards})
 
+    max_items = int(serve_cfg.max_items)
+
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        items = parse_get_reward(await read_json(request), int(serve_cfg.max_items), model.tokenizer)
-        return await rewards_for(items, "query")
+        return await rewards_for(request, lambda body: parse_get_reward(body, max_items, model.tokenizer), "query")
 
     @app.post("/score")
     async def score(request: Request):
-        return await rewards_for(parse_score(await read_json(request), int(serve_cfg.max_items)), "prompts")
+        return await rewards_for(request, lambda body: parse_score(body, max_items), "prompts")
 
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     async def health():
-        return {"status": "ok", "checkpoint": model.path, "normalize": model.normalize,
-                "requests": stats["requests"], "texts": stats["texts"],
+        return {"status": "ok", "normalize": model.normalize, "requests": stats["requests"], "texts": stats["texts"],
                 "texts_truncated": model.n_truncated, "uptime_s": round(time.time() - stats["started"], 1)}
 
     return app
+
+
+def warn_if_exposed(serve_cfg) -> None:
+    if not is_loopback(serve_cfg.host) and not api_key(serve_cfg):
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model and "
+                    "its compute; set RMEXP_API_KEY (or serve.api_key) to require 'Authorization: Bearer <key>'",
+                    serve_cfg.host)
+
+
+def server_config(serve_cfg) -> dict:
+    """uvicorn's settings, bounded: `serve.max_connections` at once, idle keep-alive connections
+    closed after `serve.keep_alive_s`, a request not read whole within `serve.read_timeout_s`
+    answered 408 and closed."""
+    from rmexp._compat import read_timeout_protocol
+
+    timeout = float(serve_cfg.read_timeout_s)
+    body = json.dumps({"error": f"the request was not read whole within serve.read_timeout_s={timeout:g} s",
+                       "field": "body"}).encode()
+    return {"host": serve_cfg.host, "port": int(serve_cfg.port), "log_level": "warning",
+            "http": read_timeout_protocol(timeout, body), "limit_concurrency": int(serve_cfg.max_connections),
+            "timeout_keep_alive": int(serve_cfg.keep_alive_s)}
 
 
 @hydra.main(config_path=CONF_PATH, config_name="serve", version_base="1.3")
@@ -279,9 +373,10 @@ def cli(cfg: DictConfig) -> None:
 
     cfg = to_typed(cfg)
     model = RewardModel.load(cfg.checkpoint, row_tokens=cfg.serve.row_tokens, normalize=cfg.serve.normalize)
-    log.info("serving %s on http://%s:%d (POST /get_reward, POST /score, GET /health)",
-             cfg.checkpoint, cfg.serve.host, cfg.serve.port)
-    uvicorn.run(build_app(model, cfg.serve), host=cfg.serve.host, port=int(cfg.serve.port), log_level="warning")
+    log.info("serving %s on http://%s:%d (POST /get_reward, POST /score, GET /health)%s",
+             cfg.checkpoint, cfg.serve.host, cfg.serve.port, "; API key required" if api_key(cfg.serve) else "")
+    warn_if_exposed(cfg.serve)
+    uvicorn.run(build_app(model, cfg.serve), **server_config(cfg.serve))
 
 
 if __name__ == "__main__":
