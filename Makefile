@@ -9,15 +9,15 @@ ARGS    ?=
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build from local disk here, instead of a multi-GB CUDA wheel
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# torch first, at the tested version: the CPU build from local disk here, instead of a multi-GB CUDA wheel
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,sweep,dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with the pinned stack (CPU torch) and rmexp in editable mode
+install: $(STAMP) ## create .venv with the tested set (constraints.txt), every extra, rmexp in editable mode
 
 train: $(STAMP) ## train the embedded default (4-bit gemma3_270m on data/preference.jsonl); ARGS= adds overrides
 	$(PY) -m rmexp.train $(ARGS)

@@ -38,3 +38,29 @@ def test_a_plain_install_trains_from_another_directory(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import rmexp.train; print(rmexp.train.__file__)"],
                            capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert probe.stdout.strip().startswith(str(target)), probe.stdout + probe.stderr
+
+
+def test_dependencies_are_ranges_around_the_tested_set():
+    """Every requirement (extras too) is a range from the version constraints.txt pins, the tested one,
+    to below the next major release, and the installed environment is that tested set: so rmexp installs
+    into an RLHF environment with newer releases, and `make install` reproduces what was tested."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {canonicalize_name(name): Version(v) for name, v in pins.items()}
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert {"serve", "sweep", "dev"} <= set(project["optional-dependencies"])
+    for requirement in map(Requirement, requirements):
+        name = canonicalize_name(requirement.name)
+        bounds = {s.operator: Version(s.version) for s in requirement.specifier}
+        assert set(bounds) == {">=", "<"}, f"{requirement}: a range >=tested,<next major"
+        assert bounds[">="] == pins[name], f"{requirement}: the floor is not the tested {pins[name]}"
+        assert bounds["<"] == Version(str(bounds[">="].major + 1)), f"{requirement}: the ceiling is not the next major"
+        assert Version(version(requirement.name)).release == pins[name].release, f"{name} installed is not the tested one"

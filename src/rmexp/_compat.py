@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from importlib.metadata import version
+from importlib.util import find_spec
 
 
 class CompatError(RuntimeError):
@@ -172,14 +173,17 @@ def check(trainer=None) -> None:
     _require(hasattr(trl_reward_trainer, "suppress_seqcls_warning"), "trl",
              "trainer.reward_trainer.suppress_seqcls_warning", "silencing the new-head warning")
     from datasets import Dataset
-    from submitit import JobEnvironment
 
-    _require(callable(getattr(JobEnvironment, "_usr_sig", None)), "submitit", "JobEnvironment._usr_sig",
-             "the signal a job gets before preemption")
     _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",
              "Dataset._fingerprint", "the cache key of a dataset")
-    _require(_h11_protocol_has_its_parts(), "uvicorn", "protocols.http.h11_impl.H11Protocol.conn/transport/loop",
-             "the request read deadline")
+    if find_spec("submitit"):  # the `sweep` extra
+        from submitit import JobEnvironment
+
+        _require(callable(getattr(JobEnvironment, "_usr_sig", None)), "submitit", "JobEnvironment._usr_sig",
+                 "the signal a job gets before preemption")
+    if find_spec("uvicorn") and find_spec("h11"):  # the `serve` extra
+        _require(_h11_protocol_has_its_parts(), "uvicorn", "protocols.http.h11_impl.H11Protocol.conn/transport/loop",
+                 "the request read deadline")
     if trainer is not None:
         metrics = getattr(trainer, "_metrics", None)
         _require(isinstance(metrics, dict) and "train" in metrics, "trl", "RewardTrainer._metrics",

@@ -36,11 +36,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import hydra
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+except ImportError as e:  # rmexp installed without its `serve` extra
+    raise ImportError(f"the reward server needs rmexp's serve extra: pip install 'rmexp[serve]' ({e})") from e
 
 from rmexp.config import CONF_PATH, to_typed
 
