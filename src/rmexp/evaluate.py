@@ -2,7 +2,7 @@
 
 Writes into its own run dir `eval_metrics.json` (pairwise accuracy with a 95% Wilson interval, ties,
 margins, reward mean/std, accuracy by prompt length and by `source`/`subset`) and `scores.jsonl`
-(one line per pair, in the file's order), and logs them, with a table of the worst-scored pairs, to
+(one line per pair, in the file's order, with its `pair_id` and `source`), and logs them, with a table of the worst-scored pairs, to
 W&B when it is on. Pairs are tokenized and scored `eval.chunk_pairs` at a time, in packed rows
 (`eval.packed`, `eval.row_tokens`); each chunk's scores are appended to `scores.jsonl.partial` as
 they come, renamed to `scores.jsonl` once every pair is scored.
@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rmexp.config import CONF_PATH, EvaluateConfig, LoggerBackend, to_typed
 from rmexp.data import answer_text, load_pairs
 from rmexp.metrics import accuracy_by, bucket_of, length_baseline_accuracy, pairwise_metrics
-from rmexp.rundir import score_lines, write_json
+from rmexp.rundir import pair_id, pair_identity, score_lines, write_json
 
 
 def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
@@ -77,7 +77,8 @@ def score_file(model, pairs, cfg, path: Path):
                 [[e.chosen.answer_tokens, e.rejected.answer_tokens] for e in encoded])
             buckets += [bucket_of(e.chosen.prompt_tokens) for e in encoded]
             n_truncated += sum(e.truncated for e in encoded)
-            f.writelines(score_lines(part, start))
+            f.writelines(score_lines(part, start, [pair_identity(pair_id(p), p.source)
+                                                   for p in pairs[start:start + len(encoded)]]))
             f.flush()
     os.replace(partial, path)
     return rewards, lengths, buckets, n_truncated

@@ -58,7 +58,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
         train_ds, eval_ds, data_stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
-        truncation = data_stats.pop("truncation")
+        truncation, eval_ids = data_stats.pop("truncation"), data_stats.pop("eval_identity")  # ids: scores.jsonl's
         log_truncation(truncation, cfg.trainer.max_length)
         log.info(config_summary(cfg, train_ds, eval_ds))
 
@@ -97,7 +97,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
             trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
             if main_process:
                 (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
-                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
+                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, eval_ids)
         record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
             "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resumed_from, "data": data_stats,
             "truncation": truncation, "model": model_path}
