@@ -263,6 +263,16 @@ class ExportConfig:
 class ReportConfig:
     sweep_dir: str = MISSING
     wandb: bool = MISSING
+    seed: int = MISSING  # of the paired bootstrap's resampling
+    n_resamples: int = MISSING
+
+
+@dataclass
+class CompareConfig:
+    a: str = MISSING  # a run dir or an rmexp-evaluate dir
+    b: str = MISSING
+    n_resamples: int = MISSING
+    seed: int = MISSING
 
 
 def register_configs() -> None:
@@ -274,6 +284,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="rmexp_score_schema", node=ScoreConfig)
     ConfigStore.instance().store(name="rmexp_export_schema", node=ExportConfig)
     ConfigStore.instance().store(name="rmexp_report_schema", node=ReportConfig)
+    ConfigStore.instance().store(name="rmexp_compare_schema", node=CompareConfig)
 
 
 register_configs()
