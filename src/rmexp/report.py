@@ -168,6 +168,7 @@ class Verdict:
 
     best: Entry | None
     tied: list[Entry] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
     n_pairs: int | None = None
     min_detectable: float = math.nan
     reason: str = ""  # why there is no paired comparison at all
@@ -208,7 +209,8 @@ def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: i
     n = len(best.scores.decisions)
     shares = [(r["n_a_better"] + r["n_b_better"]) / n for k, r in results.items() if k != best.name]
     psi = statistics.fmean(shares) if shares and any(shares) else 2 * best.scores.accuracy * (1 - best.scores.accuracy)
-    return Verdict(best, [e for e in entries if e.paired.get("tied_with_best")], n, min_detectable_difference(n, psi))
+    return Verdict(best, [e for e in entries if e.paired.get("tied_with_best")], entries, n,
+                   min_detectable_difference(n, psi))
 
 
 def verdict_line(v: Verdict) -> str:
@@ -221,8 +223,13 @@ def verdict_line(v: Verdict) -> str:
         return f"[{e.name}]" if len(e.jobs) > 1 else e.name
 
     mdd = f"{v.min_detectable:.2f}" if math.isfinite(v.min_detectable) else "none, too few pairs"
-    said = (f"jobs {', '.join(named(e) for e in v.tied)} cannot be told apart" if len(v.tied) > 1
-            else "every other job paired with it is worse beyond chance")
+    n_paired = sum(1 for e in v.entries if e.paired)
+    if len(v.tied) == n_paired > 2:  # a list of every job says less than this
+        said = f"none of the {n_paired} jobs paired can be told apart"
+    elif len(v.tied) > 1:
+        said = f"jobs {', '.join(named(e) for e in v.tied)} cannot be told apart"
+    else:
+        said = "every other job paired with it is worse beyond chance"
     return (f"best: job {named(v.best)}; {said} on these {v.n_pairs} pairs (exact McNemar, Holm-corrected, alpha "
             f"{ALPHA}; smallest gap this eval set can detect at 80% power: {mdd})")
 
