@@ -193,3 +193,7 @@ def test_score_and_evaluate_clis(run):
 
     logged = {k for h in OfflineRun(out).history for k in h}
     assert "eval/pairwise_accuracy" in logged and any(k.startswith("eval/worst_pairs") for k in logged)
+    # the diagnostics: in the eval dir and in W&B (a logged object's fields are key/field in the run file)
+    assert (out / "reliability.png").stat().st_size > 1000 and (out / "rewards.png").is_file()
+    assert {"eval/margin_hist/_type", "eval/reliability/_type", "eval/ece", "eval/brier"} <= logged
+    assert any(k.startswith("eval/by_source/") and k.endswith("/pairwise_accuracy") for k in logged)

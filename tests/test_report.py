@@ -123,6 +123,7 @@ def test_compare_pairs_two_runs_overall_and_by_source(tmp_path):
     assert read_scores(a).accuracy == pytest.approx(0.75)
 
 
+@pytest.mark.slow
 def test_compare_refuses_runs_with_disjoint_eval_pairs_by_name(tmp_path):
     a = fake_job(tmp_path, "a", [], first(30))
     b = fake_job(tmp_path, "b", [], first(30), ids=[f"{i:016x}" for i in range(100, 140)])

@@ -130,6 +130,7 @@ class DataConfig:
     cache_dir: str | None = MISSING  # tokenized datasets' cache; null: datasets' own (~/.cache/huggingface/datasets)
     streaming: bool = MISSING  # read and tokenize while training (needs trainer.max_steps and data.eval_path)
     stopping_strategy: str = MISSING  # a weighted mixture ends: first_exhausted, all_exhausted (datasets' names)
+    categories: dict[str, str] = MISSING  # subset -> category: evaluations add the category-averaged accuracy
 
 
 @dataclass
