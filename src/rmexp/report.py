@@ -290,7 +290,7 @@ def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: 
                     if rr == r and cc == c and j.status == "ok"]
             if accs:
                 grid[rows.index(r), cols.index(c)] = float(np.mean(accs))
-    fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 0.8 * len(rows) + 2))
+    fig, ax = plt.subplots(figsize=(max(1.4 * len(cols) + 2.5, 6.5), 0.8 * len(rows) + 2))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#cccccc")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
                       vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1, aspect="auto")
@@ -308,9 +308,9 @@ def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: 
             if any(j.dir.name in tied for rr, cc, j in cells if rr == rows[i] and cc == cols[k]):
                 ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=3))
     n_seeds = max(len({j.setting(SEED_KEY) for rr, cc, j in cells if (rr, cc) == (r, c)}) for r, c, _ in cells)
-    fig.colorbar(image, ax=ax, label="held-out pairwise accuracy" + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
+    fig.colorbar(image, ax=ax, label="held-out pairwise accuracy" + (f"\n(mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
     ax.set_title("pairwise accuracy by LoRA rank and learning rate"
-                 + ("\nboxed: cannot be told apart from the best (paired, Holm, 0.05)" if tied else ""))
+                 + ("\nboxed: not told apart from the best (paired, Holm, 0.05)" if tied else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
