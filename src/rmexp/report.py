@@ -156,11 +156,6 @@ def best_entry(entries: list[Entry]) -> Entry | None:
     return max(done, key=lambda e: (e.accuracy, -e.eval_loss), default=None)
 
 
-def best_job(jobs: list[Job]) -> Job | None:
-    entry = best_entry([Entry([j]) for j in jobs])
-    return entry.jobs[0] if entry else None
-
-
 @dataclass
 class Verdict:
     """The best entry, the entries that cannot be told apart from it (itself among them), and what the eval
@@ -228,6 +223,8 @@ def verdict_line(v: Verdict) -> str:
         said = f"none of the {n_paired} jobs paired can be told apart"
     elif len(v.tied) > 1:
         said = f"jobs {', '.join(named(e) for e in v.tied)} cannot be told apart"
+    elif n_paired == 1:
+        said = "no other job is paired with it"
     else:
         said = "every other job paired with it is worse beyond chance"
     return (f"best: job {named(v.best)}; {said} on these {v.n_pairs} pairs (exact McNemar, Holm-corrected, alpha "
