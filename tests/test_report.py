@@ -135,3 +135,22 @@ def test_compare_refuses_runs_with_disjoint_eval_pairs_by_name(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "rmexp.compare", f"a={a}", f"b={a}", "n_resamples=500"],
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0 and "| all | 40 |" in ok.stdout and "cannot be told apart" in ok.stdout
+
+
+def test_compare_leaves_out_unshared_pairs_and_a_report_names_jobs_scored_before_pair_ids(tmp_path, capsys):
+    a = fake_job(tmp_path / "two", "a", [], first(30))
+    b = fake_job(tmp_path / "two", "b", [], first(30)[5:], ids=IDS[5:])  # the first 5 pairs not scored
+    result = compare(a, b, n_resamples=500)
+    assert (result["overall"]["n_pairs"], result["n_only_a"], result["n_only_b"]) == (35, 5, 0)
+    assert result["overall"]["accuracy_a"] == pytest.approx(25 / 35)
+
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "0", ["trainer.learning_rate=1e-4"], first(30))
+    old = fake_job(sweep, "1", ["trainer.learning_rate=2e-4"], first(20))
+    lines = [json.loads(line) for line in (old / "scores.jsonl").read_text().splitlines()]
+    (old / "scores.jsonl").write_text("".join(json.dumps({k: v for k, v in s.items() if k != "pair_id"}) + "\n"
+                                              for s in lines))
+    report(sweep, use_wandb=False, n_resamples=500)
+    row = read_rows(sweep)["1"]
+    assert row["pairing"].startswith("not paired:") and "no pair_id" in row["pairing"] and row["tied_with_best"] == ""
+    assert "best: job 0; no other job is paired with it on these 40 pairs" in capsys.readouterr().out
