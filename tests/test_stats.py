@@ -76,6 +76,11 @@ def test_bootstrap_matches_a_slow_loop_and_does_not_depend_on_the_block_size(mon
     monkeypatch.setattr(stats, "_CHUNK", 96 * 7)  # blocks of 7 resamples, the last one short
     assert paired_bootstrap(a, b, n_resamples=2000, seed=3) == pytest.approx(expected, abs=1e-12)
     assert paired_bootstrap(a, b, n_resamples=2000, seed=4) != pytest.approx(expected, abs=1e-12)
+    # a sweep's runs at once: each row as its own call (the same resamples)
+    c = rng.integers(0, 2, 96).astype(float)
+    rows = paired_bootstrap(a, np.stack([b, c]), n_resamples=2000, seed=3)
+    assert rows[0] == pytest.approx(expected, abs=1e-12)
+    assert rows[1] == pytest.approx(reference_bootstrap(a, c, 2000, seed=3), abs=1e-12)
 
 
 def test_holm_by_hand():

@@ -33,25 +33,31 @@ def decisions(chosen, rejected) -> np.ndarray:
 
 
 def paired_bootstrap(a, b, n_resamples: int = N_RESAMPLES, seed: int = 0,
-                     confidence: float = 0.95) -> tuple[float, float]:
+                     confidence: float = 0.95) -> tuple[float, float] | np.ndarray:
     """Percentile interval of mean(b - a) over pairs resampled with replacement, the same pairs for both runs.
+    `b` may be a matrix (one run per row, the same pairs as a): then one (low, high) row per run, all from the
+    same resamples.
 
     Resample r draws n pair indices from `np.random.default_rng(seed)`, in order, r = 0, 1, ...: one
-    (block x n) `integers` call per block gives the same indices as one call per resample, so the
-    result does not depend on the block size (only memory does)."""
-    diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    n = diff.size
+    (block x n) `integers` call per block gives the same indices as one call per resample, so the result
+    does not depend on the block size (only memory does). A block's indices become per-pair counts (one
+    bincount) and its means one matrix product with the differences, every run of a sweep at once."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = np.atleast_2d(b - a)
+    n = diff.shape[1]
     if n == 0:
         raise ValueError("no shared pairs to resample")
     rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
+    means = np.empty((diff.shape[0], n_resamples))
     block = max(1, _CHUNK // n)
     for start in range(0, n_resamples, block):
-        stop = min(n_resamples, start + block)
-        means[start:stop] = diff[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        k = min(n_resamples, start + block) - start
+        idx = rng.integers(0, n, size=(k, n)) + n * np.arange(k)[:, None]  # row r's indices, offset into row r
+        counts = np.bincount(idx.ravel(), minlength=k * n).reshape(k, n).astype(np.float64)
+        means[:, start:start + k] = diff @ counts.T / n
     tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+    bounds = np.quantile(means, [tail, 1 - tail], axis=1).T
+    return (float(bounds[0, 0]), float(bounds[0, 1])) if b.ndim == 1 else bounds
 
 
 def sign_test_p(n_a_better: int, n_b_better: int) -> float:
@@ -64,14 +70,16 @@ def sign_test_p(n_a_better: int, n_b_better: int) -> float:
     return float(scipy_stats.binomtest(n_b_better, discordant, 0.5).pvalue)
 
 
-def paired_comparison(a, b, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
+def paired_comparison(a, b, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                      interval: tuple[float, float] | None = None) -> dict:
     """Runs a and b on the same pairs (decision arrays in one pair order): accuracies, delta = b - a with its
-    95% paired-bootstrap interval, the exact p-value, and the counts (pairs a decides better, b decides
-    better, alike; on 0/1 decisions the first two are McNemar's discordant counts)."""
+    95% paired-bootstrap interval (`interval` when the caller has it already), the exact p-value, and the
+    counts (pairs a decides better, b decides better, alike; on 0/1 decisions the first two are McNemar's
+    discordant counts)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"expected two 1-D decision arrays over the same pairs, got {a.shape} and {b.shape}")
-    low, high = paired_bootstrap(a, b, n_resamples, seed)
+    low, high = interval if interval is not None else paired_bootstrap(a, b, n_resamples, seed)
     n_a_better, n_b_better = int((a > b).sum()), int((b > a).sum())
     return {"n_pairs": int(a.size), "accuracy_a": float(a.mean()), "accuracy_b": float(b.mean()),
             "delta": float(b.mean() - a.mean()), "delta_ci_low": low, "delta_ci_high": high,
@@ -99,7 +107,9 @@ def against_best(runs: dict[str, np.ndarray], best: str, n_resamples: int = N_RE
     most accurate), `p_holm` corrected over the runs compared (all but best), and `tied_with_best`: the
     gap is not significant at `alpha` after the correction. The best is tied with itself (delta 0, p 1)."""
     others = [k for k in runs if k != best]
-    out = {k: paired_comparison(runs[best], runs[k], n_resamples, seed) for k in others}
+    bounds = paired_bootstrap(runs[best], np.stack([runs[k] for k in others]), n_resamples, seed) if others else []
+    out = {k: paired_comparison(runs[best], runs[k], interval=tuple(map(float, bounds[i])))
+           for i, k in enumerate(others)}
     for k, p in zip(others, holm([out[k]["p_value"] for k in others]), strict=True):
         out[k]["p_holm"] = float(p)
         out[k]["tied_with_best"] = bool(p >= alpha)
