@@ -1,12 +1,13 @@
 """Evaluate a reward model on a pairs file: `rmexp-evaluate checkpoint=<dir> data.path=<file>`.
 
 Writes into its own run dir `eval_metrics.json` (pairwise accuracy with a 95% Wilson interval, ties,
-margins, reward mean/std, accuracy by prompt length and by `source`/`subset`, calibration: rmexp.diagnostics),
-diagnostics.json, reliability.png, rewards.png and `scores.jsonl`
-(one line per pair, in the file's order, with its `pair_id` and `source`), and logs them, with a
-table of the worst-scored pairs, to W&B when it is on. Pairs are tokenized and scored `eval.chunk_pairs` at a time, in packed rows
-(`eval.packed`, `eval.row_tokens`); each chunk's scores are appended to `scores.jsonl.partial` as
-they come, renamed to `scores.jsonl` once every pair is scored.
+margins, reward mean/std, accuracy by prompt length and by `source`/`subset`, calibration), the
+reward diagnostics (rmexp.diagnostics: diagnostics.json, reliability.png, rewards.png) and
+`scores.jsonl` (one line per pair, in the file's order, with its `pair_id` and `source`), and logs
+them, with the reward histograms and a table of the worst-scored pairs, to W&B when it is on. Pairs
+are tokenized and scored `eval.chunk_pairs` at a time, in packed rows (`eval.packed`,
+`eval.row_tokens`); each chunk's scores are appended to `scores.jsonl.partial` as they come, renamed
+to `scores.jsonl` once every pair is scored.
 """
 
 from __future__ import annotations
