@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report serve bench bench-quality bench-serve bench-data test test-fast lint clean
+.PHONY: help install train sweep report compare serve bench bench-quality bench-serve bench-data test test-fast lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ sweep: $(STAMP) ## a small CPU sweep end to end (tiny model, lora.r x learning r
 
 report: $(STAMP) ## summarise a sweep: make report SWEEP_DIR=outputs/multirun/<date>/<time>
 	$(PY) -m rmexp.report sweep_dir=$(SWEEP_DIR)
+
+compare: $(STAMP) ## two runs pair by pair (gap, paired-bootstrap interval, McNemar p; per source): make compare A=<run or eval dir> B=<dir>
+	$(PY) -m rmexp.compare a=$(A) b=$(B) $(ARGS)
 
 serve: $(STAMP) ## HTTP reward server on 127.0.0.1:5000: make serve CHECKPOINT=outputs/runs/<date>/<time>; ARGS= adds overrides
 	$(PY) -m rmexp.serve checkpoint=$(CHECKPOINT) $(ARGS)

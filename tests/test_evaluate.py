@@ -17,6 +17,7 @@ from rmexp.data import load_pairs
 from rmexp.evaluate import evaluate
 from rmexp.export import export
 from rmexp.metrics import wilson_interval
+from rmexp.rundir import pair_id, pair_id_of_key
 from rmexp.train import main
 
 EXPORT_TOLERANCE = 1e-2  # measured 2.2e-3 on the tiny model: bf16 rounding of the merged weights
@@ -71,6 +72,11 @@ def test_evaluate_reads_every_format_and_its_outputs_agree(run, name):
     assert sum(b["n_pairs"] for b in metrics["by_prompt_tokens"].values()) == len(rows)
     if name == "seed.jsonl":
         assert set(metrics["by_source"]) == {"math", "zh", "geo"}
+        assert [s["source"] for s in scores] == ["math", "zh", "geo"]
+    else:
+        assert not any("source" in s for s in scores)
+    assert [s["pair_id"] for s in scores] == [pair_id(p) for p in pairs]
+    assert len({s["pair_id"] for s in scores}) == len(rows) and all(len(s["pair_id"]) == 16 for s in scores)
 
 
 def test_evaluate_scores_match_the_training_run_scores(run):
@@ -82,6 +88,25 @@ def test_evaluate_scores_match_the_training_run_scores(run):
     saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
                           for s in map(json.loads, (run.dir / "scores.jsonl").read_text().splitlines())])
     assert torch.allclose(rewards, saved, atol=2e-2)
+    # the training run's lines name the same pairs, by the id rmexp-evaluate gives them
+    ids = [json.loads(line)["pair_id"] for line in (run.dir / "scores.jsonl").read_text().splitlines()]
+    assert ids == [pair_id(p) for p in held]
+
+
+def test_pair_id_is_the_pairs_content_whatever_the_file_format(tmp_path):
+    hh, trl = tmp_path / "hh.jsonl", tmp_path / "trl.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go."}))
+    trl.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go.",
+                               "subset": "greetings"}))
+    (a,), _ = load_pairs(hh)
+    (b,), _ = load_pairs(trl)
+    assert pair_id(a) == pair_id(b)
+    swapped = load_pairs(trl)[0][0]
+    swapped.chosen, swapped.rejected = swapped.rejected, swapped.chosen
+    assert pair_id(swapped) != pair_id(b)
+    # rmexp.dataset's int64 `key` column holds the same 8 bytes
+    key = int.from_bytes(bytes.fromhex(pair_id(b)), "little", signed=True)
+    assert pair_id_of_key(key) == pair_id(b) and b.source == "greetings"
 
 
 def test_max_pairs_is_honoured(run):
@@ -168,3 +193,7 @@ def test_score_and_evaluate_clis(run):
 
     logged = {k for h in OfflineRun(out).history for k in h}
     assert "eval/pairwise_accuracy" in logged and any(k.startswith("eval/worst_pairs") for k in logged)
+    # the diagnostics: in the eval dir and in W&B (a logged object's fields are key/field in the run file)
+    assert (out / "reliability.png").stat().st_size > 1000 and (out / "rewards.png").is_file()
+    assert {"eval/margin_hist/_type", "eval/reliability/_type", "eval/ece", "eval/brier"} <= logged
+    assert any(k.startswith("eval/by_source/") and k.endswith("/pairwise_accuracy") for k in logged)

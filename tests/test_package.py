@@ -44,9 +44,9 @@ def test_dependencies_are_ranges_around_the_tested_set():
     """Every requirement (extras too) is a range from the version constraints.txt pins, the tested one,
     to below the next major release, and the installed environment is that tested set: so rmexp installs
     into an RLHF environment with newer releases, and `make install` reproduces what was tested."""
-    import tomllib
     from importlib.metadata import version
 
+    import tomllib
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
     from packaging.version import Version

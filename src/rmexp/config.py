@@ -130,6 +130,7 @@ class DataConfig:
     cache_dir: str | None = MISSING  # tokenized datasets' cache; null: datasets' own (~/.cache/huggingface/datasets)
     streaming: bool = MISSING  # read and tokenize while training (needs trainer.max_steps and data.eval_path)
     stopping_strategy: str = MISSING  # a weighted mixture ends: first_exhausted, all_exhausted (datasets' names)
+    categories: dict[str, str] = MISSING  # subset -> category: evaluations add the category-averaged accuracy
 
 
 @dataclass
@@ -268,6 +269,16 @@ class ExportConfig:
 class ReportConfig:
     sweep_dir: str = MISSING
     wandb: bool = MISSING
+    seed: int = MISSING  # of the paired bootstrap's resampling
+    n_resamples: int = MISSING
+
+
+@dataclass
+class CompareConfig:
+    a: str = MISSING  # a run dir or an rmexp-evaluate dir
+    b: str = MISSING
+    n_resamples: int = MISSING
+    seed: int = MISSING
 
 
 def register_configs() -> None:
@@ -279,6 +290,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="rmexp_score_schema", node=ScoreConfig)
     ConfigStore.instance().store(name="rmexp_export_schema", node=ExportConfig)
     ConfigStore.instance().store(name="rmexp_report_schema", node=ReportConfig)
+    ConfigStore.instance().store(name="rmexp_compare_schema", node=CompareConfig)
 
 
 register_configs()

@@ -55,7 +55,7 @@ def _features():
     return Features({
         "chosen_ids": List(Value("int32")), "rejected_ids": List(Value("int32")), "prompt_len": Value("int32"),
         "chosen_tokens": Value("int32"), "rejected_tokens": Value("int32"), "margin": Value("float64"),
-        "group": Value("string"), "key": Value("int64"), "line": Value("int64"),
+        "group": Value("string"), "source": Value("string"), "key": Value("int64"), "line": Value("int64"),
         "reason": Value("string"), "error": Value("string"),
         "prompt_truncated": Value("bool"), "answer_truncated": Value("bool"), "identical": Value("bool")})
 
@@ -169,7 +169,7 @@ def encode_rows(batch: dict, indices: list[int], *, tokenizer: PortableTokenizer
             continue
         out["key"][i] = int.from_bytes(hashlib.blake2b(pair.key().encode(), digest_size=8).digest(), "little",
                                        signed=True)
-        out["margin"][i], out["group"][i] = pair.margin, pair.group
+        out["margin"][i], out["group"][i], out["source"][i] = pair.margin, pair.group, pair.source
         pair.prompt = with_system_prompt(pair.prompt, system_prompt)
         pairs.append(pair)
         slots.append(i)
@@ -297,6 +297,16 @@ def with_margins(ds, margins: np.ndarray):
     return ds.select_columns([*TRAIN_COLUMNS, "margin"])
 
 
+def eval_identity(ds) -> list[dict]:
+    """Each eval pair's scores.jsonl identity (rundir.pair_identity: pair_id, source), in dataset order, the
+    order of the trainer's eval rewards; in the stats (`eval_identity`), as no collator is to see the columns."""
+    from rmexp.rundir import pair_id_of_key, pair_identity
+
+    cols = ds.select_columns(["key", "source"]).with_format("arrow")[:]
+    return [pair_identity(pair_id_of_key(k), s) for k, s in
+            zip(cols.column("key").to_pylist(), cols.column("source").to_pylist(), strict=True)]
+
+
 # ---------------------------------------------------------------- the datasets of a run
 
 
@@ -353,7 +363,8 @@ def load_source(src: SourceConfig, index: int, tokenizer, data_cfg: DataConfig, 
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, max_length: int):
-    """(train, eval, stats): memory-mapped datasets of TRAIN_COLUMNS (+ margin), and per-source counts.
+    """(train, eval, stats): memory-mapped datasets of TRAIN_COLUMNS (+ margin), and per-source counts (with
+    `truncation` and `eval_identity`, which a run pops before logging the rest).
     Rank 0 builds first; the other ranks then read its cache."""
     from accelerate import PartialState
 
@@ -441,7 +452,7 @@ def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, m
     if data_cfg.path:  # the one-file shorthand keeps its name
         stats["train_file"] = stats["sources"][origins[0]]
     return (with_margins(train, margins["train"]), with_margins(held, margins["eval"]),
-            stats | {"truncation": truncation})
+            stats | {"truncation": truncation, "eval_identity": eval_identity(held)})
 
 
 class StreamCounts(dict):
@@ -504,6 +515,7 @@ def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer,
              .shuffle(seed=data_cfg.split_seed, buffer_size=STREAM_SHUFFLE_BUFFER))
     log.warning("data.streaming=true: duplicate pairs are not looked for in a stream")
     cols = _columns(eval_, STAT_COLUMNS)
-    stats = {"sources": counts, "eval_file": eval_stats.as_dict(), "truncation": {"eval": truncation_counts(cols)}}
+    stats = {"sources": counts, "eval_file": eval_stats.as_dict(), "truncation": {"eval": truncation_counts(cols)},
+             "eval_identity": eval_identity(eval_)}
     # margin kept (0 for a pair without one): whether any pair of the stream has one is not known in advance
     return train.select_columns([*TRAIN_COLUMNS, "margin"]), with_margins(eval_, cols["margin"]), stats

@@ -1,11 +1,13 @@
 """Evaluate a reward model on a pairs file: `rmexp-evaluate checkpoint=<dir> data.path=<file>`.
 
 Writes into its own run dir `eval_metrics.json` (pairwise accuracy with a 95% Wilson interval, ties,
-margins, reward mean/std, accuracy by prompt length and by `source`/`subset`) and `scores.jsonl`
-(one line per pair, in the file's order), and logs them, with a table of the worst-scored pairs, to
-W&B when it is on. Pairs are tokenized and scored `eval.chunk_pairs` at a time, in packed rows
-(`eval.packed`, `eval.row_tokens`); each chunk's scores are appended to `scores.jsonl.partial` as
-they come, renamed to `scores.jsonl` once every pair is scored.
+margins, reward mean/std, accuracy by prompt length and by `source`/`subset`, calibration), the
+reward diagnostics (rmexp.diagnostics: diagnostics.json, reliability.png, rewards.png) and
+`scores.jsonl` (one line per pair, in the file's order, with its `pair_id` and `source`), and logs
+them, with the reward histograms and a table of the worst-scored pairs, to W&B when it is on. Pairs
+are tokenized and scored `eval.chunk_pairs` at a time, in packed rows (`eval.packed`,
+`eval.row_tokens`); each chunk's scores are appended to `scores.jsonl.partial` as they come, renamed
+to `scores.jsonl` once every pair is scored.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rmexp import diagnostics
 from rmexp.config import CONF_PATH, EvaluateConfig, LoggerBackend, to_typed
 from rmexp.data import answer_text, load_pairs
 from rmexp.metrics import accuracy_by, bucket_of, length_baseline_accuracy, pairwise_metrics
-from rmexp.rundir import score_lines, write_json
+from rmexp.rundir import pair_id, pair_identity, score_lines, write_json
 
 
 def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
@@ -41,8 +44,10 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     metrics = pairwise_metrics(chosen, rejected)
     metrics["length_baseline_accuracy"] = length_baseline_accuracy(lengths[:, 0].numpy(), lengths[:, 1].numpy())
     metrics["by_prompt_tokens"] = accuracy_by(prompt_buckets, correct)
-    if any(p.source for p in pairs):
-        metrics["by_source"] = accuracy_by([p.source or "(none)" for p in pairs], correct)
+    # ece, brier, by_source and (data.categories) the category-averaged accuracy; figures beside the scores
+    diag = diagnostics.summary(chosen, rejected, [p.source for p in pairs], cfg.data.categories)
+    metrics |= diag
+    images = diagnostics.write(out_dir, chosen, rejected, diag)
     metrics["n_truncated"] = n_truncated
     runtime = time.time() - started
     metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
@@ -53,7 +58,7 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
           f"on {metrics['n_pairs']} pairs of {cfg.data.path}; length alone {metrics['length_baseline_accuracy']:.2f} "
           f"-> {out_dir}")
     if cfg.logger.backend is LoggerBackend.wandb:
-        log_to_wandb(cfg, out_dir, metrics, pairs, rewards)
+        log_to_wandb(cfg, out_dir, metrics, pairs, rewards, images)
     return metrics
 
 
@@ -77,13 +82,14 @@ def score_file(model, pairs, cfg, path: Path):
                 [[e.chosen.answer_tokens, e.rejected.answer_tokens] for e in encoded])
             buckets += [bucket_of(e.chosen.prompt_tokens) for e in encoded]
             n_truncated += sum(e.truncated for e in encoded)
-            f.writelines(score_lines(part, start))
+            f.writelines(score_lines(part, start, [pair_identity(pair_id(p), p.source)
+                                                   for p in pairs[start:start + len(encoded)]]))
             f.flush()
     os.replace(partial, path)
     return rewards, lengths, buckets, n_truncated
 
 
-def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
+def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards, images: dict) -> None:
     import wandb
 
     from rmexp.tracking import start_run
@@ -91,7 +97,9 @@ def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards) -> None:
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True)  # resolved already
     run = start_run(cfg.logger, config, out_dir, f"eval-{Path(str(cfg.checkpoint)).name}", None)
     try:
-        run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+                | {f"eval/{k}": v for k, v in diagnostics.scalars(metrics).items()}
+                | diagnostics.images_payload(rewards[:, 0].numpy(), rewards[:, 1].numpy(), images))
         margins = (rewards[:, 0] - rewards[:, 1]).tolist()
         worst = sorted(range(len(pairs)), key=lambda i: margins[i])[:cfg.worst_pairs]
         table = wandb.Table(columns=["index", "margin", "prompt", "chosen", "rejected"])

@@ -3,23 +3,43 @@
 Writes summary.csv, summary.md and heatmap.png into the sweep dir, prints the best job and the
 command that reproduces it, and logs the table and heatmap to W&B in the sweep's group when the
 jobs logged to W&B. Works while a sweep is still running, and with failed jobs.
+
+Every job scored the same eval pairs, so the jobs are compared with the best pair by pair
+(rmexp.stats, on each job's scores.jsonl): each row has its accuracy's 95% interval (`ci_low`,
+`ci_high`), `n_eval_pairs`, its gap to the best with a paired-bootstrap interval (`delta_vs_best`,
+`delta_ci_low`, `delta_ci_high`), the exact McNemar p of that gap Holm-corrected over the jobs
+(`p_vs_best`), and `tied_with_best` (the gap is not significant at 0.05). The verdict names the
+jobs that cannot be told apart from the best, and the heatmap boxes their cells. A job scored on
+other pairs than the best's is not paired: its `pairing` says why. With `trainer.seed` among the
+swept keys, the jobs differing only in the seed are one row (`n_seeds`, the mean accuracy,
+`accuracy_sd`, `accuracy_min`, `accuracy_max`), paired through their seed-averaged per-pair
+decisions, and the heatmap shows the mean.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import yaml
 from omegaconf import DictConfig
 
+from rmexp.compare import PairingError, Scores, aligned, averaged, read_scores
 from rmexp.config import CONF_PATH, to_typed
+from rmexp.metrics import wilson_interval
+from rmexp.stats import ALPHA, N_RESAMPLES, against_best, min_detectable_difference, paired_bootstrap
 from rmexp.sweep import Job, read_jobs, sweep_group, sweep_keys
 
 RESULT_COLUMNS = ["pairwise_accuracy", "eval_loss", "runtime_s", "status"]
+PAIRED_COLUMNS = ["ci_low", "ci_high", "n_eval_pairs", "delta_vs_best", "delta_ci_low", "delta_ci_high",
+                  "p_vs_best", "tied_with_best"]
 ROW_KEY, COL_KEY = "lora.r", "trainer.learning_rate"
+SEED_KEY = "trainer.seed"
 
 
 def swept_keys(sweep_dir: Path, jobs: list[Job]) -> list[str]:
@@ -34,23 +54,181 @@ def swept_keys(sweep_dir: Path, jobs: list[Job]) -> list[str]:
     return varying or keys
 
 
-def rows_of(jobs: list[Job], keys: list[str]) -> list[dict]:
-    rows = []
+@dataclass
+class Entry:
+    """One row of the report: a job, or (a seed axis) the jobs that differ only in `trainer.seed`."""
+
+    jobs: list[Job]
+    scores: Scores | None = None  # per-pair decisions, seed-averaged for a group
+    pairing: str = ""  # why the entry is not paired with the best
+    paired: dict = field(default_factory=dict)  # its stats.against_best result
+
+    @property
+    def name(self) -> str:
+        return ", ".join(j.dir.name for j in self.jobs)
+
+    @property
+    def done(self) -> list[Job]:
+        return [j for j in self.jobs if j.status == "ok" and isinstance(j.metrics.get("pairwise_accuracy"), (int, float))]
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [j.metrics["pairwise_accuracy"] for j in self.done]
+
+    @property
+    def accuracy(self) -> float | None:
+        return statistics.fmean(self.accuracies) if self.done else None
+
+    @property
+    def eval_loss(self) -> float:
+        losses = [j.metrics["eval_loss"] for j in self.done if isinstance(j.metrics.get("eval_loss"), (int, float))]
+        return statistics.fmean(losses) if losses else math.inf
+
+
+def entries_of(jobs: list[Job], keys: list[str]) -> list[Entry]:
+    """A row per job; with `trainer.seed` among the keys, a row per setting of the other keys, in job order."""
+    if SEED_KEY not in keys:
+        return [Entry([j]) for j in jobs]
+    groups: dict[tuple, list[Job]] = {}
     for job in jobs:
-        row = {"job": job.dir.name}
-        row.update({k: job.setting(k) for k in keys})  # a key a job did not override shows its default
-        row.update({c: job.metrics.get(c, "") for c in RESULT_COLUMNS})
-        row["status"] = job.status
-        if job.status == "failed":
-            row["error"] = job.metrics.get("error", "")
+        groups.setdefault(tuple(job.setting(k) for k in keys if k != SEED_KEY), []).append(job)
+    return [Entry(g) for g in groups.values()]
+
+
+def rows_of(entries: list[Entry], keys: list[str]) -> list[dict]:
+    """The table: the swept keys (a key a job did not override shows its default), the results and the paired
+    columns; a seed group's row has the seeds, n_seeds, and the mean, sd, min and max of their accuracies."""
+    rows, seeds = [], SEED_KEY in keys
+    for entry in entries:
+        job = entry.jobs[0]
+        row = {"job": entry.name}
+        row.update({k: job.setting(k) for k in keys if k != SEED_KEY})
+        if seeds:
+            accs = entry.accuracies
+            statuses = [j.status for j in entry.jobs]
+            row |= {SEED_KEY: ",".join(j.setting(SEED_KEY) for j in entry.jobs), "n_seeds": len(accs),
+                    "pairwise_accuracy": entry.accuracy if accs else "",
+                    "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else "",
+                    "accuracy_min": min(accs, default=""), "accuracy_max": max(accs, default=""),
+                    "eval_loss": entry.eval_loss if math.isfinite(entry.eval_loss) else "",
+                    "runtime_s": sum(j.metrics.get("runtime_s", 0) for j in entry.jobs),
+                    "status": "ok" if set(statuses) == {"ok"} else ", ".join(
+                        f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))}
+        else:
+            row.update({c: job.metrics.get(c, "") for c in RESULT_COLUMNS})
+            row["status"] = job.status
+        row.update(paired_cells(entry))
+        if entry.pairing:
+            row["pairing"] = entry.pairing
+        errors = [(f"{j.dir.name}: " if seeds else "") + j.metrics.get("error", "") for j in entry.jobs
+                  if j.status == "failed"]
+        if errors:
+            row["error"] = "; ".join(errors)
         rows.append(row)
     return rows
 
 
-def best_job(jobs: list[Job]) -> Job | None:
-    done = [j for j in jobs if j.status == "ok" and isinstance(j.metrics.get("pairwise_accuracy"), (int, float))]
+def paired_cells(entry: Entry) -> dict:
+    """The row's PAIRED_COLUMNS, blank where there is nothing to say. The accuracy's 95% interval: a job's
+    Wilson interval (metrics.json's, else from its scores); a seed group's, the percentile bootstrap of its
+    seed-averaged accuracy over pairs (the spread of the seeds is in accuracy_sd)."""
+    cells = dict.fromkeys(PAIRED_COLUMNS, "")
+    single = entry.done[0].metrics if len(entry.done) == 1 else None
+    if single is not None:
+        cells.update({k: single[k] for k in ("ci_low", "ci_high", "n_eval_pairs") if k in single})
+    if entry.scores is not None:
+        d = entry.scores.decisions
+        cells["n_eval_pairs"] = len(d)
+        if single is None:
+            cells["ci_low"], cells["ci_high"] = paired_bootstrap(np.zeros(len(d)), d)
+        elif "ci_low" not in single:
+            cells["ci_low"], cells["ci_high"] = wilson_interval(int(d.sum()), len(d))
+    if entry.paired:
+        p = entry.paired
+        cells.update(delta_vs_best=p["delta"], delta_ci_low=p["delta_ci_low"], delta_ci_high=p["delta_ci_high"],
+                     p_vs_best=p["p_holm"], tied_with_best=p["tied_with_best"])
+    return cells
+
+
+def best_entry(entries: list[Entry]) -> Entry | None:
+    done = [e for e in entries if e.accuracy is not None]
     # ties on accuracy: lower eval loss wins
-    return max(done, key=lambda j: (j.metrics["pairwise_accuracy"], -j.metrics.get("eval_loss", math.inf)), default=None)
+    return max(done, key=lambda e: (e.accuracy, -e.eval_loss), default=None)
+
+
+@dataclass
+class Verdict:
+    """The best entry, the entries that cannot be told apart from it (itself among them), and what the eval
+    set can resolve."""
+
+    best: Entry | None
+    tied: list[Entry] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    n_pairs: int | None = None
+    min_detectable: float = math.nan
+    reason: str = ""  # why there is no paired comparison at all
+
+
+def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: int = 0) -> Verdict:
+    """Read every finished entry's scores (seed-averaged for a group), take the best by mean accuracy, and test
+    each entry scored on the best's pairs against it (stats.against_best, Holm over the entries compared); an
+    entry scored on other pairs is refused, its `pairing` saying why. The smallest detectable gap is
+    stats.min_detectable_difference at the observed share of pairs the entries decide unlike the best
+    (averaged over the entries compared), or 2p(1-p) at the best's accuracy p when none is compared."""
+    for entry in entries:
+        if entry.done:
+            try:
+                entry.scores = averaged([read_scores(j.dir) for j in entry.done], f"job {entry.name}")
+            except PairingError as e:
+                entry.pairing = f"not paired: {e}"
+    best = best_entry(entries)
+    if best is None:
+        return Verdict(None, reason="no finished job yet")
+    if best.scores is None:
+        return Verdict(best, reason=f"the best job has no per-pair scores ({best.pairing or 'no scores.jsonl'})")
+    decisions = {best.name: best.scores.decisions}
+    for entry in entries:
+        if entry is best or entry.scores is None:
+            continue
+        try:
+            ref_idx, idx = aligned(best.scores, entry.scores, require_same=True)
+        except PairingError as e:
+            entry.pairing = f"refused: {e}"
+            continue
+        ordered = np.empty_like(best.scores.decisions)
+        ordered[ref_idx] = entry.scores.decisions[idx]  # in the best's pair order
+        decisions[entry.name] = ordered
+    results = against_best(decisions, best.name, n_resamples, seed)
+    for entry in entries:
+        entry.paired = results.get(entry.name, {})
+    n = len(best.scores.decisions)
+    shares = [(r["n_a_better"] + r["n_b_better"]) / n for k, r in results.items() if k != best.name]
+    psi = statistics.fmean(shares) if shares and any(shares) else 2 * best.scores.accuracy * (1 - best.scores.accuracy)
+    return Verdict(best, [e for e in entries if e.paired.get("tied_with_best")], entries, n,
+                   min_detectable_difference(n, psi))
+
+
+def verdict_line(v: Verdict) -> str:
+    """E.g. "best: job 7; jobs 3, 7, 12 cannot be told apart on these 96 pairs (smallest gap this eval set can
+    detect at 80% power: 0.14)"; a seed group is named by its jobs in brackets."""
+    if v.best is None or v.n_pairs is None:
+        return f"no paired comparison: {v.reason}"
+
+    def named(e: Entry) -> str:
+        return f"[{e.name}]" if len(e.jobs) > 1 else e.name
+
+    mdd = f"{v.min_detectable:.2f}" if math.isfinite(v.min_detectable) else "none, too few pairs"
+    n_paired = sum(1 for e in v.entries if e.paired)
+    if len(v.tied) == n_paired > 2:  # a list of every job says less than this
+        said = f"none of the {n_paired} jobs paired can be told apart"
+    elif len(v.tied) > 1:
+        said = f"jobs {', '.join(named(e) for e in v.tied)} cannot be told apart"
+    elif n_paired == 1:
+        said = "no other job is paired with it"
+    else:
+        said = "every other job paired with it is worse beyond chance"
+    return (f"best: job {named(v.best)}; {said} on these {v.n_pairs} pairs (exact McNemar, Holm-corrected, alpha "
+            f"{ALPHA}; smallest gap this eval set can detect at 80% power: {mdd})")
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
@@ -78,14 +256,16 @@ def _as_number(v: str) -> float:
 
 
 def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: str = COL_KEY,
-                  other_keys: list[str] = ()) -> bool:
-    """Mean pairwise accuracy per (lora.r, learning rate) cell; failed or running cells are grey. No heatmap
-    when a cell would average jobs that differ in another swept key (the table shows those)."""
+                  other_keys: list[str] = (), tied: set[str] = frozenset()) -> bool:
+    """Mean pairwise accuracy per (lora.r, learning rate) cell (over the seeds, with a seed axis); failed or
+    running cells are grey; a cell holding a job of `tied` (job dir names: those that cannot be told apart from
+    the best) is boxed. No heatmap when a cell would average jobs that differ in another swept key (the table
+    shows those)."""
     cells = [(j.setting(row_key) or None, j.setting(col_key) or None, j) for j in jobs]
     cells = [(r, c, j) for r, c, j in cells if r is not None and c is not None]
     if not cells:
         return False
-    others = [k for k in other_keys if k not in (row_key, col_key)]
+    others = [k for k in other_keys if k not in (row_key, col_key, SEED_KEY)]
     for r, c, _ in cells:
         if len({tuple(j.setting(k) for k in others) for rr, cc, j in cells if (rr, cc) == (r, c)}) > 1:
             print(f"no heatmap: jobs in one ({row_key}, {col_key}) cell differ in {', '.join(others)}")
@@ -107,7 +287,7 @@ def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: 
                     if rr == r and cc == c and j.status == "ok"]
             if accs:
                 grid[rows.index(r), cols.index(c)] = float(np.mean(accs))
-    fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2.5, 0.8 * len(rows) + 2))
+    fig, ax = plt.subplots(figsize=(max(1.4 * len(cols) + 2.5, 6.5), 0.8 * len(rows) + 2))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#cccccc")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
                       vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1, aspect="auto")
@@ -122,8 +302,12 @@ def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: 
                 j.status == "failed" for rr, cc, j in cells if rr == rows[i] and cc == cols[k]) else "–"
             bright = np.isfinite(v) and image.norm(v) > 0.6
             ax.text(k, i, text, ha="center", va="center", color="black" if bright or not np.isfinite(v) else "white")
-    fig.colorbar(image, ax=ax, label="held-out pairwise accuracy")
-    ax.set_title("pairwise accuracy by LoRA rank and learning rate")
+            if any(j.dir.name in tied for rr, cc, j in cells if rr == rows[i] and cc == cols[k]):
+                ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=3))
+    n_seeds = max(len({j.setting(SEED_KEY) for rr, cc, j in cells if (rr, cc) == (r, c)}) for r, c, _ in cells)
+    fig.colorbar(image, ax=ax, label="held-out pairwise accuracy" + (f"\n(mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
+    ax.set_title("pairwise accuracy by LoRA rank and learning rate"
+                 + ("\nboxed: not told apart from the best (paired, Holm, 0.05)" if tied else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -152,7 +336,8 @@ def _scatter(cells, path: Path, row_key: str, col_key: str) -> bool:
     return True
 
 
-def log_to_wandb(sweep_dir: Path, jobs: list[Job], rows: list[dict], heatmap: Path | None) -> str | None:
+def log_to_wandb(sweep_dir: Path, jobs: list[Job], rows: list[dict], heatmap: Path | None,
+                 verdict: Verdict) -> str | None:
     """A `report` run in the sweep's W&B group, with the table and the heatmap; None when W&B is off."""
     cfg_file = next((j.dir / ".hydra" / "config.yaml" for j in jobs if (j.dir / ".hydra" / "config.yaml").is_file()), None)
     if cfg_file is None:
@@ -173,49 +358,67 @@ def log_to_wandb(sweep_dir: Path, jobs: list[Job], rows: list[dict], heatmap: Pa
     run = start_run(cfg, {"sweep_dir": str(sweep_dir)}, sweep_dir, cfg.name, group)
     try:
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        table = wandb.Table(columns=columns, data=[[str(r.get(c, "")) if c not in RESULT_COLUMNS[:3] or r.get(c) == ""
-                                                    else r[c] for c in columns] for r in rows])
+        numeric = {c for c in columns if any(isinstance(r.get(c), (int, float)) for r in rows)}  # bools too
+
+        def value(r: dict, c: str):  # a number column keeps numbers (W&B sorts and plots them), blank as None
+            v = r.get(c, "")
+            return (None if v == "" else v) if c in numeric else str(v)
+
+        table = wandb.Table(columns=columns, data=[[value(r, c) for c in columns] for r in rows])
         payload = {"sweep/summary": table}
         if heatmap is not None:
             payload["sweep/heatmap"] = wandb.Image(str(heatmap))
         run.log(payload)
-        best = best_job(jobs)
-        if best is not None:
-            run.summary.update({"best/pairwise_accuracy": best.metrics["pairwise_accuracy"], "best/job": best.dir.name})
+        if verdict.best is not None:
+            run.summary.update({"best/pairwise_accuracy": verdict.best.accuracy, "best/job": verdict.best.name})
+        if verdict.n_pairs is not None:
+            run.summary.update({"best/tied_jobs": [e.name for e in verdict.tied], "best/n_eval_pairs": verdict.n_pairs,
+                                "best/min_detectable_gap": verdict.min_detectable})
         return run.id
     finally:
         wandb.finish()
 
 
-def report(sweep_dir: str | Path, use_wandb: bool = True) -> dict:
+def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     if not jobs:
         raise SystemExit(f"{sweep_dir}: no sweep jobs found (no */.hydra/overrides.yaml)")
     keys = swept_keys(sweep_dir, jobs)
-    rows = rows_of(jobs, keys)
+    entries = entries_of(jobs, keys)
+    verdict = pair_with_best(entries, n_resamples, seed)
+    rows = rows_of(entries, keys)
     write_tables(rows, sweep_dir)
     heatmap = sweep_dir / "heatmap.png"
-    has_heatmap = write_heatmap(jobs, heatmap, other_keys=keys)
+    tied = {j.dir.name for e in verdict.tied for j in e.jobs}
+    has_heatmap = write_heatmap(jobs, heatmap, other_keys=keys, tied=tied)
     counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "failed", "running")}
     print(f"{sweep_dir}: {len(jobs)} jobs ({counts['ok']} ok, {counts['failed']} failed, {counts['running']} running)")
     print(f"wrote {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}" + (f", {heatmap}" if has_heatmap else ""))
-    best = best_job(jobs)
+    best = verdict.best
     if best is None:
         print("no finished job yet")
     else:
-        shown = ", ".join(f"{k}={best.setting(k)}" for k in keys)
-        print(f"best: job {best.dir.name} ({shown}): pairwise_accuracy {best.metrics['pairwise_accuracy']:.4f}, "
-              f"eval_loss {best.metrics.get('eval_loss', float('nan')):.4f}")
-        print(f"reproduce: {best.command()}")
-    run_id = log_to_wandb(sweep_dir, jobs, rows, heatmap if has_heatmap else None) if use_wandb else None
-    return {"jobs": len(jobs), **counts, "best": best.dir.name if best else None, "wandb_run": run_id}
+        shown = ", ".join(f"{k}={best.jobs[0].setting(k)}" for k in keys if k != SEED_KEY or len(best.jobs) == 1)
+        seeds = f" over {len(best.done)} seeds" if len(best.jobs) > 1 else ""
+        print(verdict_line(verdict))
+        print(f"  job {best.name} ({shown}): pairwise_accuracy {best.accuracy:.4f}{seeds}, "
+              f"eval_loss {best.eval_loss if math.isfinite(best.eval_loss) else float('nan'):.4f}")
+        for entry in entries:
+            if entry.pairing:
+                print(f"  job {entry.name}: {entry.pairing}")
+        top = max(best.done, key=lambda j: j.metrics["pairwise_accuracy"])
+        print(f"reproduce: {top.command()}")
+    run_id = log_to_wandb(sweep_dir, jobs, rows, heatmap if has_heatmap else None, verdict) if use_wandb else None
+    return {"jobs": len(jobs), **counts, "best": best.name if best else None,
+            "tied_with_best": [e.name for e in verdict.tied], "n_eval_pairs": verdict.n_pairs,
+            "min_detectable_gap": verdict.min_detectable, "wandb_run": run_id}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="report")
 def cli(cfg: DictConfig) -> dict:
     args = to_typed(cfg)
-    return report(args.sweep_dir, use_wandb=args.wandb)
+    return report(args.sweep_dir, use_wandb=args.wandb, n_resamples=args.n_resamples, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     <run dir>/rmexp_config.yaml   the resolved config (RewardModel.load and rmexp.export read it)
              metrics.json        status, accuracy with its interval, baselines, data counts; written
                                  whether the run succeeds, fails or is preempted (run_record)
-             scores.jsonl        one line per held-out pair
+             scores.jsonl        one line per held-out pair: index, pair_id, source (when the pair has
+                                 one), the two rewards and whether chosen won (score_lines)
              adapter_*, tokenizer*  the trained adapter and head (trainer.save_model)
              checkpoints/checkpoint-N  for trainer.resume=auto, and a requeued submitit job's resume
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -52,16 +54,36 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def score_lines(rewards: torch.Tensor, start: int = 0) -> Iterator[str]:
-    """scores.jsonl lines of rewards (n x 2), numbered from `start`."""
-    for i, (c, r) in enumerate(rewards.tolist(), start):
-        yield json.dumps({"index": i, "reward_chosen": c, "reward_rejected": r, "correct": c > r}) + "\n"
+def pair_id(pair) -> str:
+    """A pair's stable identity across runs and files: 16 hex digits of blake2b over its content as parsed
+    (prompt messages, chosen, rejected: `Pair.key()`, which the leakage check compares too), so the same pair
+    read from an HH file or a TRL file has one id. The system prompt is the model's setting, not the pair's."""
+    return hashlib.blake2b(pair.key().encode(), digest_size=8).hexdigest()
 
 
-def write_scores(path: Path, rewards: torch.Tensor) -> None:
+def pair_id_of_key(key: int) -> str:
+    """`pair_id` from rmexp.dataset's `key` column, which holds the same 8 bytes read as a little-endian int64."""
+    return int(key).to_bytes(8, "little", signed=True).hex()
+
+
+def pair_identity(pid: str, source: str | None) -> dict:
+    """What scores.jsonl says of a pair besides its rewards: its id, and its source/subset when it has one."""
+    return {"pair_id": pid} if source is None else {"pair_id": pid, "source": source}
+
+
+def score_lines(rewards: torch.Tensor, start: int = 0, identity: list[dict] | None = None) -> Iterator[str]:
+    """scores.jsonl lines of rewards (n x 2), numbered from `start`; `identity` (one dict per row: pair_id and,
+    when the pair has one, source) is written beside the index so runs can be paired on the pairs they share."""
+    for k, (i, (c, r)) in enumerate(enumerate(rewards.tolist(), start)):
+        ident = identity[k] if identity is not None else {}
+        yield json.dumps({"index": i, **ident, "reward_chosen": c, "reward_rejected": r, "correct": c > r},
+                         ensure_ascii=False) + "\n"
+
+
+def write_scores(path: Path, rewards: torch.Tensor, identity: list[dict] | None = None) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(score_lines(rewards))
+        f.writelines(score_lines(rewards, identity=identity))
     os.replace(tmp, path)
 
 

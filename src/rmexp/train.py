@@ -19,6 +19,7 @@ from rmexp.callbacks import StopOnSignal
 from rmexp.config import CONF_PATH, Batching, RMExpConfig, to_typed
 from rmexp.data import DataError
 from rmexp.dataset import build_datasets, sources_of
+from rmexp.diagnostics import EvalDiagnostics, summary
 from rmexp.metrics import length_baseline_accuracy
 from rmexp.model import (
     build_bnb_config,
@@ -58,7 +59,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
         train_ds, eval_ds, data_stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
-        truncation = data_stats.pop("truncation")
+        truncation, eval_ids = data_stats.pop("truncation"), data_stats.pop("eval_identity")  # ids: scores.jsonl's
         log_truncation(truncation, cfg.trainer.max_length)
         log.info(config_summary(cfg, train_ds, eval_ds))
 
@@ -83,6 +84,10 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
             head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s,
             fused_lora=cfg.trainer.fused_lora, dequant_cache=cfg.trainer.dequant_cache,
             fused_rms_norm=cfg.trainer.fused_rms_norm)
+        eval_sources = [i.get("source") for i in eval_ids]  # accuracy by source at every evaluation
+        trainer.eval_sources, trainer.eval_categories = eval_sources, cfg.data.categories
+        if main_process:  # histograms, calibration and their figures at every evaluation, in the run dir and W&B
+            trainer.add_callback(EvalDiagnostics(trainer, run_dir, record.wandb_run, eval_sources, cfg.data.categories))
         if not streamed(train_ds) and len(trainer.train_dataset) != len(train_ds):  # ours fit: TRL filters none
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
         resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)  # a requeued submitit job: its own last checkpoint
@@ -97,10 +102,12 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
             trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
             if main_process:
                 (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
-                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
+                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, eval_ids)
+        rewards = trainer.last_eval_rewards.numpy()  # ece, brier, by_source (and categories) of the final evaluation
         record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
             "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resumed_from, "data": data_stats,
-            "truncation": truncation, "model": model_path}
+            "truncation": truncation, "model": model_path} | summary(rewards[:, 0], rewards[:, 1], eval_sources,
+                                                                      cfg.data.categories)
         if record.wandb_run is not None:
             record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
                 "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}

@@ -14,6 +14,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_callback import ProgressCallback
 from trl import RewardTrainer
 
+from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
 from rmexp._compat import count_train_tokens, log_metric
 from rmexp.callbacks import LogAtCheckpoint, TimeBudget, TrainingProgress
@@ -59,6 +60,8 @@ class PairwiseRewardTrainer(RewardTrainer):
 
     _eval_rewards: list | None = None
     last_eval_rewards: torch.Tensor | None = None
+    eval_sources: list[str | None] | None = None  # each eval pair's source/subset: accuracy by source
+    eval_categories: dict[str, str] | None = None  # subset -> category: the category-averaged accuracy
 
     def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None,
                  fused_lora: bool = False, dequant_cache: str | bool = False, fused_rms_norm: bool = False,
@@ -200,5 +203,8 @@ class PairwiseRewardTrainer(RewardTrainer):
             self._eval_rewards = None
         self.last_eval_rewards = rewards
         pairwise = pairwise_metrics(rewards[:, 0].numpy(), rewards[:, 1].numpy())
+        # ece, brier, by_source/<name>/pairwise_accuracy, ...: W&B gets them as eval/<name> with the rest
+        pairwise |= diagnostics.scalars(diagnostics.summary(rewards[:, 0].numpy(), rewards[:, 1].numpy(),
+                                                            self.eval_sources, self.eval_categories))
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in pairwise.items()})
         return output
