@@ -296,6 +296,23 @@ def test_each_checkpoint_has_a_manifest_of_its_files_as_written(finished):
         assert diagnose_checkpoint(ckpt) is None
 
 
+@pytest.mark.parametrize(("damaged", "error"), [("optimizer.pt", "BadZipFile"),
+                                                ("adapter_model.safetensors", "SafetensorError"),
+                                                ("trainer_state.json", "JSONDecodeError")])
+def test_without_a_manifest_a_truncated_file_still_does_not_read(finished, tmp_path, damaged, error):
+    """A checkpoint of an older rmexp (or killed before its manifest): each file's own structure names the damage."""
+    ckpt = tmp_path / "checkpoint-8"
+    shutil.copytree(finished / "checkpoints" / "checkpoint-8", ckpt)
+    (ckpt / MANIFEST).unlink()
+    assert diagnose_checkpoint(ckpt) is None
+    os.truncate(ckpt / damaged, (ckpt / damaged).stat().st_size // 2)
+    assert diagnose_checkpoint(ckpt).startswith(f"{damaged} does not read ({error}: ")
+    os.truncate(ckpt / damaged, 0)
+    assert diagnose_checkpoint(ckpt).startswith(f"{damaged} does not read ({error}: ")
+    (ckpt / damaged).unlink()
+    assert diagnose_checkpoint(ckpt) == f"{damaged} is missing"
+
+
 def test_a_rerun_into_a_used_run_dir_is_refused_before_any_model_loads(finished, tmp_path, no_model):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
@@ -322,6 +339,7 @@ def test_a_fresh_dir_runs_and_never_keeps_the_old_run_in_previous(finished, tmp_
     (tmp_path / ".hydra").mkdir()  # what Hydra writes into every run dir, its new one included
     log_file = tmp_path / "train.log"
     assert claim_run_dir(tmp_path, None) is None  # a fresh dir: nothing to refuse
+    assert claim_run_dir(tmp_path / "not yet", "never") is None  # nor to move
     handler = logging.FileHandler(log_file)  # as Hydra's job logging opens it: appending
     logging.getLogger("rmexp.test").addHandler(handler)
     try:
@@ -419,3 +437,29 @@ def test_no_intact_checkpoint_is_a_named_error_before_any_model_loads(finished, 
     assert message.endswith(f"Start over with trainer.resume=never (the run moves to {run_dir}/previous-<time>/)")
     assert metrics(run_dir)["status"] == "failed" and "checkpoint-8" in metrics(run_dir)["error"]
     assert {k: v for k, v in files_of(run_dir).items() if k != "metrics.json"} == before  # nothing moved
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_used_run_dir_and_never_keeps_hydras_log_of_the_old_run(tmp_path):
+    complete_checkpoint(tmp_path, 7)
+    (tmp_path / "metrics.json").write_text('{"status": "failed", "error": "killed"}')
+    (tmp_path / "train.log").write_text("the previous run's log\n")  # Hydra's job log, appended to by a rerun
+    before = files_of(tmp_path)
+    refused = subprocess.run([sys.executable, "-m", "rmexp.train", *ARGS, f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert (f"{tmp_path} holds a previous run (checkpoints/checkpoint-7); not training over it. Continue it with "
+            "trainer.resume=auto, or start over with trainer.resume=never") in refused.stderr
+    assert {k: v for k, v in files_of(tmp_path).items() if not k.startswith((".hydra", "train.log"))} == {
+        k: v for k, v in before.items() if k != "train.log"}
+
+    fresh = subprocess.run([sys.executable, "-m", "rmexp.train", *ARGS, "trainer.max_steps=2", "trainer.resume=never",
+                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "train.log").read_text().startswith("the previous run's log\n")
+    assert json.loads((previous / "metrics.json").read_text())["error"] == "killed"
+    assert (previous / "checkpoints" / "checkpoint-7" / "optimizer.pt").is_file()
+    assert "the previous run's log" not in (tmp_path / "train.log").read_text()
+    assert "moved to" in (tmp_path / "train.log").read_text()  # the new run's log says where the old run went
+    assert metrics(tmp_path)["status"] == "ok" and metrics(tmp_path)["global_step"] == 2

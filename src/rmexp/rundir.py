@@ -92,7 +92,7 @@ def writes_to(run_dir: Path):
         raise OSError(e.errno, f"cannot write the run to {run_dir}: {e.strerror or e}") from e
 
 
-def sorted_checkpoints(checkpoints: Path) -> list[Path]:
+def list_checkpoints(checkpoints: Path) -> list[Path]:
     """checkpoint-N dirs under `checkpoints`, oldest (lowest N) first."""
     found = [(int(d.name.split("-")[1]), d) for d in checkpoints.glob("checkpoint-*")
              if d.is_dir() and d.name.split("-")[1].isdigit()]
@@ -101,7 +101,7 @@ def sorted_checkpoints(checkpoints: Path) -> list[Path]:
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint-N holding every file a resume needs; a half-written one is skipped."""
-    for d in reversed(sorted_checkpoints(checkpoints)):
+    for d in reversed(list_checkpoints(checkpoints)):
         if all((d / f).is_file() for f in CHECKPOINT_FILES):
             return d
         log.warning("skipping incomplete checkpoint %s", d)
@@ -129,7 +129,7 @@ def write_manifest(ckpt: Path, step: int) -> None:
     _sync(ckpt)  # the renames themselves
 
 
-def _open_problem(path: Path) -> str | None:
+def _read_back(path: Path) -> str | None:
     """Why a checkpoint file's structure does not read, from its header or index alone (no tensor data):
     JSON parses, a safetensors header covers the file, a torch.save zip has its central directory."""
     from safetensors import SafetensorError, safe_open
@@ -150,7 +150,7 @@ def _open_problem(path: Path) -> str | None:
 
 def diagnose_checkpoint(ckpt: Path) -> str | None:
     """What is wrong with a checkpoint, None if it is fit to resume from: a file missing, a file another size
-    than rmexp_checkpoint.json says was written, or one whose structure does not read (_open_problem). A
+    than rmexp_checkpoint.json says was written, or one whose structure does not read (_read_back). A
     checkpoint without a manifest (saved by an older rmexp, or killed between the save and the manifest)
     gets the structural reads alone."""
     try:
@@ -168,7 +168,7 @@ def diagnose_checkpoint(ckpt: Path) -> str | None:
             problems.append(f"{name} is missing")
         elif name in written and (size := path.stat().st_size) != written[name]:
             problems.append(f"{name} is {size} bytes, {written[name]} were written")
-        elif problem := _open_problem(path):
+        elif problem := _read_back(path):
             problems.append(problem)
     return "; ".join(problems) or None
 
@@ -187,7 +187,7 @@ def pick_checkpoint(checkpoints: Path, set_aside: bool = True) -> tuple[Path | N
     """The newest intact checkpoint under `checkpoints` (diagnose_checkpoint) and the newer ones passed over,
     each named in one WARNING line and, with `set_aside` (the main process), renamed skipped-checkpoint-N.
     (None, []) when there is no checkpoint; CheckpointError naming each one when none is intact."""
-    found, skipped = sorted_checkpoints(checkpoints), []
+    found, skipped = list_checkpoints(checkpoints), []
     for ckpt in reversed(found):
         problem = diagnose_checkpoint(ckpt)
         if problem is None:
@@ -206,9 +206,9 @@ def pick_checkpoint(checkpoints: Path, set_aside: bool = True) -> tuple[Path | N
     return None, []
 
 
-def previous_run(run_dir: Path) -> list[str]:
+def find_previous_run(run_dir: Path) -> list[str]:
     """What in a run dir says a run already used it: its checkpoints, a trained adapter, a finished metrics.json."""
-    found = [f"checkpoints/{d.name}" for d in sorted_checkpoints(run_dir / "checkpoints")]
+    found = [f"checkpoints/{d.name}" for d in list_checkpoints(run_dir / "checkpoints")]
     if is_run_dir(run_dir):
         found.append("adapter_config.json")
     try:
@@ -218,7 +218,7 @@ def previous_run(run_dir: Path) -> list[str]:
     return found + (["metrics.json (status ok)"] if finished else [])
 
 
-def _open_logs(run_dir: Path) -> dict[Path, logging.FileHandler]:
+def _find_open_logs(run_dir: Path) -> dict[Path, logging.FileHandler]:
     """This process's log files inside `run_dir` (Hydra's <job>.log), by path."""
     loggers = [logging.root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
     return {Path(h.baseFilename).resolve(): h for lg in loggers for h in lg.handlers
@@ -229,7 +229,9 @@ def move_previous_run(run_dir: Path) -> Path | None:
     """trainer.resume=never: the run dir's files into <run_dir>/previous-<time>/ (returned; None when there
     is nothing to move). Hydra's .hydra/ (already this run's) and earlier previous-* dirs stay. A log file
     this process writes to is copied there and emptied: moved, it would take this run's lines with it."""
-    logs = _open_logs(run_dir)
+    if not run_dir.is_dir():
+        return None
+    logs = _find_open_logs(run_dir)
     entries = [p for p in sorted(run_dir.iterdir()) if p.name != ".hydra" and not p.name.startswith("previous-")
                and p.resolve() not in logs]
     if not entries:  # a log alone is this run's own (Hydra opened it), not a previous run
@@ -255,7 +257,7 @@ def move_previous_run(run_dir: Path) -> Path | None:
 
 
 def claim_run_dir(run_dir: Path, resume: str | None, main_process: bool = True) -> Path | None:
-    """Before anything loads: a run dir that holds a run (previous_run) is only trained in again when
+    """Before anything loads: a run dir that holds a run (find_previous_run) is only trained in again when
     `trainer.resume` says how: auto (or a checkpoint path) continues, never moves the old run's files to
     <run_dir>/previous-<time>/ (returned; the main process moves) and starts over; unset raises RunDirError.
     A fresh dir (Hydra's default: one per run) passes, and so does a requeued submitit job's own dir."""
@@ -265,14 +267,14 @@ def claim_run_dir(run_dir: Path, resume: str | None, main_process: bool = True) 
         raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
     if resume == "never":
         return move_previous_run(run_dir) if main_process else None
-    found = previous_run(run_dir)
+    found = find_previous_run(run_dir)
     if not found:
         return None
     start_over = f"start over with trainer.resume=never (its files move to {run_dir}/previous-<time>/, nothing is deleted)"
     if not resume:
         raise RunDirError(f"{run_dir} holds a previous run ({', '.join(found)}); not training over it. Continue it "
                           f"with trainer.resume=auto, or {start_over}")
-    if resume == "auto" and not sorted_checkpoints(run_dir / "checkpoints"):
+    if resume == "auto" and not list_checkpoints(run_dir / "checkpoints"):
         raise RunDirError(f"trainer.resume=auto: {run_dir} holds a finished run ({', '.join(found)}) and no "
                           f"checkpoint to continue from; {start_over}")
     return None
