@@ -1,11 +1,14 @@
-"""Runs survive kills: checkpoints, `trainer.resume=auto`, SIGTERM saving before it exits, and a
-submitit job's preemption (checkpointed, requeued, resumed without being told)."""
+"""Runs survive kills: checkpoints, `trainer.resume=auto`, SIGTERM saving before it exits, a
+submitit job's preemption (checkpointed, requeued, resumed without being told), a damaged checkpoint
+(passed over for the one before it), and a rerun into a used run dir (refused, or moved aside)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +17,25 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from transformers import TrainerCallback
 
-from conftest import ROOT
+from conftest import ROOT, compose_cfg
 from rmexp.callbacks import StopOnSignal
-from rmexp.rundir import CHECKPOINT_FILES, Preempted, last_complete_checkpoint, resume_checkpoint, run_record
+from rmexp.rundir import (
+    CHECKPOINT_FILES,
+    MANIFEST,
+    CheckpointError,
+    Preempted,
+    RunDirError,
+    claim_run_dir,
+    diagnose_checkpoint,
+    last_complete_checkpoint,
+    move_previous_run,
+    resume_checkpoint,
+    run_record,
+)
+from rmexp.train import main
 from rmexp.trainer import whole_run_loss
 
 ARGS = ["model=tiny", "data.path=data/preference.jsonl", "logger=none", "trainer.max_steps=40",
@@ -146,10 +164,15 @@ def test_a_half_written_checkpoint_is_skipped(tmp_path):
 
 
 def complete_checkpoint(run_dir: Path, step: int) -> Path:
+    """A checkpoint whose files read as the real ones do (diagnose_checkpoint passes it), without a model."""
+    from safetensors.torch import save_file
+
     d = run_dir / "checkpoints" / f"checkpoint-{step}"
     d.mkdir(parents=True)
-    for f in CHECKPOINT_FILES:
-        (d / f).write_text("x")
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    save_file({"w": torch.zeros(2)}, d / "adapter_model.safetensors")
+    for f in ("optimizer.pt", "scheduler.pt"):
+        torch.save({"step": step}, d / f)
     return d
 
 
@@ -166,17 +189,25 @@ def test_only_a_requeued_job_resumes_its_run_dir_without_being_told(tmp_path, mo
     ckpt = str(complete_checkpoint(tmp_path, 7))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "preempted", "step": 7, "job_id": "123"}))
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-    assert resume_checkpoint(None, tmp_path) is None  # not a submitit job: trainer.resume decides, as before
+    assert resume_checkpoint(None, tmp_path).checkpoint is None  # not a submitit job: trainer.resume decides
+    with pytest.raises(RunDirError):  # ... and unset, it refuses this used dir
+        claim_run_dir(tmp_path, None)
     as_submitit_job(monkeypatch, "123")
-    assert resume_checkpoint(None, tmp_path) == ckpt  # the same job again: requeued
+    claim_run_dir(tmp_path, None)  # the same job again: requeued, its own dir
+    claim_run_dir(tmp_path, "never")  # whatever its command line says: nothing is moved
+    assert (Path(ckpt) / "optimizer.pt").is_file()
+    assert resume_checkpoint(None, tmp_path).checkpoint == ckpt
     as_submitit_job(monkeypatch, "456")
-    assert resume_checkpoint(None, tmp_path) is None  # another job writing into this dir starts fresh
-    assert resume_checkpoint("auto", tmp_path) == ckpt
+    assert resume_checkpoint(None, tmp_path).checkpoint is None  # another job writing into this dir starts fresh
+    with pytest.raises(RunDirError):  # ... once told how
+        claim_run_dir(tmp_path, None)
+    assert resume_checkpoint("auto", tmp_path).checkpoint == ckpt
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "789")
-    assert resume_checkpoint(None, tmp_path) is None
+    assert resume_checkpoint(None, tmp_path).checkpoint is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued by SLURM itself (a node failure, a preemption)
-    assert resume_checkpoint(None, tmp_path) == ckpt
+    claim_run_dir(tmp_path, None)
+    assert resume_checkpoint(None, tmp_path).checkpoint == ckpt
 
 
 def test_submitits_signal_waits_for_the_checkpoint_then_goes_to_submitits_handler(tmp_path, monkeypatch):
@@ -219,3 +250,216 @@ def test_a_resumed_run_reports_the_whole_runs_train_loss():
     assert whole_run_loss(history, 10, 0.2, 20) == pytest.approx((5 * 1.0 + 5 * 0.5 + 10 * 0.2) / 20)
     # steps 11-12 of a checkpoint saved between logs are in no log: the mean is over the others
     assert whole_run_loss(history, 12, 0.2, 20) == pytest.approx((5 * 1.0 + 5 * 0.5 + 8 * 0.2) / 18)
+
+
+# ---------------------------------------------------------------- run dirs and damaged checkpoints, in process
+
+RUN = ["model=tiny", f"data.path={ROOT / 'data/preference.jsonl'}", "logger=none", "trainer.max_steps=12",
+       "trainer.save_steps=4", "trainer.eval_steps=1000", "trainer.logging_steps=4", "trainer.learning_rate=3e-3",
+       "trainer.save_total_limit=null"]
+
+
+def run(run_dir: Path, *extra: str, callbacks=None) -> dict:
+    main(compose_cfg(*RUN, f"paths.output_dir={run_dir}", *extra), callbacks=callbacks)
+    return metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A whole 12-step run, never interrupted: checkpoints 4, 8 and 12, the reference metrics."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    assert run(run_dir)["resume_skipped"] == []
+    return run_dir
+
+
+def files_of(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a tokenizer or a model fails the test: what runs before them must have decided."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded")
+
+    monkeypatch.setattr("rmexp.train.load_tokenizer", load)
+    monkeypatch.setattr("rmexp.train.load_reward_model", load)
+
+
+def test_each_checkpoint_has_a_manifest_of_its_files_as_written(finished):
+    for step in (4, 8, 12):
+        ckpt = finished / "checkpoints" / f"checkpoint-{step}"
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        assert manifest["step"] == step
+        assert manifest["files"] == {p.name: p.stat().st_size for p in ckpt.iterdir() if p.name != MANIFEST}
+        assert set(CHECKPOINT_FILES) <= set(manifest["files"])
+        assert diagnose_checkpoint(ckpt) is None
+
+
+@pytest.mark.parametrize(("damaged", "error"), [("optimizer.pt", "BadZipFile"),
+                                                ("adapter_model.safetensors", "SafetensorError"),
+                                                ("trainer_state.json", "JSONDecodeError")])
+def test_without_a_manifest_a_truncated_file_still_does_not_read(finished, tmp_path, damaged, error):
+    """A checkpoint of an older rmexp (or killed before its manifest): each file's own structure names the damage."""
+    ckpt = tmp_path / "checkpoint-8"
+    shutil.copytree(finished / "checkpoints" / "checkpoint-8", ckpt)
+    (ckpt / MANIFEST).unlink()
+    assert diagnose_checkpoint(ckpt) is None
+    os.truncate(ckpt / damaged, (ckpt / damaged).stat().st_size // 2)
+    assert diagnose_checkpoint(ckpt).startswith(f"{damaged} does not read ({error}: ")
+    os.truncate(ckpt / damaged, 0)
+    assert diagnose_checkpoint(ckpt).startswith(f"{damaged} does not read ({error}: ")
+    (ckpt / damaged).unlink()
+    assert diagnose_checkpoint(ckpt) == f"{damaged} is missing"
+
+
+def test_a_rerun_into_a_used_run_dir_is_refused_before_any_model_loads(finished, tmp_path, no_model):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = files_of(run_dir)
+    with pytest.raises(RunDirError) as refused:
+        run(run_dir)
+    message = str(refused.value)
+    assert message == (
+        f"{run_dir} holds a previous run (checkpoints/checkpoint-4, checkpoints/checkpoint-8, checkpoints/checkpoint-12, "
+        f"adapter_config.json, metrics.json (status ok)); not training over it. Continue it with trainer.resume=auto, "
+        f"or start over with trainer.resume=never (its files move to {run_dir}/previous-<time>/, nothing is deleted)")
+    assert files_of(run_dir) == before  # checkpoints, adapter and metrics.json untouched, none written
+    with pytest.raises(FileNotFoundError, match="trainer.resume: no checkpoint dir Auto "):  # a typo: refused too
+        run(run_dir, "trainer.resume=Auto")
+    assert files_of(run_dir) == before
+
+    shutil.rmtree(run_dir / "checkpoints")  # finished, nothing to continue: auto is refused too, not a fresh start
+    with pytest.raises(RunDirError, match="trainer.resume=auto: .* no checkpoint to continue from; start over with "
+                                          "trainer.resume=never"):
+        run(run_dir, "trainer.resume=auto")
+
+
+def test_a_fresh_dir_runs_and_never_keeps_the_old_run_in_previous(finished, tmp_path):
+    (tmp_path / ".hydra").mkdir()  # what Hydra writes into every run dir, its new one included
+    log_file = tmp_path / "train.log"
+    assert claim_run_dir(tmp_path, None) is None  # a fresh dir: nothing to refuse
+    assert claim_run_dir(tmp_path / "not yet", "never") is None  # nor to move
+    handler = logging.FileHandler(log_file)  # as Hydra's job logging opens it: appending
+    logging.getLogger("rmexp.test").addHandler(handler)
+    try:
+        log_file.write_text("the previous run's log\n")
+        (tmp_path / "metrics.json").write_text('{"status": "ok"}')
+        (tmp_path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+        with pytest.raises(RunDirError):
+            claim_run_dir(tmp_path, None)
+        moved = claim_run_dir(tmp_path, "never")
+        logging.getLogger("rmexp.test").error("the new run's line")
+        handler.flush()
+        assert move_previous_run(tmp_path) is None  # nothing left to move: the open log is this run's
+    finally:
+        logging.getLogger("rmexp.test").removeHandler(handler)
+        handler.close()
+    assert moved.parent == tmp_path and moved.name.startswith("previous-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", moved.name, "train.log"]
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoints", "metrics.json", "train.log"]
+    assert (moved / "checkpoints" / "checkpoint-3").is_dir()
+    assert (moved / "train.log").read_text() == "the previous run's log\n"
+    assert log_file.read_text() == "the new run's line\n"
+
+
+def test_never_moves_a_finished_run_to_previous_and_trains_anew(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    old = files_of(run_dir)
+    new = run(run_dir, "trainer.resume=never")
+    (previous,) = run_dir.glob("previous-*")
+    assert {k: v[0] for k, v in files_of(previous).items()} == {k: v[0] for k, v in old.items()}  # all of it, kept
+    assert json.loads((previous / "metrics.json").read_text()) == metrics(finished)
+    assert new["status"] == "ok" and new["resumed_from"] is None and new["global_step"] == 12
+    assert new["pairwise_accuracy"] == metrics(finished)["pairwise_accuracy"]  # the same seed, the same run
+    assert (run_dir / "checkpoints" / "checkpoint-12" / MANIFEST).is_file()
+
+
+class ResumedFromKept(TrainerCallback):
+    """At each checkpoint save (before rmexp's manifest and rotation): the checkpoint resumed from is still there."""
+
+    def __init__(self, resumed_from: Path):
+        self.resumed_from, self.saves = resumed_from, []
+
+    def on_save(self, args, state, control, **kwargs):
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.saves.append((state.global_step, self.resumed_from.is_dir(), (saved / MANIFEST).exists()))
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "adapter_model.safetensors", "trainer_state.json"])
+def test_a_truncated_latest_checkpoint_is_passed_over_for_the_one_before(finished, tmp_path, damaged, caplog):
+    run_dir = tmp_path / "run"
+    for step in (4, 8):  # a run killed after its checkpoint-8 was written short (a full disk, a lost node)
+        shutil.copytree(finished / "checkpoints" / f"checkpoint-{step}", run_dir / "checkpoints" / f"checkpoint-{step}")
+    bad = run_dir / "checkpoints" / "checkpoint-8"
+    size = (bad / damaged).stat().st_size
+    os.truncate(bad / damaged, size // 2)
+    probe = ResumedFromKept(run_dir / "checkpoints" / "checkpoint-4")
+
+    with caplog.at_level(logging.WARNING, logger="rmexp.rundir"):
+        # save_total_limit=1: transformers' own rotation would delete checkpoint-4 inside the save of -8
+        resumed = run(run_dir, "trainer.resume=auto", "trainer.save_total_limit=1", callbacks=[probe])
+
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "rmexp.rundir"]
+    assert warning.startswith(f"damaged checkpoint {bad}: {damaged} is {size // 2} bytes, {size} were written")
+    assert resumed["resumed_from"] == str(run_dir / "checkpoints" / "checkpoint-4")
+    assert resumed["resume_skipped"] == [{"checkpoint": str(bad), "problem": warning.split(": ", 1)[1].split(
+        "; resuming from")[0], "moved_to": str(run_dir / "checkpoints" / "skipped-checkpoint-8")}]
+    assert (run_dir / "checkpoints" / "skipped-checkpoint-8" / damaged).stat().st_size == size // 2  # kept as found
+    # the resumed-from checkpoint outlived the save of -8 and went only once -8 had its manifest
+    assert probe.saves == [(8, True, False), (12, False, False)]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        "checkpoint-12", "skipped-checkpoint-8"]
+
+    # Deterministic on one machine and thread count: the optimizer, scheduler, RNG and data order are restored.
+    # train_loss of a resumed run is rebuilt from the logged losses, which transformers rounds to 4 decimals.
+    reference = metrics(finished)
+    for key in ("global_step", "pairwise_accuracy", "eval_loss", "reward_mean", "reward_std", "mean_margin"):
+        assert resumed[key] == reference[key], key
+    assert resumed["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-4)
+
+
+def test_no_intact_checkpoint_is_a_named_error_before_any_model_loads(finished, tmp_path, no_model):
+    run_dir = tmp_path / "run"
+    for step, damaged in ((4, "optimizer.pt"), (8, "trainer_state.json")):
+        ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
+        shutil.copytree(finished / "checkpoints" / f"checkpoint-{step}", ckpt)
+        os.truncate(ckpt / damaged, 10)
+    (run_dir / "checkpoints" / "checkpoint-4" / MANIFEST).unlink()  # an older rmexp's: the structure still reads
+    before = files_of(run_dir)
+    with pytest.raises(CheckpointError) as failed:
+        run(run_dir, "trainer.resume=auto")
+    message = str(failed.value)
+    assert message.startswith(f"no intact checkpoint to resume from in {run_dir / 'checkpoints'}: checkpoint-8: "
+                              "trainer_state.json is 10 bytes, ")
+    assert "; checkpoint-4: optimizer.pt does not read (BadZipFile: File is not a zip file)" in message
+    assert message.endswith(f"Start over with trainer.resume=never (the run moves to {run_dir}/previous-<time>/)")
+    assert metrics(run_dir)["status"] == "failed" and "checkpoint-8" in metrics(run_dir)["error"]
+    assert {k: v for k, v in files_of(run_dir).items() if k != "metrics.json"} == before  # nothing moved
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_used_run_dir_and_never_keeps_hydras_log_of_the_old_run(tmp_path):
+    complete_checkpoint(tmp_path, 7)
+    (tmp_path / "metrics.json").write_text('{"status": "failed", "error": "killed"}')
+    (tmp_path / "train.log").write_text("the previous run's log\n")  # Hydra's job log, appended to by a rerun
+    before = files_of(tmp_path)
+    refused = subprocess.run([sys.executable, "-m", "rmexp.train", *ARGS, f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert (f"{tmp_path} holds a previous run (checkpoints/checkpoint-7); not training over it. Continue it with "
+            "trainer.resume=auto, or start over with trainer.resume=never") in refused.stderr
+    assert {k: v for k, v in files_of(tmp_path).items() if not k.startswith((".hydra", "train.log"))} == {
+        k: v for k, v in before.items() if k != "train.log"}
+
+    fresh = subprocess.run([sys.executable, "-m", "rmexp.train", *ARGS, "trainer.max_steps=2", "trainer.resume=never",
+                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "train.log").read_text().startswith("the previous run's log\n")
+    assert json.loads((previous / "metrics.json").read_text())["error"] == "killed"
+    assert (previous / "checkpoints" / "checkpoint-7" / "optimizer.pt").is_file()
+    assert "the previous run's log" not in (tmp_path / "train.log").read_text()
+    assert "moved to" in (tmp_path / "train.log").read_text()  # the new run's log says where the old run went
+    assert metrics(tmp_path)["status"] == "ok" and metrics(tmp_path)["global_step"] == 2

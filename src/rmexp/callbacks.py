@@ -1,5 +1,6 @@
 """Trainer callbacks: stop cleanly on SIGTERM (SLURM's notice before a kill) or on a submitit job's
-preemption signal, log the loss at every checkpoint, stop at a time budget, show one progress bar."""
+preemption signal, log the loss at every checkpoint, record each checkpoint's manifest and rotate old
+ones after it, stop at a time budget, show one progress bar."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from rmexp._compat import submitit_preempt_signal
-from rmexp.rundir import Preempted, last_complete_checkpoint, submitit_job_id
+from rmexp.rundir import Preempted, last_complete_checkpoint, submitit_job_id, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,23 @@ class LogAtCheckpoint(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
             control.should_log = True
+        return control
+
+
+class CheckpointManifest(TrainerCallback):
+    """After each checkpoint save, on the process that saves: the checkpoint's manifest (the size of every
+    file, synced to disk with them; rundir.write_manifest), then transformers' own `rotate_checkpoints` with
+    `save_total_limit`. Trainer rotates inside its save, before on_save and with nothing synced, so the
+    trainer hands the limit here instead: no checkpoint, the one a run resumed from included, is deleted
+    before a newer one is on disk whole with its manifest."""
+
+    def __init__(self, save_total_limit: int | None):
+        self.save_total_limit = save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            write_manifest(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", state.global_step)
+            rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint, use_mtime=True)
         return control
 
 

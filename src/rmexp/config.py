@@ -138,7 +138,9 @@ class TrainerConfig:
     # rmexp's own keys: how pairs become batches (see rmexp.packing)
     batching: Batching = MISSING  # packed: prompt once, no padding; padded: TRL's collator
     packed_row_tokens: int = MISSING  # token budget of one packed row
-    # null: start fresh; auto: continue this run dir from its last complete checkpoint; or a checkpoint path
+    # null: start fresh, refused in a run dir that holds a run (checkpoints, an adapter, a finished metrics.json);
+    # auto: continue this run dir from its newest intact checkpoint; never: move the old run to
+    # <run dir>/previous-<time>/ and start over; or a checkpoint dir (rmexp.rundir.claim_run_dir)
     resume: str | None = MISSING
     # null: the score head learns at learning_rate; else its own rate (it starts from random weights)
     head_learning_rate: float | None = MISSING

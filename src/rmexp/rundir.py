@@ -6,10 +6,15 @@
              scores.jsonl        one line per held-out pair: index, pair_id, source (when the pair has
                                  one), the two rewards and whether chosen won (score_lines)
              adapter_*, tokenizer*  the trained adapter and head (trainer.save_model)
-             checkpoints/checkpoint-N  for trainer.resume=auto, and a requeued submitit job's resume
+             checkpoints/checkpoint-N  for trainer.resume=auto, and a requeued submitit job's resume; each
+                                 with rmexp_checkpoint.json, the size of every file as saved
+             checkpoints/skipped-checkpoint-N  a damaged checkpoint a resume passed over (kept, not deleted)
+             previous-<time>/    an earlier run in this dir, moved aside by trainer.resume=never
 
 Files are written to a temp name and renamed, so a reader never sees half a file; a full disk, a
-quota or a read-only mount gives an error naming the run dir.
+quota or a read-only mount gives an error naming the run dir. A dir that holds a run is not started
+over unless trainer.resume says how (claim_run_dir), and a checkpoint is read back before a resume
+trusts it (diagnose_checkpoint).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import traceback
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +42,15 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "rmexp_config.yaml"  # the resolved config a run was trained with
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+MANIFEST = "rmexp_checkpoint.json"  # in each checkpoint: the size of every file as it was saved (write_manifest)
+
+
+class RunDirError(RuntimeError):
+    """A run dir that holds another run, started without `trainer.resume` saying what to do with it."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint fit to resume from: the message names each one and what is wrong with it."""
 
 
 def is_main_process() -> bool:
@@ -98,14 +114,191 @@ def writes_to(run_dir: Path):
         raise OSError(e.errno, f"cannot write the run to {run_dir}: {e.strerror or e}") from e
 
 
+def list_checkpoints(checkpoints: Path) -> list[Path]:
+    """checkpoint-N dirs under `checkpoints`, oldest (lowest N) first."""
+    found = [(int(d.name.split("-")[1]), d) for d in checkpoints.glob("checkpoint-*")
+             if d.is_dir() and d.name.split("-")[1].isdigit()]
+    return [d for _, d in sorted(found)]
+
+
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint-N holding every file a resume needs; a half-written one is skipped."""
-    found = sorted((int(d.name.split("-")[1]), d) for d in checkpoints.glob("checkpoint-*")
-                   if d.name.split("-")[1].isdigit())
-    for _, d in reversed(found):
+    for d in reversed(list_checkpoints(checkpoints)):
         if all((d / f).is_file() for f in CHECKPOINT_FILES):
             return d
         log.warning("skipping incomplete checkpoint %s", d)
+    return None
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    """rmexp_checkpoint.json: the size of every file of a just-saved checkpoint, the files and the manifest
+    flushed to disk first, so a manifest never describes data still in the page cache (a node lost after
+    the save would otherwise leave a checkpoint that looks whole)."""
+    files = {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+    for name in files:
+        _sync(ckpt / name)
+    write_json(ckpt / MANIFEST, {"step": step, "files": files})
+    _sync(ckpt / MANIFEST)
+    _sync(ckpt)  # the renames themselves
+
+
+def _read_back(path: Path) -> str | None:
+    """Why a checkpoint file's structure does not read, from its header or index alone (no tensor data):
+    JSON parses, a safetensors header covers the file, a torch.save zip has its central directory."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.name in ("trainer_state.json", "adapter_config.json"):
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save's format is a zip, its index at the end
+            with zipfile.ZipFile(path):
+                pass
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:  # JSONDecodeError, UnicodeError: ValueError
+        return f"{path.name} does not read ({type(e).__name__}: {e})"
+    return None
+
+
+def diagnose_checkpoint(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint, None if it is fit to resume from: a file missing, a file another size
+    than rmexp_checkpoint.json says was written, or one whose structure does not read (_read_back). A
+    checkpoint without a manifest (saved by an older rmexp, or killed between the save and the manifest)
+    gets the structural reads alone."""
+    try:
+        written = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        written = {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} does not read ({type(e).__name__}: {e})"
+    problems = []
+    names = list(dict.fromkeys([*CHECKPOINT_FILES, *written,
+                                *(p.name for p in sorted(ckpt.glob("*")) if p.is_file() and p.name != MANIFEST)]))
+    for name in names:
+        path = ckpt / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif name in written and (size := path.stat().st_size) != written[name]:
+            problems.append(f"{name} is {size} bytes, {written[name]} were written")
+        elif problem := _read_back(path):
+            problems.append(problem)
+    return "; ".join(problems) or None
+
+
+def _set_aside(ckpt: Path) -> Path:
+    """A damaged checkpoint renamed out of transformers' sight (it rotates and resumes `checkpoint-*`):
+    the resumed run then saves that step into a new dir, not over stale files, and nothing is deleted."""
+    dest, n = ckpt.with_name(f"skipped-{ckpt.name}"), 1
+    while dest.exists():
+        dest, n = ckpt.with_name(f"skipped-{ckpt.name}.{n}"), n + 1
+    os.replace(ckpt, dest)
+    return dest
+
+
+def pick_checkpoint(checkpoints: Path, set_aside: bool = True) -> tuple[Path | None, list[dict]]:
+    """The newest intact checkpoint under `checkpoints` (diagnose_checkpoint) and the newer ones passed over,
+    each named in one WARNING line and, with `set_aside` (the main process), renamed skipped-checkpoint-N.
+    (None, []) when there is no checkpoint; CheckpointError naming each one when none is intact."""
+    found, skipped = list_checkpoints(checkpoints), []
+    for ckpt in reversed(found):
+        problem = diagnose_checkpoint(ckpt)
+        if problem is None:
+            for entry in skipped:
+                if set_aside:
+                    entry["moved_to"] = str(_set_aside(Path(entry["checkpoint"])))
+                log.warning("damaged checkpoint %s: %s; resuming from %s instead%s", entry["checkpoint"],
+                            entry["problem"], ckpt.name, f" (moved to {entry['moved_to']})" if set_aside else "")
+            return ckpt, skipped
+        skipped.append({"checkpoint": str(ckpt), "problem": problem})
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint to resume from in {checkpoints}: "
+                              + "; ".join(f"{Path(e['checkpoint']).name}: {e['problem']}" for e in skipped)
+                              + f". Start over with trainer.resume=never (the run moves to "
+                              f"{checkpoints.parent}/previous-<time>/)")
+    return None, []
+
+
+def find_previous_run(run_dir: Path) -> list[str]:
+    """What in a run dir says a run already used it: its checkpoints, a trained adapter, a finished metrics.json."""
+    found = [f"checkpoints/{d.name}" for d in list_checkpoints(run_dir / "checkpoints")]
+    if is_run_dir(run_dir):
+        found.append("adapter_config.json")
+    try:
+        finished = json.loads((run_dir / "metrics.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    return found + (["metrics.json (status ok)"] if finished else [])
+
+
+def _find_open_logs(run_dir: Path) -> dict[Path, logging.FileHandler]:
+    """This process's log files inside `run_dir` (Hydra's <job>.log), by path."""
+    loggers = [logging.root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    return {Path(h.baseFilename).resolve(): h for lg in loggers for h in lg.handlers
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().parent == run_dir.resolve()}
+
+
+def move_previous_run(run_dir: Path) -> Path | None:
+    """trainer.resume=never: the run dir's files into <run_dir>/previous-<time>/ (returned; None when there
+    is nothing to move). Hydra's .hydra/ (already this run's) and earlier previous-* dirs stay. A log file
+    this process writes to is copied there and emptied: moved, it would take this run's lines with it."""
+    if not run_dir.is_dir():
+        return None
+    logs = _find_open_logs(run_dir)
+    entries = [p for p in sorted(run_dir.iterdir()) if p.name != ".hydra" and not p.name.startswith("previous-")
+               and p.resolve() not in logs]
+    if not entries:  # a log alone is this run's own (Hydra opened it), not a previous run
+        return None
+    stamp, n = time.strftime("%Y-%m-%d_%H-%M-%S"), 1
+    dest = run_dir / f"previous-{stamp}"
+    while dest.exists():
+        dest, n = run_dir / f"previous-{stamp}.{n}", n + 1
+    dest.mkdir()
+    for p in entries:
+        os.replace(p, dest / p.name)
+    for path in (p for p in logs if p.is_file() and p.stat().st_size > 0):
+        handler = logs[path]
+        handler.acquire()
+        try:
+            handler.flush()
+            shutil.copy2(path, dest / path.name)
+            os.truncate(path, 0)  # appended to (Hydra opens it with "a"): this run's lines start at 0
+        finally:
+            handler.release()
+    log.warning("trainer.resume=never: the previous run in %s moved to %s", run_dir, dest)
+    return dest
+
+
+def claim_run_dir(run_dir: Path, resume: str | None, main_process: bool = True) -> Path | None:
+    """Before anything loads: a run dir that holds a run (find_previous_run) is only trained in again when
+    `trainer.resume` says how: auto (or a checkpoint path) continues, never moves the old run's files to
+    <run_dir>/previous-<time>/ (returned; the main process moves) and starts over; unset raises RunDirError.
+    A fresh dir (Hydra's default: one per run) passes, and so does a requeued submitit job's own dir."""
+    if requeued_attempt(run_dir) is not None:  # its own dir: resume_checkpoint continues it whatever resume says
+        return None
+    if resume not in (None, "", "auto", "never") and not Path(resume).is_dir():  # before run_record writes
+        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
+    if resume == "never":
+        return move_previous_run(run_dir) if main_process else None
+    found = find_previous_run(run_dir)
+    if not found:
+        return None
+    start_over = f"start over with trainer.resume=never (its files move to {run_dir}/previous-<time>/, nothing is deleted)"
+    if not resume:
+        raise RunDirError(f"{run_dir} holds a previous run ({', '.join(found)}); not training over it. Continue it "
+                          f"with trainer.resume=auto, or {start_over}")
+    if resume == "auto" and not list_checkpoints(run_dir / "checkpoints"):
+        raise RunDirError(f"trainer.resume=auto: {run_dir} holds a finished run ({', '.join(found)}) and no "
+                          f"checkpoint to continue from; {start_over}")
     return None
 
 
@@ -150,27 +343,40 @@ class Preempted(BaseException):
         self.details, self.requeue = details, requeue
 
 
-def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    """`trainer.resume`: null (fresh), auto (this run dir's last complete checkpoint) or a checkpoint dir.
-    A requeued submitit job resumes from its run dir's last complete checkpoint whatever `resume` says."""
+@dataclass
+class Resume:
+    """Where training starts: `checkpoint` (None: from scratch) and the damaged newer checkpoints passed over."""
+
+    checkpoint: str | None = None
+    skipped: list[dict] = field(default_factory=list)  # {checkpoint, problem, moved_to}: metrics.json's resume_skipped
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path, main_process: bool = True) -> Resume:
+    """`trainer.resume`: null or never (from scratch; claim_run_dir has refused or moved a previous run),
+    auto (this run dir's newest intact checkpoint, pick_checkpoint) or a checkpoint dir (which must be
+    intact). A requeued submitit job resumes from its run dir's newest intact checkpoint whatever `resume`
+    says. Only reads headers: called before the model loads, so a bad checkpoint fails in seconds."""
+    checkpoints = run_dir / "checkpoints"
     if requeued_attempt(run_dir) is not None:
-        ckpt = last_complete_checkpoint(run_dir / "checkpoints")
+        ckpt, skipped = pick_checkpoint(checkpoints, set_aside=main_process)
         if ckpt is not None:
             log.info("resuming requeued job %s from %s", submitit_job_id(), ckpt)
-            return str(ckpt)
-        log.warning("requeued job %s: no complete checkpoint under %s/checkpoints", submitit_job_id(), run_dir)
-    if not resume:
-        return None
+            return Resume(str(ckpt), skipped)
+        log.warning("requeued job %s: no checkpoint under %s", submitit_job_id(), checkpoints)
+    if not resume or resume == "never":
+        return Resume()
     if resume == "auto":
-        ckpt = last_complete_checkpoint(run_dir / "checkpoints")
+        ckpt, skipped = pick_checkpoint(checkpoints, set_aside=main_process)
         if ckpt is None:
-            log.warning("trainer.resume=auto: no complete checkpoint under %s/checkpoints; starting fresh", run_dir)
-            return None
+            log.warning("trainer.resume=auto: no checkpoint under %s; starting fresh", checkpoints)
+            return Resume()
         log.info("resuming from %s", ckpt)
-        return str(ckpt)
+        return Resume(str(ckpt), skipped)
     if not Path(resume).is_dir():
-        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume}")
-    return resume
+        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
+    if problem := diagnose_checkpoint(Path(resume)):
+        raise CheckpointError(f"trainer.resume={resume}: {problem}")
+    return Resume(resume)
 
 
 def _escaped(obj: Any) -> Any:

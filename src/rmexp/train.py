@@ -31,6 +31,7 @@ from rmexp.model import (
 from rmexp.packing import build_collator, packed_ready
 from rmexp.rundir import (
     Preempted,
+    claim_run_dir,
     is_main_process,
     requeued_attempt,
     resume_checkpoint,
@@ -47,6 +48,8 @@ log = logging.getLogger("rmexp.train")
 
 def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()  # rank 0 alone writes and logs
+    # before run_record, which would write its metrics.json over the run this refuses to train over
+    claim_run_dir(run_dir, cfg.trainer.resume, main_process)
     with run_record(run_dir, write=main_process) as record:
         cfg = to_typed(cfg)  # inside: a config that cannot resolve is a failed run, recorded
         # Everything that can be checked without a model is checked first.
@@ -55,6 +58,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         if cfg.data.streaming and cfg.trainer.max_steps <= 0:
             raise DataError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs in",
                             reason="config")
+        resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)  # reads headers; a requeued job's own
         # the data before the model: its errors come in seconds, not after an 8B load
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
@@ -90,11 +94,10 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
             trainer.add_callback(EvalDiagnostics(trainer, run_dir, record.wandb_run, eval_sources, cfg.data.categories))
         if not streamed(train_ds) and len(trainer.train_dataset) != len(train_ds):  # ours fit: TRL filters none
             raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
-        resumed_from = resume_checkpoint(cfg.trainer.resume, run_dir)  # a requeued submitit job: its own last checkpoint
         # Baselines beside the accuracy: the same eval pairs before any step, and a length count.
         initial = trainer.evaluate()["eval_pairwise_accuracy"]
         with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
-            train_output = trainer.train(resume_from_checkpoint=resumed_from)
+            train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
         stop_on_signal.raise_if_stopped(trainer.state.global_step, run_dir)  # SIGTERM, or submitit's preemption
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
@@ -105,9 +108,9 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
                 write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, eval_ids)
         rewards = trainer.last_eval_rewards.numpy()  # ece, brier, by_source (and categories) of the final evaluation
         record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
-            "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resumed_from, "data": data_stats,
-            "truncation": truncation, "model": model_path} | summary(rewards[:, 0], rewards[:, 1], eval_sources,
-                                                                      cfg.data.categories)
+            "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resume.checkpoint,
+            "resume_skipped": resume.skipped, "data": data_stats, "truncation": truncation,
+            "model": model_path} | summary(rewards[:, 0], rewards[:, 1], eval_sources, cfg.data.categories)
         if record.wandb_run is not None:
             record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
                 "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}

@@ -17,7 +17,7 @@ from trl import RewardTrainer
 from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
 from rmexp._compat import count_train_tokens, log_metric
-from rmexp.callbacks import LogAtCheckpoint, TimeBudget, TrainingProgress
+from rmexp.callbacks import CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
 from rmexp.fsdp import check_fsdp_batching, fsdp_speed_options, prepare_for_fsdp
 from rmexp.lora import cache_dequantized_base, use_fused_lora
 from rmexp.metrics import pairwise_metrics
@@ -73,6 +73,9 @@ class PairwiseRewardTrainer(RewardTrainer):
         check_private_names(self)  # fails naming the library if an upgrade moved one rmexp relies on
         if self.pop_callback(ProgressCallback) is not None:  # one bar, training's; evaluations print their line
             self.add_callback(TrainingProgress)
+        # rotation after the manifest, not inside Trainer's save (CheckpointManifest says why)
+        self.add_callback(CheckpointManifest(self.args.save_total_limit))
+        self.args.save_total_limit = None
         self.add_callback(LogAtCheckpoint)  # last: it sees every callback's should_save
         keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
         if self.is_fsdp_enabled:  # what cannot run sharded (rmexp.fsdp)
@@ -98,7 +101,7 @@ class PairwiseRewardTrainer(RewardTrainer):
         uninterrupted run's train_loss."""
         if not isinstance(resume_from_checkpoint, str):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        # read first: save_total_limit may delete the checkpoint while training
+        # read first: rotation (save_total_limit) deletes the checkpoint once newer ones are saved
         start = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())["global_step"]
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         loss = whole_run_loss(self.state.log_history, start, output.training_loss, output.global_step)
