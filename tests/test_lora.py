@@ -187,6 +187,7 @@ def quantized_linear(compute_dtype, nested: bool):
     return layer.to("cpu")  # quantizes
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("compute_dtype,nested,autocast", [
     (torch.float32, True, False), (torch.bfloat16, True, True), (torch.bfloat16, False, False)])
 def test_cached_base_multiplies_exactly_as_bitsandbytes(compute_dtype, nested, autocast):
