@@ -42,3 +42,39 @@ def assert_same_decisions(got: torch.Tensor, reference: torch.Tensor, bound: flo
     sure = decided(reference, bound)
     assert sure.float().mean() >= 0.5, f"{what}: only {int(sure.sum())} of {len(sure)} pairs beyond the bound"
     assert torch.equal((got[sure, 0] > got[sure, 1]), (reference[sure, 0] > reference[sure, 1])), what
+
+
+def float64_rewards(model, score) -> tuple[torch.Tensor, float]:
+    """`score(reference)` on a float64 copy of `model` (the exact rewards, to rounding far below fp32's), and
+    the size of the terms the reward head summed: max over tokens of |h| . |w|. Every hidden state off by a
+    relative `r` moves a reward by at most r times that. (rmexp's final norm and head compute in fp32 in any
+    model, so the reference has their rounding too: forward_bound counts it twice.)"""
+    import copy
+
+    from rmexp.model import reward_head
+
+    reference, sizes = copy.deepcopy(model).double(), []
+    hook = reward_head(reference).register_forward_hook(
+        lambda module, args, out: sizes.append((args[0].double().abs() @ module.weight.double().abs().T).max().item()))
+    try:
+        rewards = score(reference)
+    finally:
+        hook.remove()
+    return rewards.double(), max(sizes)
+
+
+def forward_bound(config, magnitude: float, n: int, dtype: torch.dtype = torch.float32) -> float:
+    """A decoder's reward in `dtype` against the exact one: ~15 roundings a layer (2 norms, 3 attention and 3 MLP
+    projections, rotary, scores, softmax, weighted sum, activation and product, 2 residual adds), 3 more
+    (embedding, final norm, head) and the reference's own final norm and head (2), over sums of up to `n` terms
+    (sequence length or width)."""
+    return rounding_bound(dtype, magnitude, n, k=15 * config.num_hidden_layers + 5)
+
+
+def training_bound(config, rewards: torch.Tensor, steps: int, max_length: int) -> float:
+    """How far the rewards of two fp32 trainings that differ only in rounding may end apart (both runs'
+    error, x2): the final forward's rounding (forward_bound), plus each step's, whose gradient carries the
+    same relative error into the weights; at a test's rates a step moves a reward by at most its own size
+    (lr x curvature << 1: nothing amplifies)."""
+    n = max(max_length, config.intermediate_size)
+    return 2 * (1 + steps) * forward_bound(config, rewards.abs().max(), n)

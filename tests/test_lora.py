@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification, Trainer, TrainerCallback
 
 from conftest import compose_cfg, tiny_overrides
-from numerics import assert_same_decisions, assert_within, rounding_bound
+from numerics import assert_same_decisions, assert_within, rounding_bound, training_bound
 from rmexp.lora import cache_dequantized_base, dequantized_bytes, use_fused_lora
 from rmexp.train import main
 from rmexp.trainer import PairwiseRewardTrainer
@@ -116,21 +116,9 @@ def train_tiny(out, values: tuple[str, ...], probe=None) -> tuple[dict, torch.Te
             torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores]))
 
 
-def training_bound(rewards: torch.Tensor) -> float:
-    """How far two fp32 trainings of the tiny model that differ only in rounding may end apart, on a reward.
-
-    bitsandbytes has no float64 4-bit layers, so the reference is the plain layers' own fp32 run. One forward
-    rounds along ~24 ops (2 layers x 4 projections, attention's scores, softmax and sum, the MLP's 3
-    projections, 2 norms; embedding and head) over sums of up to n=128 terms (the MLP's inner width, the
-    eval sequences' length), on rewards of size max|r|. Each of the 8 steps carries its gradient's rounding
-    (the same relative size) into the weights, and a step moves a reward by at most its own size at this
-    rate (SGD, lr 5e-3: lr x curvature << 1, nothing amplifies): 1 + 8 such roundings, and two runs, x2.
-    """
-    return 2 * rounding_bound(torch.float32, rewards.abs().max(), 128, k=24 * (1 + 8))
-
-
-def assert_same_training(metrics, rewards, ref_metrics, ref_rewards, what):
-    bound = training_bound(ref_rewards)
+def assert_same_training(metrics, rewards, ref_metrics, ref_rewards, what, model):
+    """bitsandbytes has no float64 4-bit layers: the plain layers' own fp32 run is the reference, 8 steps."""
+    bound = float(training_bound(model.config, ref_rewards, steps=8, max_length=512))
     assert_within(rewards, ref_rewards, bound, what)
     assert_same_decisions(rewards, ref_rewards, bound, what)
     for loss in ("train_loss", "eval_loss"):  # -log sigmoid(margin) moves by at most the margin's error, 2 bounds
@@ -160,7 +148,7 @@ def test_each_speed_layer_trains_as_the_plain_layers(tmp_path):
     plain_m, plain_r = runs.pop("plain")
     assert not torch.allclose(plain_r, torch.zeros_like(plain_r))
     for name, (metrics, rewards) in runs.items():
-        assert_same_training(metrics, rewards, plain_m, plain_r, name)
+        assert_same_training(metrics, rewards, plain_m, plain_r, name, probe.model)
 
 
 @pytest.mark.slow
@@ -170,9 +158,10 @@ def test_the_fused_optimizer_takes_the_same_steps(tmp_path):
     first gradients; their updates differ by rounding (eps of a step of size lr), which later steps carry
     as SGD's do. (Adam's g / sqrt(v) would turn a gradient at rounding level into a full step of either
     sign; LoRA's A gets an exact 0 while B is still 0, and Adam leaves a 0 gradient's weight alone.)"""
-    loop_m, loop_r = train_tiny(tmp_path / "loop", PLAIN)
+    probe = KeepModel()
+    loop_m, loop_r = train_tiny(tmp_path / "loop", PLAIN, probe)
     fused_m, fused_r = train_tiny(tmp_path / "fused", (*PLAIN[:3], "adamw_torch_fused"))
-    assert_same_training(fused_m, fused_r, loop_m, loop_r, "adamw_torch_fused")
+    assert_same_training(fused_m, fused_r, loop_m, loop_r, "adamw_torch_fused", probe.model)
 
 
 def quantized_linear(compute_dtype, nested: bool):
