@@ -71,10 +71,21 @@ def forward_bound(config, magnitude: float, n: int, dtype: torch.dtype = torch.f
     return rounding_bound(dtype, magnitude, n, k=15 * config.num_hidden_layers + 5)
 
 
-def training_bound(config, rewards: torch.Tensor, steps: int, max_length: int) -> float:
-    """How far the rewards of two fp32 trainings that differ only in rounding may end apart (both runs'
-    error, x2): the final forward's rounding (forward_bound), plus each step's, whose gradient carries the
-    same relative error into the weights; at a test's rates a step moves a reward by at most its own size
-    (lr x curvature << 1: nothing amplifies)."""
-    n = max(max_length, config.intermediate_size)
-    return 2 * (1 + steps) * forward_bound(config, rewards.abs().max(), n)
+def head_size(model) -> float:
+    """An upper bound on the terms the reward head sums, |h| . |w|, from the weights alone: the final RMSNorm's
+    output has rms 1 before its weight g, so by Cauchy-Schwarz |h| . |w| <= ||w|| sqrt(width) max|g|."""
+    from rmexp.model import final_norm, reward_head
+
+    weight = reward_head(model).weight.detach().double()
+    norm = final_norm(model)
+    gain = norm.weight.detach().double() + (1.0 if "Gemma" in type(norm).__name__ else 0.0)  # Gemma: x_hat (1 + w)
+    return (weight.norm() * math.sqrt(weight.shape[-1]) * gain.abs().max()).item()
+
+
+def training_bound(model, steps: int, max_length: int) -> float:
+    """How far the rewards of two fp32 trainings of `model` (the trained one) that differ only in rounding may
+    end apart (both runs' error, x2): the final forward's rounding (forward_bound), plus each step's, whose
+    gradient carries the same relative error into the weights; at a test's rates a step moves a reward by at
+    most its own size (lr x curvature << 1: nothing amplifies)."""
+    n = max(max_length, model.config.intermediate_size)
+    return 2 * (1 + steps) * forward_bound(model.config, head_size(model), n)

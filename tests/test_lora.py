@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForSequenceClassification, Trainer, TrainerCallback
+from transformers import LlamaConfig, LlamaForSequenceClassification, Trainer
 
-from conftest import compose_cfg, tiny_overrides
+from conftest import KeepModel, compose_cfg, tiny_overrides
 from numerics import assert_same_decisions, assert_within, rounding_bound, training_bound
 from rmexp.lora import cache_dequantized_base, dequantized_bytes, use_fused_lora
 from rmexp.train import main
@@ -93,13 +93,6 @@ def test_fused_layer_under_cpu_bf16_autocast_needs_no_input_casts():
     assert_within(expected, ref, bound, "peft")
 
 
-class KeepModel(TrainerCallback):
-    model = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.model = model
-
-
 SPEED_KEYS = ("fused_lora", "dequant_cache", "fused_rms_norm", "optim")
 PLAIN = ("false", "false", "false", "adamw_torch")  # peft's and transformers' own layers, AdamW's per-tensor loop
 
@@ -118,7 +111,7 @@ def train_tiny(out, values: tuple[str, ...], probe=None) -> tuple[dict, torch.Te
 
 def assert_same_training(metrics, rewards, ref_metrics, ref_rewards, what, model):
     """bitsandbytes has no float64 4-bit layers: the plain layers' own fp32 run is the reference, 8 steps."""
-    bound = float(training_bound(model.config, ref_rewards, steps=8, max_length=512))
+    bound = training_bound(model, steps=8, max_length=512)
     assert_within(rewards, ref_rewards, bound, what)
     assert_same_decisions(rewards, ref_rewards, bound, what)
     for loss in ("train_loss", "eval_loss"):  # -log sigmoid(margin) moves by at most the margin's error, 2 bounds
