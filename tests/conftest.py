@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from transformers import TrainerCallback
 
 from rmexp.config import CONF_MODULE
 
@@ -47,6 +48,15 @@ def tokenizer():
 
     cfg = compose_cfg("model=tiny", "data.path=data/preference.jsonl")
     return load_tokenizer(resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir))
+
+
+class KeepModel(TrainerCallback):
+    """Keeps the model the Trainer trains (the trained model, once training is done)."""
+
+    model = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
 
 
 def tiny_overrides(out: Path, *extra: str) -> list[str]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_cfg
+from numerics import assert_same_decisions, assert_within, float64_rewards, forward_bound
 from rmexp import RewardModel
 from rmexp.data import Pair, load_pairs
 from rmexp.model import load_reward_model
@@ -25,19 +26,23 @@ def mixed_pairs() -> list[Pair]:
     return pairs + [Pair(prompt=[{"role": "user", "content": story}], chosen="A keeper's story.", rejected="No.")]
 
 
+@pytest.mark.numerics
 def test_packed_pairs_and_answers_equal_the_padded_forward_in_fp32(fp32_tiny):
     model, tok = fp32_tiny
     packed = RewardModel(model, tok, 128, "tiny", packed=True, row_tokens=300)
     padded = RewardModel(model, tok, 128, "tiny", packed=False)
     assert packed.packed and not padded.packed
     pairs = mixed_pairs()  # mixed lengths (packing sorts them), one cut by truncation
+    exact, size = float64_rewards(model, lambda m: RewardModel(m, tok, 128, "tiny", packed=False).score_pairs(pairs))
+    bound = forward_bound(model.config, size, 128)  # sums over up to 128 tokens and the MLP's 128-wide projection
     got, expected = packed.score_pairs(pairs), padded.score_pairs(pairs, batch_size=4)
     assert got.shape == (len(pairs), 2)
-    assert (got - expected).abs().max().item() < 1e-4
-    assert torch.equal(got[:, 0] > got[:, 1], expected[:, 0] > expected[:, 1])
+    for name, rewards in (("packed", got), ("padded", expected)):
+        assert_within(rewards, exact, bound, name)
+        assert_same_decisions(rewards, exact, bound, name)
     assert (got[:, 0] != got[:, 1]).all()  # no ties in fp32
     items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in reversed(pairs)]
     singles, singles_padded = packed.score_batch(items), padded.score_batch(items)
-    assert max(abs(a - b) for a, b in zip(singles, singles_padded, strict=True)) < 1e-4
-    # a single answer scores as the same answer inside its pair
-    assert torch.allclose(torch.tensor(singles[:len(pairs)]), got[:, 0], atol=1e-4)
+    exact_items = torch.cat([exact[:, 0], exact[:, 1].flip(0)])
+    for name, rewards in (("packed answers", singles), ("padded answers", singles_padded)):
+        assert_within(torch.tensor(rewards), exact_items, bound, name)
