@@ -5,8 +5,11 @@
 Starts `python -m rmexp.serve` on a free port, sends the answers of the file's first pairs (chosen
 and rejected, with their prompts) from N concurrent clients, `--per-request` texts a request, and
 measures requests/s, texts/s and p50/p99 latency; then scores the same texts in this process with
-`RewardModel.score_batch` in groups of `serve.max_batch`, and finally sends `--soak` requests in a row,
-reading the server's RSS before and after. Prints a table and one JSON line.
+`RewardModel.score_batch` in groups of `serve.max_batch`, then sends `--soak` requests in a row,
+reading the server's RSS before and after, and finally one `/get_reward` query led by `--pads` pad
+tokens (OpenRLHF's left padding, 2.2 MB at 320,000) while another client polls `/health`: the
+request's seconds and the slowest `/health` answer during it (a request must not stall the server).
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -62,6 +65,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def padded_query(url: str, pads: int, pad_token: str) -> tuple[float, float]:
+    """Seconds of one /get_reward query led by `pads` pad tokens, and the slowest /health answer
+    while it ran (polled from a second client)."""
+    import httpx
+
+    prompt = "Say hello."
+    body = json.dumps({"query": [pad_token * pads + prompt + " Hello!"], "prompts": [prompt]}).encode()
+    slowest, done = [0.0], threading.Event()
+
+    def poll():
+        with httpx.Client(timeout=60) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                client.get(f"{url}/health")
+                slowest[0] = max(slowest[0], time.perf_counter() - started)
+                time.sleep(0.005)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.1)
+    started = time.perf_counter()
+    with httpx.Client(timeout=600) as client:
+        answer = client.post(f"{url}/get_reward", content=body, headers={"content-type": "application/json"})
+    elapsed = time.perf_counter() - started
+    done.set()
+    poller.join()
+    if answer.status_code != 200:
+        sys.exit(f"the padded query failed: {answer.status_code} {answer.text[:300]}")
+    return elapsed, slowest[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a training run dir or an exported model dir")
@@ -71,6 +105,7 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=4, help="texts in one request")
     parser.add_argument("--max-batch", type=int, default=64, help="serve.max_batch")
     parser.add_argument("--soak", type=int, default=1000, help="requests in a row at the end (RSS before and after)")
+    parser.add_argument("--pads", type=int, default=320_000, help="pad tokens leading the last /get_reward query")
     args = parser.parse_args()
 
     import httpx
@@ -121,6 +156,9 @@ def main() -> None:
             soak_failed = sum(client.post(f"{url}/score", json=short).status_code != 200 for _ in range(args.soak))
             rss_after = rss_mb(proc.pid)
             health = client.get(f"{url}/health").json()
+        from transformers import AutoTokenizer
+
+        pad_s, health_max_s = padded_query(url, args.pads, AutoTokenizer.from_pretrained(args.checkpoint).pad_token)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -135,6 +173,7 @@ def main() -> None:
         "failed_requests": failed, "soak_requests": args.soak, "soak_failed": soak_failed,
         "server_rss_before_soak_mb": round(rss_before, 1), "server_rss_after_soak_mb": round(rss_after, 1),
         "server_texts_truncated": health.get("texts_truncated"),
+        "pad_query_pads": args.pads, "pad_query_s": round(pad_s, 3), "health_max_ms_during_pad_query": round(health_max_s * 1000, 1),
     }
     print(f"| path | texts/s | requests/s | p50 s | p99 s | failed |\n| --- | --- | --- | --- | --- | --- |\n"
           f"| server, {args.clients} clients x {args.per_request} texts | {summary['server_texts_per_s']:.2f} | "
@@ -142,6 +181,7 @@ def main() -> None:
           f"{failed} |\n| in-process score_batch ({args.max_batch} a call) | {summary['inprocess_texts_per_s']:.2f} | | | | |")
     print(f"server at {summary['server_over_inprocess']:.0%} of in-process; {args.soak} requests in a row: "
           f"{soak_failed} failed, server RSS {rss_before:.0f} -> {rss_after:.0f} MB")
+    print(f"a query led by {args.pads:,} pads: {pad_s:.3f} s; /health answered within {health_max_s * 1000:.1f} ms meanwhile")
     print(json.dumps(summary))
 
 

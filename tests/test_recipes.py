@@ -171,8 +171,8 @@ def test_every_config_file_ships_in_the_package():
     assert not unshipped, unshipped
 
 
-def test_the_readme_gives_both_launch_commands():
-    readme = Path(ROOT / "README.md").read_text()
+def test_the_docs_give_both_launch_commands():
+    readme = Path(ROOT / "docs" / "distributed.md").read_text()
     assert "torchrun --standalone --nproc_per_node 8 -m rmexp.train experiment=ddp_qlora" in readme
     assert "accelerate launch --config_file conf/accelerate/fsdp_qlora.yaml -m rmexp.train experiment=fsdp_qlora_70b" in readme
 
