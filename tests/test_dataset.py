@@ -192,3 +192,28 @@ def test_streaming_trains_max_steps_and_counts_what_it_read(tmp_path):
     read = m["data"]["sources"][str(train_file)]
     # the shuffle buffer (10,000) holds the whole file: each pass over it reads 300 pairs and the bad record
     assert read["n_pairs_read"] >= 300 and read["n_pairs_read"] == 300 * read["skipped"]["missing_field"]
+
+
+def test_small_holes_bom_margin_whitespace_and_a_bad_byte(tmp_path, tokenizer):
+    good = [{"question": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
+    bom = "\ufeff"
+    lines = tmp_path / "bom.jsonl"
+    lines.write_text(bom + "".join(json.dumps(r) + "\n" for r in good), encoding="utf-8")
+    array = tmp_path / "bom.json"
+    array.write_text(bom + json.dumps(good, indent=1), encoding="utf-8")
+    for f in (lines, array):  # the first record is read, not lost to the mark
+        train, held, stats = assert_same_as_in_memory(data_cfg(tmp_path, f"data.path={f}"), tokenizer)
+        assert len(train) + len(held) == 4 and not stats["train_file"]["skipped"]
+    for value, shown in (("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")):
+        f = tmp_path / "margin.jsonl"
+        f.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1])[:-1] + f', "margin": {value}}}\n',
+                     encoding="utf-8")
+        with pytest.raises(DataError, match=rf"{f}:2: field 'margin' must be finite, got {shown}"):
+            build_datasets(data_cfg(tmp_path, f"data.path={f}"), tokenizer, 64)
+    spaced = write_jsonl(tmp_path / "spaced.jsonl", [*good, {"question": "q", "chosen": "Yes,  it is.\n",
+                                                             "rejected": " Yes, it\tis."}])
+    with pytest.raises(DataError, match=rf"{spaced}:5: fields 'chosen' and 'rejected' are identical apart from "
+                                        "whitespace"):
+        build_datasets(data_cfg(tmp_path, f"data.path={spaced}"), tokenizer, 64)
+    _, _, stats = build_datasets(data_cfg(tmp_path, f"data.path={spaced}", "data.on_error=skip"), tokenizer, 64)
+    assert stats["train_file"]["skipped"] == {"identical_pair": 1}

@@ -84,6 +84,15 @@ def test_evaluate_scores_match_the_training_run_scores(run):
     assert torch.allclose(rewards, saved, atol=2e-2)
 
 
+def test_skip_drops_the_bad_line_not_the_file(run):
+    f = run.tmp / "one-bad-byte.jsonl"
+    rows = [json.dumps(r, ensure_ascii=False).encode() for r in FORMATS["seed.jsonl"]]
+    f.write_bytes(b"\n".join([rows[0], b'{"question": "\xff", "chosen": "a", "rejected": "b"}', *rows[1:]]))
+    metrics, scores = run_evaluate(run.dir, f, run.tmp / "out-bad-byte", "data.on_error=skip")
+    assert metrics["n_pairs"] == len(scores) == 3
+    assert metrics["data_stats"]["skipped"] == {"encoding": 1} and metrics["data_stats"]["n_records"] == 4
+
+
 def test_max_pairs_is_honoured(run):
     metrics, scores = run_evaluate(run.dir, ROOT / "data/preference.jsonl", run.tmp / "maxpairs", "data.max_pairs=7")
     assert metrics["n_pairs"] == len(scores) == 7

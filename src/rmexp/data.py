@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 from collections import Counter
@@ -29,6 +30,7 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
               "model": "assistant", "system": "system", "bot": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ASSISTANT = "\n\nAssistant:"
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors write at the start of a file
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +88,27 @@ class LoadStats:
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) for each record of a JSONL file or JSON array, location "file:line"."""
+    """Yield (location, record) for each record of a JSONL file or JSON array, location "file:line".
+    A leading UTF-8 byte order mark is read past; a JSONL line that is not UTF-8 is that line's error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such preference file", reason="missing_file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", reason="encoding") from e
-    if text.lstrip().startswith("["):
+    data = path.read_bytes().removeprefix(BOM)
+    if data.lstrip().startswith(b"["):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # one JSON document: one bad byte breaks it whole
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", reason="encoding") from e
         yield from _iter_array(path, text)
         return
-    # "\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # b"\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})",
+                                                reason="encoding")
+            continue
         if not line.strip():
             continue
         try:
@@ -212,6 +222,13 @@ def _as_answer(messages: list[dict[str, str]]) -> Answer:
     return messages
 
 
+def normalized(answer: Answer) -> Any:
+    """An answer with each run of whitespace as one space, for the identical-pair check."""
+    if isinstance(answer, str):
+        return " ".join(answer.split())
+    return [(m["role"], " ".join(m["content"].split())) for m in answer]
+
+
 def parse_record(record: Any, where: str) -> Pair:
     if not isinstance(record, dict):
         raise DataError(f"{where}: record is a {type(record).__name__}, expected a JSON object",
@@ -244,12 +261,15 @@ def parse_record(record: Any, where: str) -> Pair:
             field_name = "chosen" if not chosen.strip() else "rejected"
             raise DataError(f"{where}: field '{field_name}' has an empty answer after the shared prompt",
                             reason="empty_field")
-    if chosen == rejected:
-        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical", reason="identical_pair")
+    if normalized(chosen) == normalized(rejected):  # a pair that differs in spacing alone teaches nothing
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical"
+                        + ("" if chosen == rejected else " apart from whitespace"), reason="identical_pair")
     margin = record.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise DataError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}",
                         reason="bad_field")
+    if margin is not None and not math.isfinite(margin):  # JSON's NaN/Infinity, Parquet's nan: a loss of nan
+        raise DataError(f"{where}: field 'margin' must be finite, got {margin}", reason="bad_field")
     source = record.get("source", record.get("subset"))
     group = record.get("group")
     return Pair(prompt=prompt, chosen=chosen, rejected=rejected,

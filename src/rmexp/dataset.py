@@ -31,6 +31,7 @@ from rmexp import data as data_module
 from rmexp._compat import dataset_fingerprint
 from rmexp.config import DataConfig, SourceConfig
 from rmexp.data import (
+    BOM,
     DataError,
     LoadStats,
     encode_pairs,
@@ -75,7 +76,7 @@ def json_rows(path: str, size: int, mtime_ns: int, code: str):
     is a row with its error. `size`, `mtime_ns` and `code` (CODE_HASH) are not read: they key the Arrow
     cache to the file's state and to this code."""
     with open(path, "rb") as f:
-        is_array = f.read(4096).lstrip().startswith(b"[")
+        is_array = f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
     if is_array:  # an array is parsed whole, as rmexp.data reads it
         try:
             for where, record in iter_records(path):
@@ -86,6 +87,8 @@ def json_rows(path: str, size: int, mtime_ns: int, code: str):
         return
     with open(path, "rb") as f:  # JSONL: parsed in the map's workers, one line a row
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
