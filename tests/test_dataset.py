@@ -10,9 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, compose_cfg, needs_shared
+from reference_reader import load_data
 from rmexp.config import to_typed
-from rmexp.data import DataError, encode_pairs, load_data, parse_record, tokenize_pairs
-from rmexp.dataset import build_datasets
+from rmexp.data import DataError, encode_pairs, parse_record, tokenize_pairs
+from rmexp.dataset import build_datasets, read_pairs
 
 SAMPLE = ROOT / "data" / "preference.jsonl"
 
@@ -53,6 +54,19 @@ def test_same_pairs_tokens_and_split_as_the_in_memory_path(tmp_path, tokenizer):
 def test_same_as_the_in_memory_path_on_real_data(tmp_path, tokenizer, overrides):
     _, _, stats = assert_same_as_in_memory(data_cfg(tmp_path, *overrides), tokenizer)
     assert stats["train_file"]["n_pairs"] > 150
+
+
+@needs_shared
+@pytest.mark.parametrize("path", [HH_PAIRS, DPO_ZH, DPO_EN])
+def test_evaluate_reads_the_shared_files_as_before(path):
+    # the reader rmexp.evaluate uses, against the in-memory reader it replaced: the same pairs, places and counts
+    from reference_reader import load_pairs
+
+    old, old_stats = load_pairs(path, on_error="skip")
+    new, new_stats = read_pairs(path, on_error="skip")
+    assert [(p.prompt, p.chosen, p.rejected, p.margin, p.source, p.group, p.where) for p in new] == \
+        [(p.prompt, p.chosen, p.rejected, p.margin, p.source, p.group, p.where) for p in old]
+    assert new_stats.as_dict() == old_stats.as_dict()
 
 
 def test_bad_records_are_named_or_skipped_and_counted(tmp_path, tokenizer):
@@ -202,8 +216,9 @@ def test_small_holes_bom_margin_whitespace_and_a_bad_byte(tmp_path, tokenizer):
     array = tmp_path / "bom.json"
     array.write_text(bom + json.dumps(good, indent=1), encoding="utf-8")
     for f in (lines, array):  # the first record is read, not lost to the mark
-        train, held, stats = assert_same_as_in_memory(data_cfg(tmp_path, f"data.path={f}"), tokenizer)
+        train, held, stats = build_datasets(data_cfg(tmp_path, f"data.path={f}"), tokenizer, 64)
         assert len(train) + len(held) == 4 and not stats["train_file"]["skipped"]
+        assert [p.prompt[0]["content"] for p in read_pairs(f)[0]] == ["q0", "q1", "q2", "q3"]
     for value, shown in (("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")):
         f = tmp_path / "margin.jsonl"
         f.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1])[:-1] + f', "margin": {value}}}\n',

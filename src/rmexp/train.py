@@ -58,7 +58,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
         train_ds, eval_ds, data_stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
-        truncation = data_stats.pop("truncation")
+        truncation, formats = data_stats.pop("truncation"), data_stats.pop("formats")  # the format each source was read as
         log_truncation(truncation, cfg.trainer.max_length)
         log.info(config_summary(cfg, train_ds, eval_ds))
 
@@ -100,7 +100,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
                 write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards)
         record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
             "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resumed_from, "data": data_stats,
-            "truncation": truncation, "model": model_path}
+            "data_formats": formats, "truncation": truncation, "model": model_path}
         if record.wandb_run is not None:
             record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
                 "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}
