@@ -83,6 +83,8 @@ def test_evaluate_scores_match_the_training_run_scores(run):
     saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
                           for s in map(json.loads, (run.dir / "scores.jsonl").read_text().splitlines())])
     assert torch.allclose(rewards, saved, atol=2e-2)
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    assert metrics["data_formats"] == {str(ROOT / "data/preference.jsonl"): "triple"}  # what auto chose, named
 
 
 def test_skip_drops_the_bad_line_not_the_file(run):

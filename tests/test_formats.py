@@ -186,3 +186,36 @@ def test_shared_llamafactory_files_are_read_as_sharegpt_by_auto(tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="rmexp.dataset"):
         read_pairs(HH_PAIRS, on_error="skip")
     assert f"{HH_PAIRS}: data.format=auto reads it as hh" in caplog.text
+
+
+def test_columns_rename_every_role():
+    record = {"ask": "And now?", "win": "Now this.", "lose": "Nothing.", "sys": "Be brief.", "before": [user("Hi"),
+              assistant("Hello.")], "w": 2, "item": "i-1", "origin": "ours", "subset": "ignored"}
+    columns = {"prompt": "ask", "chosen": "win", "rejected": "lose", "system": "sys", "history": "before", "margin": "w",
+               "group": "item", "source": "origin"}
+    for fmt in ("auto", "trl", "triple", "openrlhf"):
+        pair = parse_record(record, "c:1", fmt, columns)
+        assert pair.prompt == [system("Be brief."), user("Hi"), assistant("Hello."), user("And now?")]
+        assert (pair.chosen, pair.rejected, pair.margin, pair.group, pair.source) == ("Now this.", "Nothing.", 2.0,
+                                                                                      "i-1", "ours")
+    with pytest.raises(DataError, match="c:1: field 'ask' is missing"):
+        parse_record({k: v for k, v in record.items() if k != "ask"}, "c:1", "trl", columns)
+
+
+def test_a_hub_id_takes_its_split(monkeypatch, tmp_path):
+    import datasets
+
+    asked = {}
+
+    def load_dataset(path, name=None, split=None, **kwargs):  # no network in tests: what rmexp asks the hub for
+        asked.update(path=path, name=name, split=split)
+        return datasets.Dataset.from_list([{"prompt": "Sky?", "question": None, "chosen": "Blue.", "rejected": "Red.", "subset": "chat"},
+                                           {"prompt": "Sea?", "question": "Sea?", "chosen": "Blue.", "rejected": "Red."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pairs, stats = read_pairs("org/bench", split="filtered", on_error="skip")
+    assert asked == {"path": "org/bench", "name": None, "split": "filtered"}
+    assert [p.where for p in pairs] == ["org/bench[filtered]:1"] and pairs[0].source == "chat"
+    assert stats.skipped == {"unused_field": 1}  # read as trl, the second record's `question` would be lost
+    with pytest.raises(DataError, match=r"org/bench\[filtered\]:2: field 'question' not read as trl"):
+        read_pairs("org/bench", split="filtered")
