@@ -154,7 +154,6 @@ def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 # format reads `system` as a system message and `history` ([[user, assistant], ...] or messages) as
 # the turns before the prompt; `data.columns.<role>` renames a role's field for any format.
 
-FORMATS = ("triple", "trl", "hh", "sharegpt", "alpaca", "ultrafeedback", "openrlhf")
 ROLES = ("prompt", "chosen", "rejected", "system", "history", "margin", "group", "source")
 PROMPT_KEYS = {"triple": "question", "trl": "prompt", "hh": None, "sharegpt": "conversations", "alpaca": "instruction",
                "ultrafeedback": "prompt", "openrlhf": None}  # OpenRLHF's --prompt_key has no default either
@@ -334,9 +333,9 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         return prompt, c, r
     if fmt == "alpaca":  # LLaMA-Factory's converter: "instruction\ninput" is the user turn
         parts = [record[k] for k in (pk, "input") if record.get(k) not in (None, "")]
-        for k, v in ((k, record.get(k)) for k in (pk, "input")):
-            if v is not None and not isinstance(v, str):
-                _text(v, where, k)
+        for k in (pk, "input"):
+            if record.get(k) is not None and not isinstance(record[k], str):
+                _text(record[k], where, k)  # names the field and its type
         if not "".join(parts).strip():
             raise (DataError(f"{where}: field '{pk}' is empty", reason="empty_field") if pk in record
                    else DataError(f"{where}: field '{pk}' is missing", reason="missing_field"))

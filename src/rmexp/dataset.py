@@ -1,4 +1,4 @@
-"""The training and eval datasets, built with 🤗 datasets from preference sources.
+"""The one reader of preference data (training, rmexp.evaluate, the benches), built on 🤗 datasets.
 
 A source (`data.path`, or each of `data.sources`: a local JSONL/JSON/Parquet file or a hub dataset
 id) is read into Arrow on disk, then validated and tokenized by `Dataset.map` in `data.num_proc`
@@ -8,11 +8,16 @@ the same data and tokenizer reads the result back memory-mapped instead of redoi
 torchrun rank 0 builds while the other ranks wait, then they read its cache (`main_process_first`).
 
 A bad record becomes a row holding its error: with data.on_error=skip it is counted by reason and
-left out; with raise the first one in file order stops the run, naming file, line and field. Then,
-as the in-memory path of rmexp.data does: duplicates are found, a train pair that stands in the
+left out; with raise the first one in file order stops the run, naming file, line and field. Then
+duplicates are found, a train pair that stands in the
 eval file is refused, and the seeded split keeps a group on one side. Sources are mixed by `weight`
 (sampled in proportion, seeded by data.split_seed) or, with no weights, taken whole. With
 `data.streaming=true` the train file is read and tokenized while training consumes it.
+
+Each source is read in its `format` with its `columns` (data.format/data.columns unless the source
+sets its own); `auto` takes the one format of a source's first records and names it (rmexp.data
+documents the formats). `source_pairs` reads a source to Pairs through the same map, checks and
+counts, without tokenizing: what rmexp.evaluate scores.
 """
 
 from __future__ import annotations
