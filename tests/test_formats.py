@@ -219,3 +219,16 @@ def test_a_hub_id_takes_its_split(monkeypatch, tmp_path):
     assert stats.skipped == {"unused_field": 1}  # read as trl, the second record's `question` would be lost
     with pytest.raises(DataError, match=r"org/bench\[filtered\]:2: field 'question' not read as trl"):
         read_pairs("org/bench", split="filtered")
+
+
+def test_the_issues_three_records_keep_what_they_lost(tmp_path):
+    # read before without a word: the instruction dropped, the user turn twice, the system column dropped
+    alpaca = {"instruction": "Translate to French: cat", "input": "", "chosen": "chat", "rejected": "chien"}
+    uf = {"prompt": "What is 2+2?", "chosen": [user("What is 2+2?"), assistant("4")],
+          "rejected": [user("What is 2+2?"), assistant("5")]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}], "system": "Be warm.",
+                "chosen": {"from": "gpt", "value": "Hello, friend!"}, "rejected": {"from": "gpt", "value": "What."}}
+    for record, prompt in ((alpaca, [user("Translate to French: cat")]), (uf, [user("What is 2+2?")]),
+                           (sharegpt, [system("Be warm."), user("Hi")])):
+        (pair,), _ = read_pairs(write_jsonl(tmp_path / "one.jsonl", [record]))
+        assert pair.prompt == prompt and isinstance(pair.chosen, str) and isinstance(pair.rejected, str)
