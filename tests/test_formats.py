@@ -232,3 +232,13 @@ def test_the_issues_three_records_keep_what_they_lost(tmp_path):
                            (sharegpt, [system("Be warm."), user("Hi")])):
         (pair,), _ = read_pairs(write_jsonl(tmp_path / "one.jsonl", [record]))
         assert pair.prompt == prompt and isinstance(pair.chosen, str) and isinstance(pair.rejected, str)
+
+
+def test_implicit_text_prompts_follow_each_tool():
+    record = {"chosen": "The capital of Peru is Lima.", "rejected": "The capital of Peru is Cusco."}
+    trl = parse_record(record, "t:1", "trl")  # TRL's maybe_extract_prompt: the shared text, cut before the space
+    assert (trl.prompt, trl.chosen, trl.rejected) == ([user("The capital of Peru is")], "Lima.", "Cusco.")
+    whole = parse_record(record, "t:1", "openrlhf")  # OpenRLHF without --prompt_key: no prompt, each text whole
+    assert (whole.prompt, whole.chosen, whole.rejected) == ([], record["chosen"], record["rejected"])
+    hh = parse_record(record, "t:1", "auto")  # no `\n\nAssistant:` in the shared part: no prompt, as before
+    assert (hh.prompt, hh.chosen) == ([], record["chosen"])
