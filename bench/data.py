@@ -4,11 +4,12 @@
 
 Writes a synthetic file of N seed-format pairs (made-up words; token lengths drawn like HH-RLHF's:
 prompt median 90 tokens with a long tail, answers ~40-50), once, then runs each path in its own
-process: the in-memory path (`rmexp.data.load_pairs` + `split_pairs` + `tokenize_pairs`: Python lists,
-one process), the datasets path (`rmexp.dataset.build_datasets`, `--num-proc` workers, an empty
+process: the in-memory path rmexp had before issue 23 (`rmexp.data.load_pairs` + `split_pairs` +
+`tokenize_pairs`: Python lists, one process; only with `--today-src`, since that reader left src/), the
+datasets path (`rmexp.dataset.build_datasets`, `--num-proc` workers, an empty
 cache), and the datasets path again on the cache it wrote. Peak memory is the largest PSS sum over the
 process and its children, sampled every 0.2 s (a page shared by n processes counts 1/n in each). Prints one JSON line at the end. `--today-src DIR` runs the in-memory path from
-another checkout's src/ (e.g. a worktree of an older commit).
+another checkout's src/ (e.g. `git archive 7c68345 | tar -x -C /tmp/old`, then --today-src /tmp/old/src).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def worker(args) -> None:
     rss = PeakRSS(args.limit_mb)
     start = time.perf_counter()
     if args.worker == "today":
-        from rmexp.data import load_pairs, split_pairs, tokenize_pairs
+        from rmexp.data import load_pairs, split_pairs, tokenize_pairs  # in --today-src: an older checkout's
 
         pairs, _ = load_pairs(args.file)
         train, held = split_pairs(pairs, 0.1, 42)
@@ -107,12 +108,10 @@ def worker(args) -> None:
         (a, _), (b, _) = tokenize_pairs(tok, train, args.max_length), tokenize_pairs(tok, held, args.max_length)
         tokens = sum(map(len, a["chosen_ids"])) + sum(map(len, a["rejected_ids"]))
     else:
-        from rmexp.config import DataConfig, OnError
-        from rmexp.dataset import build_datasets
+        from rmexp.dataset import build_datasets, data_config
 
-        cfg = DataConfig(path=str(args.file), sources=[], eval_path=None, eval_fraction=0.1, split_seed=42,
-                         max_pairs=None, system_prompt=None, on_error=OnError["raise"], num_proc=args.num_proc,
-                         cache_dir=args.cache_dir, streaming=False, stopping_strategy="first_exhausted")
+        cfg = data_config(path=str(args.file), eval_fraction=0.1, split_seed=42, num_proc=args.num_proc,
+                          cache_dir=args.cache_dir)
         a, b, _ = build_datasets(cfg, tok, args.max_length)
         n = len(a) + len(b)
         tokens = None
@@ -187,7 +186,7 @@ def main() -> None:
         print(f"wrote {args.file} ({args.file.stat().st_size / 2**20:.0f} MB, {tokens_per_word:.2f} tokens a word) "
               f"in {time.time() - started:.0f} s", flush=True)
     cache = tempfile.mkdtemp(prefix="rmexp-bench-cache-", dir=data_dir)
-    today = None if args.skip_today else run(args, "today", src=args.today_src)
+    today = None if args.skip_today or not args.today_src else run(args, "today", src=args.today_src)
     first = run(args, "new", "--cache-dir", cache)
     cached = run(args, "new", "--cache-dir", cache)
     subprocess.run(["rm", "-rf", cache])

@@ -56,14 +56,14 @@ def peer(args) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from rmexp.builtin import resolve_model_path
-    from rmexp.data import load_pairs
+    from rmexp.dataset import read_pairs
     from rmexp.metrics import pairwise_metrics
     from rmexp.model import compute_dtype
     from rmexp.reward_model import score_sequences
 
     path = resolve_model_path(f"builtin:{args.model}", args.cache_dir)
-    train, _ = load_pairs(args.train_file, on_error="skip")
-    held, _ = load_pairs(args.eval_file, on_error="skip")
+    train, _ = read_pairs(args.train_file, on_error="skip")
+    held, _ = read_pairs(args.eval_file, on_error="skip")
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.eos_token

@@ -110,9 +110,9 @@ def main() -> None:
 
     import httpx
 
-    from rmexp.data import load_pairs
+    from rmexp.dataset import read_pairs
 
-    pairs, _ = load_pairs(args.data, max_pairs=args.pairs, on_error="skip")
+    pairs, _ = read_pairs(args.data, max_pairs=args.pairs, on_error="skip")
     items = [(p.prompt, answer) for p in pairs for answer in (p.chosen, p.rejected)]
     requests = [items[i:i + args.per_request] for i in range(0, len(items), args.per_request)]
     log_dir = tempfile.mkdtemp(prefix="rmexp-bench-serve-")

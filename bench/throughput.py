@@ -103,7 +103,8 @@ def worker(args) -> dict:
     from trl import RewardTrainer
 
     from rmexp.config import CONF_MODULE, to_typed
-    from rmexp.data import load_pairs, tokenize_pairs
+    from rmexp.data import tokenize_pairs
+    from rmexp.dataset import read_pairs
     from rmexp.model import build_lora_config, build_reward_config, load_reward_model
     from rmexp.packing import build_collator, packed_ready
     from rmexp.trainer import PairwiseRewardTrainer
@@ -120,7 +121,7 @@ def worker(args) -> dict:
             "trainer.warmup_steps=0", "logger=none", "paths.output_dir=/tmp/rmexp-bench",
             *([] if args.worker == "ours" else ["trainer.optim=adamw_torch"])])  # the peers: TRL's default optimizer
     cfg = to_typed(cfg)
-    pairs, _ = load_pairs(args.data, max_pairs=args.pairs + args.eval_pairs, on_error="skip")
+    pairs, _ = read_pairs(args.data, max_pairs=args.pairs + args.eval_pairs, on_error="skip")
     train_pairs, eval_pairs = pairs[:args.pairs], pairs[args.pairs:]
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
@@ -177,7 +178,7 @@ def eval_worker(args) -> dict:
     from hydra import compose, initialize_config_module
 
     from rmexp.config import CONF_MODULE
-    from rmexp.data import load_pairs
+    from rmexp.dataset import read_pairs
     from rmexp.model import keep_4bit_layers_trainable, load_reward_model
     from rmexp.reward_model import RewardModel
 
@@ -185,7 +186,7 @@ def eval_worker(args) -> dict:
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={args.model}", f"quantization={args.quantization}",
                                           f"data.path={args.data}", "logger=none", *dtype])
-    pairs, _ = load_pairs(args.data, max_pairs=args.pairs, on_error="skip")
+    pairs, _ = read_pairs(args.data, max_pairs=args.pairs, on_error="skip")
     torch.manual_seed(0)  # the same head in both processes
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     if args.dtype == "float32":  # bitsandbytes' AVX512-BF16 inference kernel rounds to bf16: keep fp32 matmuls

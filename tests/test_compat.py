@@ -15,8 +15,9 @@ def test_every_private_name_is_where_rmexp_expects_it():
 
 
 def test_a_trainer_has_the_private_attributes_rmexp_writes(tmp_path):
+    from reference_reader import load_data
     from rmexp.config import to_typed
-    from rmexp.data import load_data, tokenize_pairs
+    from rmexp.data import tokenize_pairs
     from rmexp.model import build_lora_config, build_reward_config, load_reward_model
     from rmexp.trainer import PairwiseRewardTrainer
 

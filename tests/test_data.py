@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, needs_shared
-from rmexp.data import DataError, encode_pair, load_pairs, split_pairs, tokenize_pairs
+from reference_reader import split_pairs
+from rmexp.data import DataError, encode_pair, tokenize_pairs
+from rmexp.dataset import read_pairs
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -22,7 +24,7 @@ def write_jsonl(path: Path, rows) -> Path:
 def test_seed_format(tmp_path):
     f = write_jsonl(tmp_path / "seed.jsonl", [{"question": "2+2?", "chosen": "4", "rejected": "5"},
                                               {"question": "你好吗？", "chosen": "很好，谢谢！", "rejected": "走开。"}])
-    pairs, stats = load_pairs(f)
+    pairs, stats = read_pairs(f)
     assert [p.prompt for p in pairs] == [[{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "你好吗？"}]]
     assert (pairs[1].chosen, pairs[1].rejected) == ("很好，谢谢！", "走开。")
     assert stats.n_pairs == 2 and not stats.skipped
@@ -35,7 +37,7 @@ def test_trl_explicit_prompt_string_and_conversational(tmp_path):
          "chosen": [{"role": "assistant", "content": "Hello!"}],
          "rejected": [{"role": "assistant", "content": "Go away."}]},
     ])
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     assert pairs[0].prompt == [{"role": "user", "content": "Sky colour?"}] and pairs[0].margin == 1.5
     assert pairs[1].prompt == [{"role": "user", "content": "Hi"}] and pairs[1].chosen == "Hello!"
     assert pairs[1].margin == 0.0  # one margin column: missing ones are 0
@@ -45,7 +47,7 @@ def test_implicit_prompt_dialogues_split_at_last_assistant_turn(tmp_path):
     shared = "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in water.\n\nHuman: Then?\n\nAssistant:"
     f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": shared + " Boil it for 8 minutes.",
                                              "rejected": shared + " Boil it for an hour."}])
-    (pair,), _ = load_pairs(f)
+    (pair,), _ = read_pairs(f)
     assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"]
     assert pair.prompt[-1]["content"] == "Then?"
     assert (pair.chosen, pair.rejected) == ("Boil it for 8 minutes.", "Boil it for an hour.")
@@ -55,7 +57,7 @@ def test_implicit_message_lists(tmp_path):
     user = {"role": "user", "content": "Capital of France?"}
     f = write_jsonl(tmp_path / "conv.jsonl", [{"chosen": [user, {"role": "assistant", "content": "Paris."}],
                                                "rejected": [user, {"role": "assistant", "content": "Lyon."}]}])
-    (pair,), _ = load_pairs(f)
+    (pair,), _ = read_pairs(f)
     assert pair.prompt == [user] and (pair.chosen, pair.rejected) == ("Paris.", "Lyon.")
 
 
@@ -66,7 +68,7 @@ def test_sharegpt_array_with_system_message(tmp_path):
                 "chosen": {"from": "gpt", "value": "蓝色。"}, "rejected": {"from": "gpt", "value": "绿色。"}}]
     f = tmp_path / "dpo.json"
     f.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     assert pairs[0].prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
     assert pairs[1].chosen == "蓝色。"
     assert pairs[1].where.endswith(f"dpo.json:{json.dumps(records, ensure_ascii=False, indent=1).splitlines().index(' {', 2) + 1}")
@@ -75,27 +77,27 @@ def test_sharegpt_array_with_system_message(tmp_path):
 def test_max_pairs_reads_only_the_first(tmp_path):
     f = write_jsonl(tmp_path / "many.jsonl", [{"question": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
                     + ["{broken"])
-    pairs, _ = load_pairs(f, max_pairs=3)
+    pairs, _ = read_pairs(f, max_pairs=3)
     assert [p.prompt[0]["content"] for p in pairs] == ["q0", "q1", "q2"]
 
 
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such preference file"):
-        load_pairs(tmp_path / "nope.jsonl")
+        read_pairs(tmp_path / "nope.jsonl")
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
     ok = {"question": "q", "chosen": "a", "rejected": "b"}
     f = write_jsonl(tmp_path / "bad.jsonl", [ok, {**ok, "question": "q2"}, '{"question": "q3", "chosen": '])
     with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
-        load_pairs(f)
+        read_pairs(f)
 
 
 def test_malformed_array_names_line(tmp_path):
     f = tmp_path / "bad.json"
     f.write_text('[\n {"question": "q", "chosen": "a", "rejected": "b"},\n {"question": oops}\n]\n')
     with pytest.raises(DataError, match=r"bad\.json:3: malformed JSON"):
-        load_pairs(f)
+        read_pairs(f)
 
 
 @pytest.mark.parametrize("record,message", [
@@ -106,27 +108,27 @@ def test_malformed_array_names_line(tmp_path):
     ({"question": "q", "chosen": "  ", "rejected": "b"}, "field 'chosen' is empty"),
     ({"question": "", "chosen": "a", "rejected": "b"}, "field 'question' is empty"),
     ({"question": "q", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
-    ({"conversations": [{"from": "alien", "value": "x"}], "chosen": "a", "rejected": "b"}, "conversations\\[0\\]"),
+    ({"question": "q", "chosen": [{"from": "alien", "value": "x"}], "rejected": "b"}, "chosen\\[0\\]"),
     (["not", "an", "object"], "record is a list"),
 ])
 def test_bad_record_names_file_line_and_field(tmp_path, record, message):
     f = write_jsonl(tmp_path / "rec.jsonl", [{"question": "fine", "chosen": "a", "rejected": "b"}, record])
     with pytest.raises(DataError, match=rf"rec\.jsonl:2: .*{message}"):
-        load_pairs(f)
+        read_pairs(f)
 
 
 def test_no_pairs_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no preference pairs"):
-        load_pairs(write_jsonl(tmp_path / "empty.jsonl", []))
+        read_pairs(write_jsonl(tmp_path / "empty.jsonl", []))
     with pytest.raises(DataError, match="no preference pairs"):
-        load_pairs(write_jsonl(tmp_path / "allbad.jsonl", [{"chosen": "x"}]), on_error="skip")
+        read_pairs(write_jsonl(tmp_path / "allbad.jsonl", [{"chosen": "x"}]), on_error="skip")
 
 
 def test_skip_counts_every_skipped_record_by_reason(tmp_path):
     ok = {"question": "q", "chosen": "a", "rejected": "b"}
     f = write_jsonl(tmp_path / "mixed.jsonl", [ok, "{oops", {"question": "q"}, ok, {**ok, "rejected": "a"},
                                                {**ok, "question": "other"}])
-    pairs, stats = load_pairs(f, on_error="skip")
+    pairs, stats = read_pairs(f, on_error="skip")
     assert len(pairs) == 2
     assert dict(stats.skipped) == {"malformed_json": 1, "missing_field": 1, "duplicate_pair": 1, "identical_pair": 1}
     assert stats.as_dict()["n_skipped"] == 4 and stats.n_records == 6
@@ -134,7 +136,7 @@ def test_skip_counts_every_skipped_record_by_reason(tmp_path):
 
 def test_split_is_seeded_disjoint_and_complete(tmp_path):
     f = write_jsonl(tmp_path / "s.jsonl", [{"question": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(50)])
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     train, held = split_pairs(pairs, 0.1, seed=1)
     again, held_again = split_pairs(pairs, 0.1, seed=1)
     assert len(held) == 5 and len(train) == 45
@@ -147,7 +149,7 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_answers(tmp_path, to
     long_q = " ".join(f"word{i}" for i in range(400))
     f = write_jsonl(tmp_path / "long.jsonl", [{"question": long_q, "chosen": "yes indeed", "rejected": "no"},
                                               {"question": "short", "chosen": "a", "rejected": "b"}])
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     full = encode_pair(tokenizer, pairs[0], 10_000)
     cut = encode_pair(tokenizer, pairs[0], 64)
     for side in ("chosen", "rejected"):
@@ -163,7 +165,7 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_answers(tmp_path, to
 
 def test_over_long_answer_is_cut_and_counted(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "chosen": "lo" * 300, "rejected": "b"}])
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     ds, counts = tokenize_pairs(tokenizer, pairs, 32)
     assert counts["n_answer_truncated"] == 1 and len(ds[0]["chosen_ids"]) == 32 and len(ds) == 1
 
@@ -190,7 +192,7 @@ def test_random_files_load_or_raise_data_error(tmp_path, rows, as_array, on_erro
     f = tmp_path / ("r.json" if as_array else "r.jsonl")
     f.write_text(("[" + ",".join(rows) + "]") if as_array else "\n".join(rows), encoding="utf-8")
     try:
-        pairs, stats = load_pairs(f, on_error=on_error)
+        pairs, stats = read_pairs(f, on_error=on_error)
     except DataError as e:
         assert str(f) in str(e)
     else:
@@ -201,8 +203,8 @@ def test_random_files_load_or_raise_data_error(tmp_path, rows, as_array, on_erro
 @needs_shared
 def test_shared_hh_rlhf_pairs_have_prompts():
     with pytest.raises(DataError, match=r"pairs\.jsonl:923: field 'chosen' has an empty answer"):
-        load_pairs(HH_PAIRS)  # one real pair prefers an empty answer: named, not silently used
-    pairs, stats = load_pairs(HH_PAIRS, on_error="skip")
+        read_pairs(HH_PAIRS)  # one real pair prefers an empty answer: named, not silently used
+    pairs, stats = read_pairs(HH_PAIRS, on_error="skip")
     assert stats.n_records == 1600 and stats.n_pairs + sum(stats.skipped.values()) == 1600
     assert set(stats.skipped) == {"empty_field"}  # a few real pairs prefer an empty answer
     assert all(p.prompt and p.prompt[-1]["role"] == "user" for p in pairs)
@@ -212,13 +214,13 @@ def test_shared_hh_rlhf_pairs_have_prompts():
 @pytest.mark.parametrize("path,n", [(DPO_ZH, 200), (DPO_EN, 300)])
 def test_shared_llamafactory_dpo(path, n):
     with pytest.raises(DataError, match="duplicate of the pair at"):
-        load_pairs(path)
-    pairs, stats = load_pairs(path, on_error="skip")
+        read_pairs(path)
+    pairs, stats = read_pairs(path, on_error="skip")
     assert stats.n_records == n and len(pairs) + stats.skipped["duplicate_pair"] == n
     assert all(p.prompt for p in pairs)
 
 
 def test_sample_data_is_bilingual_and_large_enough():
-    pairs, _ = load_pairs(ROOT / "data" / "preference.jsonl")
+    pairs, _ = read_pairs(ROOT / "data" / "preference.jsonl")
     zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in p.chosen) for p in pairs)
     assert len(pairs) >= 120 and 0.3 < zh / len(pairs) < 0.7

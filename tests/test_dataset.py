@@ -10,9 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, compose_cfg, needs_shared
+from reference_reader import load_data
 from rmexp.config import to_typed
-from rmexp.data import DataError, encode_pairs, load_data, parse_record, tokenize_pairs
-from rmexp.dataset import build_datasets
+from rmexp.data import DataError, encode_pairs, parse_record, tokenize_pairs
+from rmexp.dataset import build_datasets, read_pairs
 
 SAMPLE = ROOT / "data" / "preference.jsonl"
 
@@ -53,6 +54,19 @@ def test_same_pairs_tokens_and_split_as_the_in_memory_path(tmp_path, tokenizer):
 def test_same_as_the_in_memory_path_on_real_data(tmp_path, tokenizer, overrides):
     _, _, stats = assert_same_as_in_memory(data_cfg(tmp_path, *overrides), tokenizer)
     assert stats["train_file"]["n_pairs"] > 150
+
+
+@needs_shared
+@pytest.mark.parametrize("path", [HH_PAIRS, DPO_ZH, DPO_EN])
+def test_evaluate_reads_the_shared_files_as_before(path):
+    # the reader rmexp.evaluate uses, against the in-memory reader it replaced: the same pairs, places and counts
+    from reference_reader import load_pairs
+
+    old, old_stats = load_pairs(path, on_error="skip")
+    new, new_stats = read_pairs(path, on_error="skip")
+    assert [(p.prompt, p.chosen, p.rejected, p.margin, p.source, p.group, p.where) for p in new] == \
+        [(p.prompt, p.chosen, p.rejected, p.margin, p.source, p.group, p.where) for p in old]
+    assert new_stats.as_dict() == old_stats.as_dict()
 
 
 def test_bad_records_are_named_or_skipped_and_counted(tmp_path, tokenizer):
@@ -192,3 +206,29 @@ def test_streaming_trains_max_steps_and_counts_what_it_read(tmp_path):
     read = m["data"]["sources"][str(train_file)]
     # the shuffle buffer (10,000) holds the whole file: each pass over it reads 300 pairs and the bad record
     assert read["n_pairs_read"] >= 300 and read["n_pairs_read"] == 300 * read["skipped"]["missing_field"]
+
+
+def test_small_holes_bom_margin_whitespace_and_a_bad_byte(tmp_path, tokenizer):
+    good = [{"question": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
+    bom = "\ufeff"
+    lines = tmp_path / "bom.jsonl"
+    lines.write_text(bom + "".join(json.dumps(r) + "\n" for r in good), encoding="utf-8")
+    array = tmp_path / "bom.json"
+    array.write_text(bom + json.dumps(good, indent=1), encoding="utf-8")
+    for f in (lines, array):  # the first record is read, not lost to the mark
+        train, held, stats = build_datasets(data_cfg(tmp_path, f"data.path={f}"), tokenizer, 64)
+        assert len(train) + len(held) == 4 and not stats["train_file"]["skipped"]
+        assert [p.prompt[0]["content"] for p in read_pairs(f)[0]] == ["q0", "q1", "q2", "q3"]
+    for value, shown in (("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")):
+        f = tmp_path / "margin.jsonl"
+        f.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1])[:-1] + f', "margin": {value}}}\n',
+                     encoding="utf-8")
+        with pytest.raises(DataError, match=rf"{f}:2: field 'margin' must be finite, got {shown}"):
+            build_datasets(data_cfg(tmp_path, f"data.path={f}"), tokenizer, 64)
+    spaced = write_jsonl(tmp_path / "spaced.jsonl", [*good, {"question": "q", "chosen": "Yes,  it is.\n",
+                                                             "rejected": " Yes, it\tis."}])
+    with pytest.raises(DataError, match=rf"{spaced}:5: fields 'chosen' and 'rejected' are identical apart from "
+                                        "whitespace"):
+        build_datasets(data_cfg(tmp_path, f"data.path={spaced}"), tokenizer, 64)
+    _, _, stats = build_datasets(data_cfg(tmp_path, f"data.path={spaced}", "data.on_error=skip"), tokenizer, 64)
+    assert stats["train_file"]["skipped"] == {"identical_pair": 1}

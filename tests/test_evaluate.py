@@ -13,7 +13,8 @@ import torch
 
 from conftest import ROOT, compose_cfg, compose_evaluate, tiny_overrides
 from rmexp import RewardModel
-from rmexp.data import load_pairs
+from rmexp.config import to_typed
+from rmexp.dataset import read_pairs
 from rmexp.evaluate import evaluate
 from rmexp.export import export
 from rmexp.metrics import wilson_interval
@@ -62,7 +63,7 @@ def test_evaluate_reads_every_format_and_its_outputs_agree(run, name):
     assert metrics["n_pairs"] == len(rows) == len(scores)
     assert metrics["ci_low"] <= metrics["pairwise_accuracy"] <= metrics["ci_high"]
     # independent of evaluate's chunked, streamed path: the same pairs through RewardModel's padded forward
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     again = RewardModel(run.model.model, run.model.tokenizer, run.model.max_length, "check", packed=False).score_pairs(pairs)
     saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]] for s in scores])
     assert torch.allclose(again, saved, atol=2e-2)
@@ -81,7 +82,7 @@ def test_evaluate_reads_every_format_and_its_outputs_agree(run, name):
 
 def test_evaluate_scores_match_the_training_run_scores(run):
     # the run's own held-out pairs, rebuilt with its split, scored again through RewardModel
-    from rmexp.data import load_data
+    from reference_reader import load_data
 
     _, held, _ = load_data(compose_cfg(*tiny_overrides(run.dir)).data)
     rewards = run.model.score_pairs(held)
@@ -91,6 +92,41 @@ def test_evaluate_scores_match_the_training_run_scores(run):
     # the training run's lines name the same pairs, by the id rmexp-evaluate gives them
     ids = [json.loads(line)["pair_id"] for line in (run.dir / "scores.jsonl").read_text().splitlines()]
     assert ids == [pair_id(p) for p in held]
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    assert metrics["data_formats"] == {str(ROOT / "data/preference.jsonl"): "triple"}  # what auto chose, named
+
+
+def test_skip_drops_the_bad_line_not_the_file(run):
+    f = run.tmp / "one-bad-byte.jsonl"
+    rows = [json.dumps(r, ensure_ascii=False).encode() for r in FORMATS["seed.jsonl"]]
+    f.write_bytes(b"\n".join([rows[0], b'{"question": "\xff", "chosen": "a", "rejected": "b"}', *rows[1:]]))
+    metrics, scores = run_evaluate(run.dir, f, run.tmp / "out-bad-byte", "data.on_error=skip")
+    assert metrics["n_pairs"] == len(scores) == 3
+    assert metrics["data_stats"]["skipped"] == {"encoding": 1} and metrics["data_stats"]["n_records"] == 4
+
+
+def test_evaluate_counts_as_training_does_on_parquet_json_and_jsonl(run):
+    import pandas as pd
+
+    from rmexp.dataset import build_datasets
+
+    good = [{"question": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}."} for i in range(5)]
+    records = [*good, good[1], {"question": "q", "chosen": "a", "rejected": None}, {"question": "q", "chosen": "Same  a",
+                                                                                     "rejected": "Same a"}, *good[2:4]]
+    files = {"jsonl": run.tmp / "same.jsonl", "json": run.tmp / "same.json", "parquet": run.tmp / "same.parquet"}
+    files["jsonl"].write_text("\n".join(json.dumps(r) for r in records) + "\n{broken\n", encoding="utf-8")
+    files["json"].write_text(json.dumps(records, indent=1), encoding="utf-8")
+    pd.DataFrame(records).to_parquet(files["parquet"])
+    for kind, f in files.items():
+        metrics, scores = run_evaluate(run.dir, f, run.tmp / f"out-same-{kind}", "data.on_error=skip")
+        cfg = compose_cfg(*tiny_overrides(run.tmp / f"train-{kind}"), f"data.path={f}", "data.on_error=skip")
+        _, _, stats = build_datasets(to_typed(cfg).data, run.model.tokenizer, 64)
+        trained = stats["train_file"]
+        assert metrics["n_pairs"] == len(scores) == trained["n_pairs"] == 5, kind
+        assert metrics["data_stats"] == {k: trained[k] for k in ("n_records", "n_pairs", "n_skipped", "skipped")}, kind
+        # None is missing in Parquet and a wrong type in JSON; the broken line is JSONL's alone
+        assert metrics["data_stats"]["n_skipped"] == 5 + (kind == "jsonl"), kind
+        assert metrics["data_format"] == "triple"
 
 
 def test_pair_id_is_the_pairs_content_whatever_the_file_format(tmp_path):
@@ -98,10 +134,10 @@ def test_pair_id_is_the_pairs_content_whatever_the_file_format(tmp_path):
     hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go."}))
     trl.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go.",
                                "subset": "greetings"}))
-    (a,), _ = load_pairs(hh)
-    (b,), _ = load_pairs(trl)
+    (a,), _ = read_pairs(hh)
+    (b,), _ = read_pairs(trl)
     assert pair_id(a) == pair_id(b)
-    swapped = load_pairs(trl)[0][0]
+    swapped = read_pairs(trl)[0][0]
     swapped.chosen, swapped.rejected = swapped.rejected, swapped.chosen
     assert pair_id(swapped) != pair_id(b)
     # rmexp.dataset's int64 `key` column holds the same 8 bytes
@@ -156,7 +192,7 @@ def test_export_loads_in_plain_transformers_and_matches_the_adapter(run):
     assert plain.config.rmexp["reward_std"] == metrics["reward_std"]
     assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
 
-    pairs, _ = load_pairs(ROOT / "data/preference.jsonl", max_pairs=40)
+    pairs, _ = read_pairs(ROOT / "data/preference.jsonl", max_pairs=40)
     adapter = run.model.score_pairs(pairs)
     exported = RewardModel.load(out)
     merged = exported.score_pairs(pairs)

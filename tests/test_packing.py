@@ -18,7 +18,8 @@ from numerics import (
     rounding_bound,
     training_bound,
 )
-from rmexp.data import Pair, load_pairs, tokenize_pairs
+from rmexp.data import Pair, tokenize_pairs
+from rmexp.dataset import read_pairs
 from rmexp.model import load_reward_model
 from rmexp.packing import (
     PackedPairCollator,
@@ -39,7 +40,7 @@ def fp32_model(name: str):
 
 
 def pairs_with_a_long_one(n: int, long_words: int) -> list[Pair]:
-    pairs, _ = load_pairs(ROOT / "data" / "preference.jsonl", max_pairs=n)
+    pairs, _ = read_pairs(ROOT / "data" / "preference.jsonl", max_pairs=n)
     story = " ".join(f"The river {i} flows past the old mill and the town." for i in range(long_words))
     return pairs + [Pair(prompt=[{"role": "user", "content": story + " Summarise this."}],
                          chosen="A river runs by a mill.", rejected="I like turtles.")]

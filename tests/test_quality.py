@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_cfg, compose_evaluate, tiny_overrides
+from reference_reader import load_data, split_pairs
 from rmexp import RewardModel
 from rmexp.data import (
     DataError,
     Pair,
     encode_answer,
     encode_pair,
-    load_data,
-    load_pairs,
-    split_pairs,
     tokenize_pairs,
 )
+from rmexp.dataset import read_pairs
 from rmexp.metrics import length_baseline_accuracy
 from rmexp.train import main
 
@@ -151,7 +150,7 @@ def test_message_lists_that_part_early_keep_every_later_turn(tmp_path, tokenizer
            "rejected": [q, {"role": "assistant", "content": "A chair."}]}
     f = tmp_path / "turns.jsonl"
     f.write_text(json.dumps(row) + "\n")
-    (pair,), _ = load_pairs(f)
+    (pair,), _ = read_pairs(f)
     assert pair.prompt == [q] and pair.rejected == "A chair."
     assert [m["content"] for m in pair.chosen] == ["An apple.", "Another?", "A pear."]
     text = tokenizer.decode(encode_pair(tokenizer, pair, 512).chosen.ids)
@@ -177,7 +176,7 @@ def test_split_keeps_a_group_on_one_side(tmp_path):
             for g in range(40) for lang in ("en", "zh")]
     f = tmp_path / "g.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs, _ = load_pairs(f)
+    pairs, _ = read_pairs(f)
     train, held = split_pairs(pairs, 0.25, seed=3)
     assert len(held) == 20 and len(train) == 60
     assert not {p.group for p in train} & {p.group for p in held}
@@ -203,7 +202,7 @@ def test_default_sample_is_honest():
     train, held, _ = load_data(cfg.data)
     assert len(train) + len(held) >= 400 and len(held) >= 80
     assert not {p.group for p in train} & {p.group for p in held}
-    pairs, _ = load_pairs(ROOT / cfg.data.path)
+    pairs, _ = read_pairs(ROOT / cfg.data.path)
     shorter = sum(len(p.chosen) < len(p.rejected) for p in pairs) / len(pairs)
     assert 0.4 <= shorter <= 0.6
     zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in p.chosen) for p in pairs) / len(pairs)

@@ -8,7 +8,8 @@ import torch
 from conftest import ROOT, compose_cfg
 from numerics import assert_same_decisions, assert_within, float64_rewards, forward_bound
 from rmexp import RewardModel
-from rmexp.data import Pair, load_pairs
+from rmexp.data import Pair
+from rmexp.dataset import read_pairs
 from rmexp.model import load_reward_model
 
 
@@ -21,7 +22,7 @@ def fp32_tiny():
 
 
 def mixed_pairs() -> list[Pair]:
-    pairs, _ = load_pairs(ROOT / "data" / "preference.jsonl", max_pairs=30)
+    pairs, _ = read_pairs(ROOT / "data" / "preference.jsonl", max_pairs=30)
     story = " ".join(f"Line {i} of a long story about a lighthouse keeper." for i in range(40))
     return pairs + [Pair(prompt=[{"role": "user", "content": story}], chosen="A keeper's story.", rejected="No.")]
 

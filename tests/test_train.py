@@ -13,8 +13,9 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import HH_PAIRS, ROOT, compose_cfg, needs_shared, tiny_overrides
+from reference_reader import load_data
 from rmexp.builtin import resolve_model_path
-from rmexp.data import DataError, load_data, tokenize_pairs
+from rmexp.data import DataError, tokenize_pairs
 from rmexp.model import load_reward_model, load_tokenizer
 from rmexp.reward_model import score_pairs
 from rmexp.train import main
@@ -137,14 +138,18 @@ def test_cli_run_on_hh_rlhf_logs_the_same_accuracy_to_wandb(tmp_path):
     assert metrics["n_eval_pairs"] == 12
 
 
-def test_load_data_adds_the_system_prompt_and_reports_skips(tmp_path, capsys):
+def test_the_data_adds_the_system_prompt_and_reports_skips(tmp_path, capsys, tokenizer):
+    from rmexp.config import to_typed
+    from rmexp.dataset import build_datasets
+
     f = tmp_path / "d.jsonl"
     rows = [{"question": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(10)] + [{"question": "x"}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = compose_cfg("data=file", f"data.path={f}", "data.on_error=skip", "data.system_prompt=Be kind.")
-    train, held, stats = load_data(cfg.data)
+    train, held, stats = build_datasets(to_typed(cfg.data), tokenizer, 64)
     assert len(train) + len(held) == 10 and stats["train_file"]["skipped"] == {"missing_field": 1}
-    assert all(p.prompt[0] == {"role": "system", "content": "Be kind."} for p in train + held)
+    system = tokenizer.apply_chat_template([{"role": "system", "content": "Be kind."}], tokenize=False)
+    assert all(tokenizer.decode(r["chosen_ids"]).startswith(system) for r in train.to_list() + held.to_list())
     assert "skipped 1 of 11 records" in capsys.readouterr().out
 
 

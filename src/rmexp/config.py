@@ -63,6 +63,18 @@ class Batching(str, Enum):
     padded = "padded"
 
 
+class DataFormat(str, Enum):
+    # where a record keeps its prompt and answers (docs/data-formats.md); auto: detected per source, and named
+    auto = "auto"
+    triple = "triple"
+    trl = "trl"
+    hh = "hh"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+    ultrafeedback = "ultrafeedback"
+    openrlhf = "openrlhf"
+
+
 # `raise` is a keyword, so this enum is built by call: Hydra takes `data.on_error=raise` by member name.
 # `raise_` (an alias) is how run configs written before this spelling saved it.
 OnError = Enum("OnError", {"raise": "raise", "skip": "skip", "raise_": "raise"}, type=str)
@@ -107,6 +119,20 @@ class LoraConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    # The field each role is read from, for any data.format (OpenRLHF's --prompt_key, LLaMA-Factory's
+    # dataset_info.json columns); null: the format's own. Defaults here, not in YAML: a source's columns too.
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    system: str | None = None
+    history: str | None = None
+    margin: str | None = None
+    group: str | None = None
+    source: str | None = None
+
+
+@dataclass
 class SourceConfig:
     # One source of a mixture (data.sources). Defaults here, not in YAML: they apply to each list item.
     path: str = MISSING  # a local JSONL/JSON/Parquet file or a hub dataset id
@@ -114,13 +140,19 @@ class SourceConfig:
     split: str = "train"  # the hub dataset's split
     fraction: float = 1.0  # the first share of the source's records
     weight: float | None = None  # sampling weight in the mixture; null for every source: all pairs of each
+    format: DataFormat | None = None  # null: data.format
+    columns: ColumnsConfig | None = None  # null: data.columns
 
 
 @dataclass
 class DataConfig:
     path: str | None = MISSING
+    split: str = MISSING  # the split of a hub dataset given as path
     sources: list[SourceConfig] = MISSING
     eval_path: str | None = MISSING
+    eval_split: str = MISSING  # the split of a hub dataset given as eval_path (RewardBench's: filtered)
+    format: DataFormat = MISSING  # of path, eval_path and each source without its own
+    columns: ColumnsConfig = MISSING
     eval_fraction: float = MISSING  # held out, seeded by split_seed, when eval_path is null
     split_seed: int = MISSING  # fixed apart from trainer.seed so every sweep job sees the same split
     max_pairs: int | None = MISSING  # read only the first N pairs of each file

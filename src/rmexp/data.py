@@ -1,22 +1,19 @@
 """Preference pairs: read, validate, split, format and tokenize.
 
-Every record format becomes a `Pair`: the prompt as chat messages plus the chosen and rejected
-answers. Formats are detected per record:
+Every record becomes a `Pair`: the prompt as chat messages plus the chosen and rejected answers,
+read in one of the formats of `data.format` (docs/data-formats.md): triple, trl, hh, sharegpt,
+alpaca, ultrafeedback, openrlhf, or auto, which detects the format of a source and names it.
 
-- seed        {"question", "chosen", "rejected"}
-- TRL         {"prompt", "chosen", "rejected"} (strings or message lists)
-- implicit    {"chosen", "rejected"}: whole dialogues sharing a prefix (HH-RLHF); the prompt is the
-              common prefix cut at the last turn boundary
-- ShareGPT    {"conversations": [{"from", "value"}], "chosen": {"from", "value"}, "rejected": {...}}
-
-Files are JSONL or one JSON array. Bad input raises `DataError` naming the file, line and field;
-with `on_error=skip` the record is skipped and counted by reason. Nothing is dropped silently.
+Bad input raises `DataError` naming the file, line and field; with `on_error=skip` the record is
+skipped and counted by reason. Nothing is dropped silently. Files are read by rmexp.dataset (the one
+reader of training, evaluation and the benches); this module reads records, splits and tokenizes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 from collections import Counter
@@ -29,6 +26,7 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
               "model": "assistant", "system": "system", "bot": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ASSISTANT = "\n\nAssistant:"
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors write at the start of a file
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +84,27 @@ class LoadStats:
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) for each record of a JSONL file or JSON array, location "file:line"."""
+    """Yield (location, record) for each record of a JSONL file or JSON array, location "file:line".
+    A leading UTF-8 byte order mark is read past; a JSONL line that is not UTF-8 is that line's error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such preference file", reason="missing_file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", reason="encoding") from e
-    if text.lstrip().startswith("["):
+    data = path.read_bytes().removeprefix(BOM)
+    if data.lstrip().startswith(b"["):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # one JSON document: one bad byte breaks it whole
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", reason="encoding") from e
         yield from _iter_array(path, text)
         return
-    # "\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # b"\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})",
+                                                reason="encoding")
+            continue
         if not line.strip():
             continue
         try:
@@ -140,22 +146,61 @@ def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 
 # ---------------------------------------------------------------- record formats
+#
+# A format names where a record keeps its prompt and answers (`data.format`; `auto` detects it per
+# source). Each follows the tool its files come from: LLaMA-Factory's `alpaca` and `sharegpt`
+# converters (src/llamafactory/data/converter.py), TRL's standard and conversational preference
+# formats (`maybe_extract_prompt` for an implicit prompt), OpenRLHF's reward_dataset.py keys. Every
+# format reads `system` as a system message and `history` ([[user, assistant], ...] or messages) as
+# the turns before the prompt; `data.columns.<role>` renames a role's field for any format.
+
+ROLES = ("prompt", "chosen", "rejected", "system", "history", "margin", "group", "source")
+PROMPT_KEYS = {"triple": "question", "trl": "prompt", "hh": None, "sharegpt": "conversations", "alpaca": "instruction",
+               "ultrafeedback": "prompt", "openrlhf": None}  # OpenRLHF's --prompt_key has no default either
+EXTRA_KEYS = {"alpaca": ("input",), "sharegpt": ("tools",), "ultrafeedback": ("messages",)}  # read besides the roles
+# Fields that hold text some format reads: one left unread means the record was read in the wrong format.
+TEXT_FIELDS = {"question": "data.format=triple", "prompt": "data.format=trl", "conversations": "data.format=sharegpt",
+               "tools": "data.format=sharegpt", "instruction": "data.format=alpaca", "input": "data.format=alpaca",
+               "messages": "data.format=ultrafeedback", "system": None, "history": None, "chosen": None, "rejected": None,
+               "output": "data.columns (no preference format reads it)", "response": "data.columns (no preference "
+               "format reads it)", "completion": "data.columns (no preference format reads it)",
+               "query": "data.columns (no preference format reads it)"}
 
 
-def _text(record: dict, key: str, where: str) -> str:
-    if key not in record:
-        raise DataError(f"{where}: field '{key}' is missing", reason="missing_field")
-    value = record[key]
-    if isinstance(value, dict) and "value" in value:  # ShareGPT answer {"from": "gpt", "value": ...}
-        value = value["value"]
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        value = _messages(value, where, key)
-        if value[-1]["role"] != "assistant":
-            raise DataError(f"{where}: field '{key}' must end with an assistant message", reason="bad_field")
-        value = value[-1]["content"]
+def format_keys(fmt: str, columns: dict | None = None) -> dict[str, Any]:
+    """The field each role is read from in `fmt`, `columns` (data.columns, None: the format's own) applied."""
+    keys = {"prompt": PROMPT_KEYS[fmt], "chosen": "chosen", "rejected": "rejected", "system": "system",
+            "history": "history", "margin": "margin", "group": "group", "source": ("source", "subset")}
+    return keys | {k: v for k, v in (columns or {}).items() if v is not None}
+
+
+def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
+    """The one format whose prompt field `record` has (by data.columns.prompt: trl, or ultrafeedback); none:
+    an implicit prompt (hh for text dialogues, trl for message lists). Two: a DataError, not a guess."""
+    if (columns or {}).get("prompt"):
+        found = {"trl": columns["prompt"]} if columns["prompt"] in record else {}
+    else:
+        found = {f: PROMPT_KEYS[f] for f in ("triple", "sharegpt", "alpaca", "trl") if PROMPT_KEYS[f] in record}
+    if len(found) > 1:
+        named = " or ".join(f"data.format={f} ('{k}')" for f, k in found.items())
+        raise DataError(f"{where}: the record could be read as {named}: set data.format (and data.columns for "
+                        "fields it would not read)", reason="ambiguous_format")
+    if not found:
+        chosen = record.get(format_keys("hh", columns)["chosen"])
+        return "trl" if isinstance(chosen, list) else "hh"
+    fmt = next(iter(found))
+    if fmt == "trl":  # UltraFeedback as HuggingFaceH4 ships it: a prompt text the answers repeat as their first turn
+        keys = format_keys("ultrafeedback", columns)
+        prompt, answers = record[keys["prompt"]], [record.get(keys[k]) for k in ("chosen", "rejected")]
+        if isinstance(prompt, str) and all(isinstance(a, list) and a and isinstance(a[0], dict)
+                                           and a[0].get("content", a[0].get("value")) == prompt for a in answers):
+            return "ultrafeedback"
+    return fmt
+
+
+def _text(value: Any, where: str, key: str) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}",
-                        reason="not_a_string")
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}", reason="not_a_string")
     if not value.strip():
         raise DataError(f"{where}: field '{key}' is empty", reason="empty_field")
     return value
@@ -178,6 +223,35 @@ def _messages(items: Any, where: str, key: str) -> list[dict[str, str]]:
                             f"{type(content).__name__}", reason="not_a_string")
         out.append({"role": ROLE_NAMES[role], "content": content})
     return out
+
+
+def _answer_turns(value: Any, where: str, key: str) -> list[dict[str, str]]:
+    """An answer as messages: a text, one message ({"from": "gpt", "value": ...}) or a list ending with a reply."""
+    if isinstance(value, dict):
+        turns = _messages([value], where, key)
+        if turns[0]["role"] != "assistant":
+            raise DataError(f"{where}: field '{key}' must be an assistant message", reason="bad_field")
+    elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        turns = _messages(value, where, key)
+        if turns[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{key}' must end with an assistant message", reason="bad_field")
+    else:
+        turns = [{"role": "assistant", "content": _text(value, where, key)}]
+    _text(turns[-1]["content"], where, key)
+    return turns
+
+
+def _history(value: Any, where: str, key: str) -> list[dict[str, str]]:
+    """LLaMA-Factory's [[user, assistant], ...] or a list of messages."""
+    if isinstance(value, list) and all(isinstance(t, (list, tuple)) for t in value):
+        out = []
+        for i, turn in enumerate(value):
+            if len(turn) != 2:
+                raise DataError(f"{where}: field '{key}[{i}]' must be a [user, assistant] pair", reason="bad_field")
+            out += [{"role": "user", "content": _text(turn[0], where, f"{key}[{i}][0]")},
+                    {"role": "assistant", "content": _text(turn[1], where, f"{key}[{i}][1]")}]
+        return out
+    return _messages(value, where, key)
 
 
 def split_hh_dialogue(text: str) -> list[dict[str, str]]:
@@ -206,103 +280,147 @@ def _split_implicit(chosen: str, rejected: str) -> tuple[list[dict[str, str]], s
     return split_hh_dialogue(chosen[:cut]), chosen[cut:].strip(), rejected[cut:].strip()
 
 
+def _split_text_prefix(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
+    """TRL's implicit prompt of two texts (maybe_extract_prompt): their common prefix, cut before a space."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if 0 < n and chosen[n - 1] == " ":
+        n -= 1
+    prompt = chosen[:n]
+    return ([{"role": "user", "content": prompt.strip()}] if prompt.strip() else []), chosen[n:].strip(), rejected[n:].strip()
+
+
 def _as_answer(messages: list[dict[str, str]]) -> Answer:
     if len(messages) == 1 and messages[0]["role"] == "assistant":
         return messages[0]["content"]
     return messages
 
 
-def parse_record(record: Any, where: str) -> Pair:
+def normalized(answer: Answer) -> Any:
+    """An answer with each run of whitespace as one space, for the identical-pair check."""
+    if isinstance(answer, str):
+        return " ".join(answer.split())
+    return [(m["role"], " ".join(m["content"].split())) for m in answer]
+
+
+def _shared_turns(c: list[dict[str, str]], r: list[dict[str, str]]) -> int:
+    """Leading messages two answers share, the last reply of each excepted."""
+    k = 0
+    while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+        k += 1
+    return k
+
+
+def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple[list, list, list]:
+    """The prompt messages and both answers' messages of one record in `fmt`, before system and history."""
+    turns = {}
+    for role in ("chosen", "rejected"):
+        if keys[role] not in record:
+            raise DataError(f"{where}: field '{keys[role]}' is missing", reason="missing_field")
+        turns[role] = _answer_turns(record[keys[role]], where, keys[role])
+    c, r, pk = turns["chosen"], turns["rejected"], keys["prompt"]
+    if fmt == "sharegpt":
+        tools = record.get("tools")
+        if tools not in (None, "", "[]", [], {}):
+            raise DataError(f"{where}: field 'tools' is not empty: tool use is not read (its calls and results would "
+                            "be scored as plain text); remove the record or its tools", reason="tools")
+        if pk not in record:
+            raise DataError(f"{where}: field '{pk}' is missing", reason="missing_field")
+        prompt = _messages(record[pk], where, pk)
+        if not prompt or prompt[-1]["role"] != "user":  # LLaMA-Factory's ranking rule: the answers reply to a user turn
+            raise DataError(f"{where}: field '{pk}' must end with a user turn", reason="bad_field")
+        return prompt, c, r
+    if fmt == "alpaca":  # LLaMA-Factory's converter: "instruction\ninput" is the user turn
+        parts = [record[k] for k in (pk, "input") if record.get(k) not in (None, "")]
+        for k in (pk, "input"):
+            if record.get(k) is not None and not isinstance(record[k], str):
+                _text(record[k], where, k)  # names the field and its type
+        if not "".join(parts).strip():
+            raise (DataError(f"{where}: field '{pk}' is empty", reason="empty_field") if pk in record
+                   else DataError(f"{where}: field '{pk}' is missing", reason="missing_field"))
+        return [{"role": "user", "content": "\n".join(parts)}], c, r
+    if pk is not None and (pk in record or fmt in ("triple", "ultrafeedback") or pk != PROMPT_KEYS[fmt]):
+        if pk not in record:  # the format's own prompt field, or one data.columns named
+            raise DataError(f"{where}: field '{pk}' is missing", reason="missing_field")
+        value = record[pk]
+        prompt = (_messages(value, where, pk) if isinstance(value, list)
+                  else [{"role": "user", "content": _text(value, where, pk)}])
+        if fmt == "ultrafeedback" and record.get("messages") not in (None, record[keys["chosen"]]):
+            raise DataError(f"{where}: field 'messages' differs from '{keys['chosen']}' (UltraFeedback keeps a copy of "
+                            "the chosen dialogue there)", reason="bad_field")
+        return prompt, c, r
+    raw_c, raw_r = record[keys["chosen"]], record[keys["rejected"]]  # an implicit prompt: what both dialogues share
+    if isinstance(raw_c, str) and isinstance(raw_r, str):
+        if fmt == "hh":
+            prompt, chosen, rejected = _split_implicit(raw_c, raw_r)
+        elif fmt == "openrlhf":  # OpenRLHF without --prompt_key: each text whole, no prompt
+            prompt, chosen, rejected = [], raw_c, raw_r
+        else:
+            prompt, chosen, rejected = _split_text_prefix(raw_c, raw_r)
+        for key, text in ((keys["chosen"], chosen), (keys["rejected"], rejected)):
+            if not text.strip():
+                raise DataError(f"{where}: field '{key}' has an empty answer after the shared prompt",
+                                reason="empty_field")
+        return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    k = _shared_turns(c, r)
+    return c[:k], c[k:], r[k:]
+
+
+def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | None = None,
+                 chosen_by: str = "data.format") -> Pair:
+    """One record read as `fmt` (auto: as `detect_format` finds it) into a Pair; a DataError names what is wrong.
+    `chosen_by` says in messages who chose `fmt`."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: record is a {type(record).__name__}, expected a JSON object",
                         reason="not_an_object")
-    chosen = _text(record, "chosen", where)
-    rejected = _text(record, "rejected", where)
-    # An answer given as several messages (a reply, a follow-up, a reply...) keeps every turn.
-    chosen, rejected = (_as_answer(_messages(record[k], where, k)) if isinstance(record[k], list) and len(record[k]) > 1
-                        else text for k, text in (("chosen", chosen), ("rejected", rejected)))
-    if "conversations" in record:
-        prompt = _messages(record["conversations"], where, "conversations")
-    elif "question" in record:
-        prompt = [{"role": "user", "content": _text(record, "question", where)}]
-    elif "prompt" in record:
-        if isinstance(record["prompt"], list):
-            prompt = _messages(record["prompt"], where, "prompt")
-        else:
-            prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
-    elif isinstance(record["chosen"], list) and isinstance(record["rejected"], list):
-        c = _messages(record["chosen"], where, "chosen")
-        r = _messages(record["rejected"], where, "rejected")
-        k = 0
-        while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
-            k += 1
-        # Everything after the shared turns is the answer, however many turns it holds.
-        prompt, chosen, rejected = c[:k], _as_answer(c[k:]), _as_answer(r[k:])
-    else:
-        prompt, chosen, rejected = _split_implicit(chosen, rejected)
-        if not chosen.strip() or not rejected.strip():
-            field_name = "chosen" if not chosen.strip() else "rejected"
-            raise DataError(f"{where}: field '{field_name}' has an empty answer after the shared prompt",
-                            reason="empty_field")
-    if chosen == rejected:
-        raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical", reason="identical_pair")
-    margin = record.get("margin")
+    if fmt == "auto":
+        fmt, chosen_by = detect_format(record, where, columns), "data.format=auto"
+    keys = format_keys(fmt, columns)
+    readable = {keys[k] for k in ROLES if isinstance(keys[k], str)} | set(EXTRA_KEYS.get(fmt, ()))
+    unread = [k for k in record if k in TEXT_FIELDS and k not in readable]
+    if unread:
+        readers = sorted({TEXT_FIELDS[k] for k in unread if TEXT_FIELDS[k]})
+        raise DataError(f"{where}: field{'s' if len(unread) > 1 else ''} {', '.join(repr(k) for k in unread)} not read "
+                        f"as {fmt} ({chosen_by}); {' or '.join(readers) or 'data.columns'} would read "
+                        f"{'them' if len(unread) > 1 else 'it'}", reason="unused_field")
+    prompt, c, r = _prompt_and_answers(fmt, record, where, keys)
+    # A turn that ends the prompt and starts both answers (UltraFeedback repeats the user turn) is taken once.
+    k = min(len(prompt), len(c) - 1, len(r) - 1)
+    while k > 0 and not (c[:k] == r[:k] == prompt[-k:]):
+        k -= 1
+    c, r = c[k:], r[k:]
+    for key, turns in ((keys["chosen"], c), (keys["rejected"], r)):
+        if turns[0]["role"] != "assistant" and prompt and turns[0] == prompt[-1]:
+            raise DataError(f"{where}: field '{key}' repeats the prompt's last turn and the other answer does not",
+                            reason="bad_field")
+    system = record.get(keys["system"])
+    history = _history(record[keys["history"]], where, keys["history"]) if record.get(keys["history"]) else []
+    own = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
+    if system not in (None, ""):
+        system = _text(system, where, keys["system"])
+        if own and own[0]["content"] != system:
+            raise DataError(f"{where}: field '{keys['system']}' and the prompt's own system message differ",
+                            reason="bad_field")
+        own = [{"role": "system", "content": system}]
+    prompt = own + history + prompt[1 if prompt and prompt[0]["role"] == "system" else 0:]
+    chosen, rejected = _as_answer(c), _as_answer(r)
+    if normalized(chosen) == normalized(rejected):  # a pair that differs in spacing alone teaches nothing
+        raise DataError(f"{where}: fields '{keys['chosen']}' and '{keys['rejected']}' are identical"
+                        + ("" if chosen == rejected else " apart from whitespace"), reason="identical_pair")
+    margin = record.get(keys["margin"])
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise DataError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}",
+        raise DataError(f"{where}: field '{keys['margin']}' must be a number, got {type(margin).__name__}",
                         reason="bad_field")
-    source = record.get("source", record.get("subset"))
-    group = record.get("group")
+    if margin is not None and not math.isfinite(margin):  # JSON's NaN/Infinity, Parquet's nan: a loss of nan
+        raise DataError(f"{where}: field '{keys['margin']}' must be finite, got {margin}", reason="bad_field")
+    source_keys = keys["source"] if isinstance(keys["source"], tuple) else (keys["source"],)
+    source = next((record[k] for k in source_keys if record.get(k) is not None), None)
+    group = record.get(keys["group"])
     return Pair(prompt=prompt, chosen=chosen, rejected=rejected,
                 margin=None if margin is None else float(margin),
                 source=None if source is None else str(source),
                 group=None if group is None else str(group), where=where)
-
-
-def load_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "raise") -> tuple[list[Pair], LoadStats]:
-    """Read up to `max_pairs` valid pairs from a file. Raises DataError, or skips and counts with on_error=skip."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if max_pairs is not None and max_pairs <= 0:
-        raise DataError(f"{path}: data.max_pairs must be positive, got {max_pairs}", reason="config")
-    stats = LoadStats()
-    pairs: list[Pair] = []
-    seen: dict[str, str] = {}
-    records = iter_records(path)
-    while True:
-        try:
-            where, record = next(records)
-        except StopIteration:
-            break
-        except DataError as e:  # the array itself is broken: nothing after it can be read
-            if on_error == "raise":
-                raise
-            stats.skipped[e.reason] += 1
-            break
-        stats.n_records += 1
-        try:
-            if isinstance(record, DataError):
-                raise record
-            pair = parse_record(record, where)
-            key = pair.key()
-            if key in seen:
-                raise DataError(f"{where}: duplicate of the pair at {seen[key]}", reason="duplicate_pair")
-            seen[key] = where
-        except DataError as e:
-            if on_error == "raise":
-                raise DataError(f"{e} (data.on_error=skip skips and counts such records)", e.reason) from None
-            stats.skipped[e.reason] += 1
-            continue
-        pairs.append(pair)
-        if max_pairs is not None and len(pairs) >= max_pairs:
-            break
-    if not pairs:
-        raise DataError(f"{path}: no preference pairs (read {stats.n_records} records, "
-                        f"skipped {dict(stats.skipped) or 0})", reason="no_pairs")
-    if any(p.margin is not None for p in pairs):  # one margin column: pairs without one get 0
-        for p in pairs:
-            p.margin = 0.0 if p.margin is None else p.margin
-    stats.n_pairs = len(pairs)
-    return pairs, stats
 
 
 def held_out(groups: list[str | None], eval_fraction: float, seed: int, where: str = "data") -> set[int]:
@@ -327,54 +445,6 @@ def held_out(groups: list[str | None], eval_fraction: float, seed: int, where: s
     random.Random(seed).shuffle(order)  # a shuffle's permutation depends on the length alone, not the items
     n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
     return set(order[:n_eval]) if members is None else {i for g in order[:n_eval] for i in members[g]}
-
-
-def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """`held_out` applied to pairs: (train, eval), each in file order."""
-    held = held_out([p.group for p in pairs], eval_fraction, seed, pairs[0].where if pairs else "data")
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
-
-
-def drop_leaked(train: list[Pair], eval_: list[Pair], on_error: str) -> tuple[list[Pair], int]:
-    """Train pairs that also stand in the eval file: a DataError naming both places, or skipped and counted."""
-    in_eval = {p.key(): p.where for p in eval_}
-    leaked = [p for p in train if p.key() in in_eval]
-    if leaked and on_error == "raise":
-        p = leaked[0]
-        raise DataError(f"{p.where}: the same pair is in the eval file at {in_eval[p.key()]} ({len(leaked)} such "
-                        "pairs): train/eval leakage (data.on_error=skip drops them from training and counts them)",
-                        reason="in_eval_file")
-    return [p for p in train if p.key() not in in_eval], len(leaked)
-
-
-def load_data(data_cfg):
-    """Train and eval pairs, and what was read/skipped, before any model is loaded."""
-    on_error = data_cfg.on_error.value
-    files = {"train_file": data_cfg.path}
-    if data_cfg.eval_path:
-        files["eval_file"] = data_cfg.eval_path
-    loaded, file_stats = {}, {}
-    for role, path in files.items():
-        loaded[role], file_stats[role] = load_pairs(path, data_cfg.max_pairs, on_error)
-    if data_cfg.eval_path:
-        loaded["train_file"], n_leaked = drop_leaked(loaded["train_file"], loaded["eval_file"], on_error)
-        if n_leaked:
-            file_stats["train_file"].skipped["in_eval_file"] += n_leaked
-            file_stats["train_file"].n_pairs -= n_leaked
-    stats = {role: st.as_dict() for role, st in file_stats.items()}
-    for role, path in files.items():
-        if file_stats[role].skipped:
-            msg = (f"{path}: skipped {stats[role]['n_skipped']} of {file_stats[role].n_records} records "
-                   f"(data.on_error=skip): {stats[role]['skipped']}")
-            log.warning(msg)
-            print(msg)
-    for pairs in loaded.values():
-        for pair in pairs:
-            pair.prompt = with_system_prompt(pair.prompt, data_cfg.system_prompt)
-    if data_cfg.eval_path:
-        return loaded["train_file"], loaded["eval_file"], stats
-    train_pairs, eval_pairs = split_pairs(loaded["train_file"], data_cfg.eval_fraction, data_cfg.split_seed)
-    return train_pairs, eval_pairs, stats
 
 
 # ---------------------------------------------------------------- formatting and tokens

@@ -1,4 +1,4 @@
-"""The training and eval datasets, built with 🤗 datasets from preference sources.
+"""The one reader of preference data (training, rmexp.evaluate, the benches), built on 🤗 datasets.
 
 A source (`data.path`, or each of `data.sources`: a local JSONL/JSON/Parquet file or a hub dataset
 id) is read into Arrow on disk, then validated and tokenized by `Dataset.map` in `data.num_proc`
@@ -8,11 +8,16 @@ the same data and tokenizer reads the result back memory-mapped instead of redoi
 torchrun rank 0 builds while the other ranks wait, then they read its cache (`main_process_first`).
 
 A bad record becomes a row holding its error: with data.on_error=skip it is counted by reason and
-left out; with raise the first one in file order stops the run, naming file, line and field. Then,
-as the in-memory path of rmexp.data does: duplicates are found, a train pair that stands in the
+left out; with raise the first one in file order stops the run, naming file, line and field. Then
+duplicates are found, a train pair that stands in the
 eval file is refused, and the seeded split keeps a group on one side. Sources are mixed by `weight`
 (sampled in proportion, seeded by data.split_seed) or, with no weights, taken whole. With
 `data.streaming=true` the train file is read and tokenized while training consumes it.
+
+Each source is read in its `format` with its `columns` (data.format/data.columns unless the source
+sets its own); `auto` takes the one format of a source's first records and names it (rmexp.data
+documents the formats). `source_pairs` reads a source to Pairs through the same map, checks and
+counts, without tokenizing: what rmexp.evaluate scores.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from datasets.fingerprint import Hasher
 
 from rmexp import data as data_module
 from rmexp._compat import dataset_fingerprint
-from rmexp.config import DataConfig, SourceConfig
+from rmexp.config import DataConfig, DataFormat, SourceConfig
 from rmexp.data import (
+    BOM,
     DataError,
     LoadStats,
+    Pair,
+    detect_format,
     encode_pairs,
     held_out,
     iter_records,
@@ -44,6 +52,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "prompt_len", "chosen_tokens", "rejected_tokens"]
 MAP_BATCH = 256  # pairs per tokenizer call: large enough to amortise the call, small for the worker's memory
+DETECT_RECORDS = 100  # records data.format=auto looks at: one format among them, or a DataError
 STREAM_SHUFFLE_BUFFER = 10_000  # pairs; a streamed file is shuffled within this window (memory stays fixed)
 # Any edit to validation or tokenization must miss the old cache: the code itself is in the fingerprint.
 CODE_HASH = hashlib.sha256(Path(data_module.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
@@ -58,6 +67,13 @@ def _features():
         "group": Value("string"), "source": Value("string"), "key": Value("int64"), "line": Value("int64"),
         "reason": Value("string"), "error": Value("string"),
         "prompt_truncated": Value("bool"), "answer_truncated": Value("bool"), "identical": Value("bool")})
+
+
+def _pair_features():
+    from datasets import Features, Value
+
+    return Features({"pair": Value("string"), "key": Value("int64"), "line": Value("int64"),
+                     "reason": Value("string"), "error": Value("string")})
 
 
 def _raw_features():
@@ -75,7 +91,7 @@ def json_rows(path: str, size: int, mtime_ns: int, code: str):
     is a row with its error. `size`, `mtime_ns` and `code` (CODE_HASH) are not read: they key the Arrow
     cache to the file's state and to this code."""
     with open(path, "rb") as f:
-        is_array = f.read(4096).lstrip().startswith(b"[")
+        is_array = f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
     if is_array:  # an array is parsed whole, as rmexp.data reads it
         try:
             for where, record in iter_records(path):
@@ -86,6 +102,8 @@ def json_rows(path: str, size: int, mtime_ns: int, code: str):
         return
     with open(path, "rb") as f:  # JSONL: parsed in the map's workers, one line a row
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -121,6 +139,45 @@ def read_source(src: SourceConfig, cache_dir: str | None, streaming: bool):
             f"{src.path}[{src.split}]", False)
 
 
+def source_format(src: SourceConfig, data_cfg: DataConfig) -> tuple[str, dict | None]:
+    """A source's data.format and data.columns (as a dict of the roles set): its own, else data's."""
+    fmt = src.format if src.format is not None else data_cfg.format
+    columns = src.columns if src.columns is not None else data_cfg.columns
+    columns = {k: v for k, v in vars(columns).items() if v is not None} if columns is not None else {}
+    return DataFormat(fmt).value, columns or None
+
+
+def choose_format(raw, origin: str, json_text: bool, fmt: str, columns: dict | None) -> str:
+    """`fmt`, or for auto the one format of the source's first DETECT_RECORDS records, logged; a record of
+    another format further on is then an error naming its unread fields. Two formats there: a DataError."""
+    from datasets import IterableDataset
+
+    if fmt != "auto":
+        return fmt
+    rows = raw.take(DETECT_RECORDS) if isinstance(raw, IterableDataset) else raw.select(range(min(DETECT_RECORDS, len(raw))))
+    seen, ambiguous = {}, None
+    for i, row in enumerate(rows):
+        where = f"{origin}:{row['line'] if json_text else i + 1}"
+        try:
+            record = json.loads(row["json"]) if json_text else {k: v for k, v in row.items() if v is not None}
+            if isinstance(record, dict):
+                seen.setdefault(detect_format(record, where, columns), where)
+        except (TypeError, json.JSONDecodeError):  # an unreadable row: its error comes from the map, in order
+            continue
+        except DataError as e:
+            ambiguous = ambiguous or e
+    if len(seen) > 1:
+        found = ", ".join(f"{where} reads as {f}" for f, where in seen.items())
+        raise DataError(f"{origin}: records in more than one format under data.format=auto ({found}): set data.format, "
+                        "or give each format its own source in data.sources", reason="mixed_formats")
+    if not seen and ambiguous is not None:
+        raise ambiguous
+    chosen = next(iter(seen), "auto")  # no readable record among the first: each is detected on its own
+    log.info(f"{origin}: data.format=auto reads it as {chosen}"
+             + (f" ({seen[chosen]} was the first such record)" if seen else " record by record"))
+    return chosen
+
+
 # ---------------------------------------------------------------- validating and tokenizing
 
 
@@ -140,15 +197,13 @@ def _unpickle_tokenizer(blob: bytes) -> PortableTokenizer:
     return PortableTokenizer(pickle.loads(blob))
 
 
-def encode_rows(batch: dict, indices: list[int], *, tokenizer: PortableTokenizer, max_length: int,
-                system_prompt: str | None, origin: str, json_text: bool) -> dict:
-    """`Dataset.map` function: a batch of source rows -> token rows, or error rows (reason, message)."""
-    tokenizer = tokenizer.tokenizer
+def parse_rows(batch: dict, indices: list[int], out: dict[str, list], origin: str, json_text: bool, fmt: str,
+               columns: dict | None, detected: bool = False) -> tuple[list, list[int]]:
+    """A batch of source rows read into Pairs, with the row numbers they came from; each other row gets its
+    line, error and reason in `out`. Training's map and evaluate's read both go through here."""
     names = list(batch)
-    n = len(indices)
-    out: dict[str, list] = {k: [None] * n for k in _features()}
     pairs, slots = [], []
-    for i in range(n):
+    for i in range(len(indices)):
         line = batch["line"][i] if json_text else indices[i] + 1  # Parquet/hub: the record's number
         where = f"{origin}:{line}"
         out["line"][i] = line
@@ -163,16 +218,29 @@ def encode_rows(batch: dict, indices: list[int], *, tokenizer: PortableTokenizer
                                     reason="malformed_json") from None
             else:  # an Arrow row has every column of its dataset: a record's absent fields are None
                 record = {k: batch[k][i] for k in names if batch[k][i] is not None}
-            pair = parse_record(record, where)
+            pair = parse_record(record, where, fmt, columns,
+                                "data.format=auto chose it for this source" if detected else "data.format")
         except DataError as e:
             out["reason"][i], out["error"][i], out["key"][i] = e.reason, str(e), 0
             continue
         out["key"][i] = int.from_bytes(hashlib.blake2b(pair.key().encode(), digest_size=8).digest(), "little",
                                        signed=True)
-        out["margin"][i], out["group"][i], out["source"][i] = pair.margin, pair.group, pair.source
-        pair.prompt = with_system_prompt(pair.prompt, system_prompt)
         pairs.append(pair)
         slots.append(i)
+    return pairs, slots
+
+
+def encode_rows(batch: dict, indices: list[int], *, tokenizer: PortableTokenizer, max_length: int,
+                system_prompt: str | None, origin: str, json_text: bool, fmt: str = "auto",
+                columns: dict | None = None, detected: bool = False) -> dict:
+    """`Dataset.map` function: a batch of source rows -> token rows, or error rows (reason, message)."""
+    tokenizer = tokenizer.tokenizer
+    n = len(indices)
+    out: dict[str, list] = {k: [None] * n for k in _features()}
+    pairs, slots = parse_rows(batch, indices, out, origin, json_text, fmt, columns, detected)
+    for i, pair in zip(slots, pairs, strict=True):
+        out["margin"][i], out["group"][i], out["source"][i] = pair.margin, pair.group, pair.source
+        pair.prompt = with_system_prompt(pair.prompt, system_prompt)
     for i, enc in zip(slots, encode_pairs(tokenizer, pairs, max_length), strict=True):
         out["chosen_ids"][i], out["rejected_ids"][i] = enc.chosen.ids, enc.rejected.ids
         out["prompt_len"][i] = enc.shared_len
@@ -183,6 +251,16 @@ def encode_rows(batch: dict, indices: list[int], *, tokenizer: PortableTokenizer
     for i in set(range(n)) - set(slots):  # error rows: empty ids, no flags
         out["chosen_ids"][i] = out["rejected_ids"][i] = []
         out["prompt_truncated"][i] = out["answer_truncated"][i] = out["identical"][i] = False
+    return out
+
+
+def pair_rows(batch: dict, indices: list[int], *, origin: str, json_text: bool, fmt: str,
+              columns: dict | None, detected: bool = False) -> dict:
+    """`Dataset.map` function: a batch of source rows -> each Pair as JSON (`pair`), or error rows."""
+    out: dict[str, list] = {k: [None] * len(indices) for k in _pair_features()}
+    pairs, slots = parse_rows(batch, indices, out, origin, json_text, fmt, columns, detected)
+    for i, p in zip(slots, pairs, strict=True):
+        out["pair"][i] = json.dumps([p.prompt, p.chosen, p.rejected, p.margin, p.source, p.group], ensure_ascii=False)
     return out
 
 
@@ -197,19 +275,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def encode_source(raw, origin: str, json_text: bool, tokenizer, data_cfg: DataConfig, max_length: int,
-                  num_proc: int | None, tokenizer_fp: str):
+                  num_proc: int | None, tokenizer_fp: str, fmt: str = "auto", columns: dict | None = None,
+                  detected: bool = False):
     """`encode_rows` over a whole source, cached under a fingerprint of the rows, the tokenizer, the
     settings and this code: a second run with the same ones reads the cached Arrow files."""
     from datasets import IterableDataset
 
     fn_kwargs = dict(tokenizer=PortableTokenizer(tokenizer), max_length=max_length, system_prompt=data_cfg.system_prompt,
-                     origin=origin, json_text=json_text)
+                     origin=origin, json_text=json_text, fmt=fmt, columns=columns, detected=detected)
     kwargs = dict(batched=True, batch_size=MAP_BATCH, with_indices=True, features=_features(),
                   remove_columns=list(raw.column_names or []), fn_kwargs=fn_kwargs)
     if isinstance(raw, IterableDataset):
         return raw.map(encode_rows, **kwargs)
     key = [dataset_fingerprint(raw), tokenizer_fp, max_length,
-           data_cfg.system_prompt, origin, json_text, CODE_HASH]
+           data_cfg.system_prompt, origin, json_text, fmt, sorted((columns or {}).items()), detected, CODE_HASH]
     num_proc = num_proc if num_proc and num_proc > 1 and len(raw) > 1 else None
     if num_proc:  # the workers are the parallelism: a tokenizer's own threads in forked workers would deadlock
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -315,7 +394,7 @@ def sources_of(data_cfg: DataConfig) -> list[SourceConfig]:
     if data_cfg.path and data_cfg.sources:
         raise DataError("data: set data.path (one file) or data.sources (a mixture), not both; data=mixture starts "
                         "with no path", reason="config")
-    sources = list(data_cfg.sources) or ([SourceConfig(path=data_cfg.path)] if data_cfg.path else [])
+    sources = list(data_cfg.sources) or ([SourceConfig(path=data_cfg.path, split=data_cfg.split)] if data_cfg.path else [])
     if not sources:
         raise DataError("data: no data; set data.path=<file> or data.sources=[{path: ...}, ...]", reason="config")
     weights = [s.weight for s in sources]
@@ -338,28 +417,88 @@ def sources_of(data_cfg: DataConfig) -> list[SourceConfig]:
     return sources
 
 
-def load_source(src: SourceConfig, index: int, tokenizer, data_cfg: DataConfig, max_length: int, tokenizer_fp: str):
-    """One source validated and tokenized: (rows with a `source_id` column, kept row numbers, stats)."""
-    raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=False)
-    if src.fraction < 1.0:
-        raw = raw.select(range(max(1, round(len(raw) * src.fraction))))
-    num_proc = data_cfg.num_proc or auto_num_proc(len(raw))
-    max_pairs, on_error = data_cfg.max_pairs, data_cfg.on_error.value
-    encode = lambda rows: encode_source(rows, origin, json_text, tokenizer, data_cfg, max_length, num_proc,  # noqa: E731
-                                        tokenizer_fp)
+def map_first(raw, mapper, origin: str, data_cfg: DataConfig):
+    """`mapper` over the source's rows, the first max_pairs alone when they hold enough good pairs; then
+    `kept_rows`: (mapped rows, kept row numbers, stats)."""
+    max_pairs = data_cfg.max_pairs
     if max_pairs is not None and max_pairs < len(raw):  # the first max_pairs records usually suffice
-        mapped = encode(raw.select(range(max_pairs)))
+        mapped = mapper(raw.select(range(max_pairs)))
         try:
             enough = len(kept_rows(mapped, origin, "skip", max_pairs)[0]) >= max_pairs
         except DataError:  # not one good pair among them
             enough = False
         if not enough:
-            mapped = encode(raw)
+            mapped = mapper(raw)
     else:
-        mapped = encode(raw)
-    kept, stats = kept_rows(mapped, origin, on_error, max_pairs)
+        mapped = mapper(raw)
+    kept, stats = kept_rows(mapped, origin, data_cfg.on_error.value, max_pairs)
+    return mapped, kept, stats
+
+
+def source_pairs(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[Pair], LoadStats, str, str]:
+    """A source's valid, first-seen pairs as Pairs (what rmexp.evaluate scores), read and validated as
+    training reads it, skips counted the same: (pairs, stats, its name, its format). No system prompt added."""
+    raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=False)
+    fmt, columns = source_format(src, data_cfg)
+    fmt, detected = choose_format(raw, origin, json_text, fmt, columns), fmt == "auto"
+    kwargs = dict(origin=origin, json_text=json_text, fmt=fmt, columns=columns, detected=detected)
+    fingerprint = lambda rows: Hasher.hash([dataset_fingerprint(rows), origin, json_text, fmt,  # noqa: E731
+                                            sorted((columns or {}).items()), detected, CODE_HASH, "pairs"])
+    num_proc = data_cfg.num_proc or auto_num_proc(len(raw))
+    mapper = lambda rows: rows.map(pair_rows, batched=True, batch_size=MAP_BATCH, with_indices=True,  # noqa: E731
+                                   features=_pair_features(), remove_columns=list(rows.column_names),
+                                   num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None, fn_kwargs=kwargs,
+                                   new_fingerprint=fingerprint(rows), desc=f"Validating {origin}")
+    mapped, kept, stats = map_first(raw, mapper, origin, data_cfg)
+    pairs = []
+    for line, text in zip(_column(mapped, "line")[kept], np.asarray(_column(mapped, "pair", as_list=True),
+                                                                    dtype=object)[kept], strict=True):
+        prompt, chosen, rejected, margin, source, group = json.loads(text)
+        pairs.append(Pair(prompt, chosen, rejected, margin, source, group, f"{origin}:{line}"))
+    if any(p.margin is not None for p in pairs):  # one margin column: pairs without one get 0, as in training
+        for p in pairs:
+            p.margin = 0.0 if p.margin is None else p.margin
+    return pairs, stats, origin, fmt
+
+
+def data_config(**overrides) -> DataConfig:
+    """conf/data/base.yaml's DataConfig with `overrides` (for code and benches that read without Hydra)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create(resources.files("rmexp.conf").joinpath("data/base.yaml").read_text(encoding="utf-8"))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), base, overrides))
+
+
+def read_pairs(path: str | Path, max_pairs: int | None = None, on_error: str = "raise",
+               **overrides) -> tuple[list[Pair], LoadStats]:
+    """`source_pairs` of one file or hub id with data.base's settings and `overrides` (format, columns, split...)."""
+    cfg = data_config(max_pairs=max_pairs, on_error=on_error, **overrides)
+    if cfg.max_pairs is not None and cfg.max_pairs <= 0:
+        raise DataError(f"{path}: data.max_pairs must be positive, got {cfg.max_pairs}", reason="config")
+    pairs, stats, _, _ = source_pairs(SourceConfig(path=str(path), split=cfg.split), cfg)
+    return pairs, stats
+
+
+def eval_source(data_cfg: DataConfig) -> SourceConfig:
+    return SourceConfig(path=data_cfg.eval_path, split=data_cfg.eval_split)
+
+
+def load_source(src: SourceConfig, index: int, tokenizer, data_cfg: DataConfig, max_length: int, tokenizer_fp: str):
+    """One source validated and tokenized: (rows with a `source_id` column, kept row numbers, stats, its name
+    and format)."""
+    raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=False)
+    fmt, columns = source_format(src, data_cfg)
+    fmt, detected = choose_format(raw, origin, json_text, fmt, columns), fmt == "auto"
+    if src.fraction < 1.0:
+        raw = raw.select(range(max(1, round(len(raw) * src.fraction))))
+    num_proc = data_cfg.num_proc or auto_num_proc(len(raw))
+    encode = lambda rows: encode_source(rows, origin, json_text, tokenizer, data_cfg, max_length, num_proc,  # noqa: E731
+                                        tokenizer_fp, fmt, columns, detected)
+    mapped, kept, stats = map_first(raw, encode, origin, data_cfg)
     mapped = mapped.add_column("source_id", np.full(len(mapped), index, dtype=np.int32))
-    return mapped, kept, stats, origin
+    return mapped, kept, stats, origin, fmt
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, max_length: int):
@@ -400,17 +539,19 @@ def drop_leaked(mapped, kept: np.ndarray, eval_keys: np.ndarray, stats: LoadStat
 def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int, tokenizer_fp: str):
     from datasets import concatenate_datasets, interleave_datasets
 
-    stats: dict = {"sources": {}}
+    stats: dict = {"sources": {}, "formats": {}}
     eval_keys = held = None
     if data_cfg.eval_path:
-        eval_mapped, eval_kept, eval_stats, _ = load_source(SourceConfig(path=data_cfg.eval_path), len(sources),
-                                                            tokenizer, data_cfg, max_length, tokenizer_fp)
+        eval_mapped, eval_kept, eval_stats, eval_origin, eval_fmt = load_source(
+            eval_source(data_cfg), len(sources), tokenizer, data_cfg, max_length, tokenizer_fp)
+        stats["formats"][eval_origin] = eval_fmt
         eval_keys = _column(eval_mapped, "key")[eval_kept]
         held = eval_mapped.select(eval_kept)
         stats["eval_file"] = eval_stats.as_dict()
     parts, origins = [], []
     for k, src in enumerate(sources):
-        mapped, kept, st, origin = load_source(src, k, tokenizer, data_cfg, max_length, tokenizer_fp)
+        mapped, kept, st, origin, fmt = load_source(src, k, tokenizer, data_cfg, max_length, tokenizer_fp)
+        stats["formats"][origin] = fmt
         if eval_keys is not None:
             kept = drop_leaked(mapped, kept, eval_keys, st, origin, data_cfg)
         parts.append((mapped, kept))
@@ -488,8 +629,9 @@ def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer,
     for: that would hold every pair's key), and the eval file as usual."""
     from datasets import Value, concatenate_datasets, interleave_datasets
 
-    eval_mapped, eval_kept, eval_stats, _ = load_source(SourceConfig(path=data_cfg.eval_path), len(sources),
-                                                        tokenizer, data_cfg, max_length, tokenizer_fp)
+    eval_mapped, eval_kept, eval_stats, eval_origin, eval_fmt = load_source(
+        eval_source(data_cfg), len(sources), tokenizer, data_cfg, max_length, tokenizer_fp)
+    formats = {eval_origin: eval_fmt}
     eval_ = eval_mapped.select(eval_kept)
     counts = StreamCounts([], data_cfg.on_error.value, set(_column(eval_mapped, "key")[eval_kept].tolist()),
                           data_cfg.eval_path)
@@ -497,10 +639,14 @@ def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer,
     features["source_id"] = Value("int32")
     for k, src in enumerate(sources):
         raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=True)
+        fmt, columns = source_format(src, data_cfg)
+        detected = fmt == "auto"
+        formats[origin] = fmt = choose_format(raw, origin, json_text, fmt, columns)
         counts.origins.append(origin)
         counts[origin] = {"n_pairs_read": 0, "n_skipped": 0, "skipped": {}}
         # features given at each step: without them datasets runs rows ahead to find them, and counts twice
-        stream = (encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, None, tokenizer_fp)
+        stream = (encode_source(raw, origin, json_text, tokenizer, data_cfg, max_length, None, tokenizer_fp, fmt, columns,
+                                detected)
                   .map(lambda b, k=k: {"source_id": [k] * len(b["line"])}, batched=True, features=features)
                   .filter(counts.keep))
         streams.append(stream.take(data_cfg.max_pairs) if data_cfg.max_pairs else stream)
@@ -515,7 +661,7 @@ def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer,
              .shuffle(seed=data_cfg.split_seed, buffer_size=STREAM_SHUFFLE_BUFFER))
     log.warning("data.streaming=true: duplicate pairs are not looked for in a stream")
     cols = _columns(eval_, STAT_COLUMNS)
-    stats = {"sources": counts, "eval_file": eval_stats.as_dict(), "truncation": {"eval": truncation_counts(cols)},
-             "eval_identity": eval_identity(eval_)}
+    stats = {"sources": counts, "formats": formats, "eval_file": eval_stats.as_dict(),
+             "truncation": {"eval": truncation_counts(cols)}, "eval_identity": eval_identity(eval_)}
     # margin kept (0 for a pair without one): whether any pair of the stream has one is not known in advance
     return train.select_columns([*TRAIN_COLUMNS, "margin"]), with_margins(eval_, cols["margin"]), stats

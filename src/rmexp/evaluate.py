@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rmexp import diagnostics
-from rmexp.config import CONF_PATH, EvaluateConfig, LoggerBackend, to_typed
-from rmexp.data import answer_text, load_pairs
+from rmexp.config import CONF_PATH, EvaluateConfig, LoggerBackend, SourceConfig, to_typed
+from rmexp.data import answer_text
+from rmexp.dataset import source_pairs, sources_of
 from rmexp.metrics import accuracy_by, bucket_of, length_baseline_accuracy, pairwise_metrics
 from rmexp.rundir import pair_id, pair_identity, score_lines, write_json
 
@@ -34,7 +35,8 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    pairs, stats = load_pairs(cfg.data.path, cfg.data.max_pairs, cfg.data.on_error.value)
+    sources_of(cfg.data)  # the same config checks as training's
+    pairs, stats, _, data_format = source_pairs(SourceConfig(path=cfg.data.path, split=cfg.data.split), cfg.data)
     model = RewardModel.load(cfg.checkpoint, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens)
     if cfg.data.system_prompt:  # else the one the model was trained with
         model.system_prompt = cfg.data.system_prompt
@@ -51,6 +53,7 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     metrics["n_truncated"] = n_truncated
     runtime = time.time() - started
     metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
+                   data_format=data_format,
                    max_length=model.max_length, packed=model.packed, runtime_s=round(runtime, 2),
                    pairs_per_s=round(len(pairs) / runtime, 3))
     write_json(out_dir / "eval_metrics.json", metrics)

@@ -64,6 +64,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
         train_ds, eval_ds, data_stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
         truncation, eval_ids = data_stats.pop("truncation"), data_stats.pop("eval_identity")  # ids: scores.jsonl's
+        formats = data_stats.pop("formats")  # the format each source was read as
         log_truncation(truncation, cfg.trainer.max_length)
         log.info(config_summary(cfg, train_ds, eval_ds))
 
@@ -109,7 +110,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         rewards = trainer.last_eval_rewards.numpy()  # ece, brier, by_source (and categories) of the final evaluation
         record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
             "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resume.checkpoint,
-            "resume_skipped": resume.skipped, "data": data_stats, "truncation": truncation,
+            "resume_skipped": resume.skipped, "data": data_stats, "data_formats": formats, "truncation": truncation,
             "model": model_path} | summary(rewards[:, 0], rewards[:, 1], eval_sources, cfg.data.categories)
         if record.wandb_run is not None:
             record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
