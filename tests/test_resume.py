@@ -435,8 +435,7 @@ def test_no_intact_checkpoint_is_a_named_error_before_any_model_loads(finished, 
                               "trainer_state.json is 10 bytes, ")
     assert "; checkpoint-4: optimizer.pt does not read (BadZipFile: File is not a zip file)" in message
     assert message.endswith(f"Start over with trainer.resume=never (the run moves to {run_dir}/previous-<time>/)")
-    assert metrics(run_dir)["status"] == "failed" and "checkpoint-8" in metrics(run_dir)["error"]
-    assert {k: v for k, v in files_of(run_dir).items() if k != "metrics.json"} == before  # nothing moved
+    assert files_of(run_dir) == before  # nothing moved, and no metrics.json written over the run's
 
 
 @pytest.mark.slow

@@ -262,7 +262,12 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-MARKERS = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+PHI3 = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")  # EOS after the last turn
+REWRITES = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
+            "{% else %}<|Assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")  # DeepSeek-R1's shape
+MARKERS = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>", "phi3": "<|end|>"}
 CONVERSATIONS = [  # (prompt messages, response)
     ([{"role": "user", "content": PROMPTS[0]}], COMPLETIONS[0]),
     ([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": PROMPTS[1]}], COMPLETIONS[1]),
@@ -315,19 +320,44 @@ def fp32_tiny():
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("template", ["gemma", "chatml", "llama3"])
+@pytest.mark.parametrize("template", list(MARKERS))
 def test_get_reward_scores_the_token_ids_training_gives_the_pair(fp32_tiny, template):
     from rmexp.builtin import GEMMA_CHAT_TEMPLATE
 
     model, tok = fp32_tiny
     tok = copy.deepcopy(tok)
-    tok.chat_template = {"gemma": GEMMA_CHAT_TEMPLATE, "chatml": CHATML, "llama3": LLAMA3}[template]
+    tok.chat_template = {"gemma": GEMMA_CHAT_TEMPLATE, "chatml": CHATML, "llama3": LLAMA3, "phi3": PHI3}[template]
     rm = RewardModel(model, tok, max_length=256, path="tiny")
-    assert rm.template_parts()["end_of_turn"].strip() == MARKERS[template]
+    assert rm.template_parts()["end_of_turn"].startswith(MARKERS[template])
     assert_served_as_trained(rm, MARKERS[template])
     # the seed recipe pads with EOS (Llama has no pad token): pads and EOS strip as one run
     tok.pad_token = tok.eos_token
     assert_served_as_trained(RewardModel(model, tok, max_length=256, path="tiny"), MARKERS[template])
+
+
+def test_a_prompt_that_cannot_be_scored_as_trained_is_refused_by_name(fp32_tiny):
+    """A template that rewrites the prompt once an answer follows, and a run's system prompt missing from
+    a templated prompt: a named 422, not a reward for other tokens than training's."""
+    from rmexp.serve import BadRequest, encode, parse_get_reward
+
+    model, tok = fp32_tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = REWRITES
+    rm = RewardModel(model, tok, max_length=256, path="tiny")
+    with pytest.raises(BadRequest, match="rewrites the prompt") as caught:
+        encode(rm, parse_get_reward(openrlhf_request(rm, "<|end|>"), 100, tok), "query")
+    assert caught.value.field == "query[0]" and caught.value.status == 422
+
+    tok.chat_template = CHATML
+    rm = RewardModel(model, tok, max_length=256, path="tiny", system_prompt="Answer briefly.")
+    with pytest.raises(BadRequest, match="system prompt") as caught:
+        encode(rm, parse_get_reward(openrlhf_request(rm, "<|im_end|>"), 100, tok), "query")
+    assert caught.value.field == "query[0]"  # the first conversation has no system message
+    # the second one carries the run's system prompt: scored as RewardModel.score scores its user turn
+    prompt_messages, response = CONVERSATIONS[1]
+    body = openrlhf_request(rm, "<|im_end|>")
+    item = parse_get_reward({"query": body["query"][1:2], "prompts": body["prompts"][1:2]}, 100, tok)
+    assert encode(rm, item, "query") == [rm.tokens(prompt_messages[1]["content"], response)]
 
 
 @pytest.mark.slow
@@ -347,6 +377,7 @@ def test_get_reward_scores_gemma3_as_trained():
 
 class Stub:  # a RewardModel's serving surface, rewards = token counts
     normalize, path, n_truncated = False, "/secret/run/dir", 0
+    gate = None  # a threading.Event tokenization waits for, when a test sets one
 
     class tokenizer:  # noqa: N801 - stands in for a tokenizer object
         pad_token, eos_token = "<pad>", "</s>"
@@ -355,6 +386,8 @@ class Stub:  # a RewardModel's serving surface, rewards = token counts
         return False
 
     def tokens(self, prompt, answer):
+        if self.gate is not None:
+            assert self.gate.wait(timeout=20)
         return list(range(len(prompt) + len(answer)))
 
     def score_tokens(self, sequences):
@@ -376,7 +409,7 @@ def test_strip_is_linear_in_the_pads_it_removes():
     assert large < 8 * small, (small, large)
 
 
-def test_a_huge_padded_query_is_answered_while_health_stays_quick():
+def test_a_huge_padded_query_is_answered():
     from fastapi.testclient import TestClient
 
     from rmexp.serve import build_app
@@ -501,3 +534,66 @@ def test_a_client_gone_mid_body_is_one_info_line(stub_server, caplog):
     gone = [r for r in caplog.records if "disconnected" in r.getMessage()]
     assert len(gone) == 1 and gone[0].levelno == logging.INFO
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def raw_exchange(port: int, chunks: list[tuple[float, bytes]], timeout: float) -> tuple[bytes, float]:
+    """Send each chunk after its pause; read until the server closes. Returns (all it said, seconds)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(timeout)
+    start = time.time()
+    for pause, chunk in chunks:
+        time.sleep(pause)
+        sock.sendall(chunk)
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except TimeoutError:
+        pass
+    sock.close()
+    return answer, time.time() - start
+
+
+SCORE = b'{"prompts": ["ab"], "completions": ["c"]}'
+FULL = b"POST /score HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(SCORE), SCORE)
+
+
+def test_a_slow_request_pipelined_behind_a_whole_one_is_timed_out_too(stub_server):
+    cfg = stub_server
+    half = b"POST /score HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+    for chunks in ([(0, FULL + half)], [(0, FULL), (0.2, half)]):  # one packet, or two
+        answer, seconds = raw_exchange(cfg.port, chunks, cfg.read_timeout_s + 5)
+        assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in answer, answer[-300:]
+        assert seconds < cfg.read_timeout_s + 3
+
+
+def test_a_healthy_request_on_a_kept_alive_connection_is_not_timed_out(stub_server):
+    """An early answer (404 before the body) leaves no deadline behind for the next request."""
+    cfg = stub_server
+    early = b"POST /nowhere HTTP/1.1\r\nHost: x\r\ncontent-length: 5\r\n\r\n"
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    wait = cfg.read_timeout_s * 0.8
+    answer, _ = raw_exchange(cfg.port, [(0, early), (0.1, b"hello"), (wait, health), (wait, b"Connection: close\r\n\r\n")],
+                             cfg.read_timeout_s + 5)
+    assert answer.startswith(b"HTTP/1.1 404") and b"HTTP/1.1 408" not in answer, answer[-300:]
+    assert answer.count(b"HTTP/1.1 200") == 1  # /health answered, within its own deadline
+
+
+def test_parsing_and_tokenizing_run_off_the_event_loop(stub_server):
+    """A request stuck in tokenization does not hold /health: it would, were it on the event loop."""
+    import threading
+
+    cfg = stub_server
+    Stub.gate = threading.Event()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"http://127.0.0.1:{cfg.port}/score", timeout=30,
+                                  json={"prompts": ["ab"], "completions": ["c"]})
+            time.sleep(0.3)
+            assert httpx.get(f"http://127.0.0.1:{cfg.port}/health", timeout=5).status_code == 200
+            assert not pending.done()
+            Stub.gate.set()
+            assert pending.result().json() == {"rewards": [3.0]}
+    finally:
+        Stub.gate = None

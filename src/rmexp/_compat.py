@@ -96,37 +96,49 @@ def read_timeout_protocol(timeout_s: float, body: bytes):
     """uvicorn's h11 protocol with a deadline on reading each request: uvicorn times out idle
     keep-alive connections but not one that opens and sends a partial header or body, so a few hundred
     slow clients could hold the server. A request not read whole `timeout_s` after its connection
-    opened or its first byte came is answered 408 with the JSON `body` and its connection closed.
-    Builds on the protocol's connection (`conn`, h11's state machine), `transport` and `loop`."""
+    opened or its first byte came (pipelined bytes included) is answered 408 with the JSON `body` and
+    its connection closed. Builds on the protocol's connection (`conn`, h11's state machine, with its
+    `trailing_data`), `cycle`, `transport` and `loop`; `handle_events` runs after every read and after
+    every response, so the deadline follows each request."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    reading = (h11.IDLE, h11.SEND_BODY)  # the client's request not yet read whole
 
     class ReadTimeoutProtocol(H11Protocol):
         deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.deadline = self.loop.call_later(timeout_s, self.read_timed_out)
+            self.follow_request()
 
-        def data_received(self, data: bytes) -> None:
-            if self.deadline is None and self.conn.their_state is h11.IDLE:  # a next request begins
-                self.deadline = self.loop.call_later(timeout_s, self.read_timed_out)
-            super().data_received(data)
-            if self.deadline is not None and self.conn.their_state not in reading:
-                self.deadline.cancel()
-                self.deadline = None
+        def handle_events(self) -> None:
+            super().handle_events()
+            self.follow_request()
 
         def connection_lost(self, exc) -> None:
+            self.stop_deadline()
+            super().connection_lost(exc)
+
+        def reading(self) -> bool:
+            """A request is being read: its body, or the bytes of one not yet parsed, or none yet on a new
+            connection (an idle keep-alive connection is uvicorn's timeout_keep_alive's to close)."""
+            state = self.conn.their_state
+            return state is h11.SEND_BODY or (state is h11.IDLE and (bool(self.conn.trailing_data[0])
+                                                                     or self.cycle is None))
+
+        def follow_request(self) -> None:
+            if not self.reading():
+                self.stop_deadline()
+            elif self.deadline is None:
+                self.deadline = self.loop.call_later(timeout_s, self.read_timed_out)
+
+        def stop_deadline(self) -> None:
             if self.deadline is not None:
                 self.deadline.cancel()
                 self.deadline = None
-            super().connection_lost(exc)
 
         def read_timed_out(self) -> None:
             self.deadline = None
-            if self.transport.is_closing() or self.conn.their_state not in reading:
+            if self.transport.is_closing() or not self.reading():
                 return
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer begun: say why before closing
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -134,6 +146,12 @@ def read_timeout_protocol(timeout_s: float, body: bytes):
             self.transport.close()
 
     return ReadTimeoutProtocol
+
+
+def check_server() -> None:
+    """The uvicorn internals read_timeout_protocol builds on, still there."""
+    _require(_h11_protocol_has_its_parts(), "uvicorn",
+             "protocols.http.h11_impl.H11Protocol.conn/cycle/transport/loop/handle_events", "the request read deadline")
 
 
 def _h11_protocol_has_its_parts() -> bool:
@@ -147,8 +165,9 @@ def _h11_protocol_has_its_parts() -> bool:
 
     protocol = H11Protocol(Config(app, http="h11", log_config=None), ServerState(), {}, _loop=asyncio.new_event_loop())
     try:
-        return isinstance(protocol.conn, h11.Connection) and hasattr(protocol, "transport") and all(
-            callable(getattr(protocol, n, None)) for n in ("connection_made", "data_received", "connection_lost"))
+        return (isinstance(protocol.conn, h11.Connection) and isinstance(protocol.conn.trailing_data, tuple)
+                and protocol.cycle is None and hasattr(protocol, "transport") and all(
+                    callable(getattr(protocol, n, None)) for n in ("connection_made", "handle_events", "connection_lost")))
     finally:
         protocol.loop.close()
 
@@ -181,9 +200,8 @@ def check(trainer=None) -> None:
 
         _require(callable(getattr(JobEnvironment, "_usr_sig", None)), "submitit", "JobEnvironment._usr_sig",
                  "the signal a job gets before preemption")
-    if find_spec("uvicorn") and find_spec("h11"):  # the `serve` extra
-        _require(_h11_protocol_has_its_parts(), "uvicorn", "protocols.http.h11_impl.H11Protocol.conn/transport/loop",
-                 "the request read deadline")
+    if find_spec("uvicorn") and find_spec("h11"):  # the `serve` extra (rmexp.serve checks it at its start too)
+        check_server()
     if trainer is not None:
         metrics = getattr(trainer, "_metrics", None)
         _require(isinstance(metrics, dict) and "train" in metrics, "trl", "RewardTrainer._metrics",

@@ -122,14 +122,25 @@ class RewardModel:
         `--apply_chat_template`), the ids training gives that (prompt, response) pair: a closing
         end-of-turn marker (where generation stopped) is taken off the response, which is then
         rendered by the template as the assistant turn, tokenized apart from the prompt and fitted to
-        max_length as in training. The assistant turn's render does not depend on the turns before it
-        in the templates rmexp is tested with (Gemma-3, ChatML, Llama-3)."""
-        end = self.template_parts()["end_of_turn"]
-        for marker in (end, end.strip()):
+        max_length as in training. The assistant turn's render must not depend on the turns before it
+        (true of Gemma-3, ChatML, Llama-3 and Phi-3, which the tests check); a template that rewrites
+        the prompt once an answer follows, or a prompt without the run's `data.system_prompt`, cannot
+        be scored as trained and is a ValueError saying so."""
+        if self.system_prompt and self.system_prompt.strip() not in prompt:
+            raise ValueError("the model was trained with a system prompt (data.system_prompt) that this templated "
+                             "prompt does not contain: send the prompt with it as its system message, or send the "
+                             "prompt untemplated so that it is added")
+        end, eos = self.template_parts()["end_of_turn"], self.tokenizer.eos_token or ""
+        # Phi-3 writes the EOS after the turn's own marker; the request has lost its EOS already
+        for marker in dict.fromkeys((end, end.strip(), end.replace(eos, "").strip() if eos else "")):
             if marker and response.endswith(marker):
                 response = response[:-len(marker)]
                 break
-        _, answer_text = render(self.tokenizer, [{"role": "user", "content": "u"}], response)
+        head, answer_text = render(self.tokenizer, [{"role": "user", "content": "u"}], response)
+        if head is None:
+            raise ValueError("this chat template rewrites the prompt once an answer follows it, so a prompt that "
+                             "went through the template cannot be split from its answer as in training: send the "
+                             "prompt untemplated (OpenRLHF without --apply_chat_template) or use /score")
         encoded = encode_rendered(self.tokenizer, prompt, answer_text, self.max_length)
         with self._count:
             self.n_truncated += encoded.prompt_truncated or encoded.answer_truncated

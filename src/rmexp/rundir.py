@@ -287,9 +287,9 @@ def claim_run_dir(run_dir: Path, resume: str | None, main_process: bool = True) 
         return None
     if resume not in (None, "", "auto", "never") and not Path(resume).is_dir():  # before run_record writes
         raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
-    if resume == "never":
-        return move_previous_run(run_dir) if main_process else None
     found = find_previous_run(run_dir)
+    if resume == "never":  # only a run is moved: a dir that holds none (say, a parent of runs) stays as it is
+        return move_previous_run(run_dir) if main_process and (found or (run_dir / "metrics.json").is_file()) else None
     if not found:
         return None
     start_over = f"start over with trainer.resume=never (its files move to {run_dir}/previous-<time>/, nothing is deleted)"

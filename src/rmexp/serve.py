@@ -14,8 +14,9 @@ truncation): a prompt OpenRLHF already put through the chat template gets its re
 the template's assistant turn, so the server reads each reward at the token training read it at.
 Bodies are parsed and tokenized off the event loop (an item the chat template rejects fails its own
 request only). Texts of requests that arrive together (within `serve.batch_window_ms`, up to
-`serve.max_batch`) are scored in one packed forward on one scoring thread. Every error, 401, 404,
-405, 408, 413 and 422 alike, is `{"error": ..., "field": ...}` naming the field, never a 500.
+`serve.max_batch`) are scored in one packed forward on one scoring thread. Every error rmexp answers,
+401, 404, 405, 408, 413 and 422 alike, is `{"error": ..., "field": ...}` naming the field, never a 500
+(uvicorn's own 400 for a request that is not HTTP, and its 503 beyond `serve.max_connections`, are text).
 
 Exposure: with `serve.api_key` (or `RMEXP_API_KEY`) every route but `/health` needs
 `Authorization: Bearer <key>`; a request not read whole within `serve.read_timeout_s` gets a 408 and
@@ -359,8 +360,9 @@ def server_config(serve_cfg) -> dict:
     """uvicorn's settings, bounded: `serve.max_connections` at once, idle keep-alive connections
     closed after `serve.keep_alive_s`, a request not read whole within `serve.read_timeout_s`
     answered 408 and closed."""
-    from rmexp._compat import read_timeout_protocol
+    from rmexp._compat import check_server, read_timeout_protocol
 
+    check_server()  # the uvicorn internals the read deadline builds on, named if an upgrade moved them
     timeout = float(serve_cfg.read_timeout_s)
     body = json.dumps({"error": f"the request was not read whole within serve.read_timeout_s={timeout:g} s",
                        "field": "body"}).encode()

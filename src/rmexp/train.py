@@ -50,6 +50,8 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()  # rank 0 alone writes and logs
     # before run_record, which would write its metrics.json over the run this refuses to train over
     claim_run_dir(run_dir, cfg.trainer.resume, main_process)
+    # the checkpoint read back before run_record too: none intact leaves the old run's metrics.json as it was
+    resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)
     with run_record(run_dir, write=main_process) as record:
         cfg = to_typed(cfg)  # inside: a config that cannot resolve is a failed run, recorded
         # Everything that can be checked without a model is checked first.
@@ -58,7 +60,6 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         if cfg.data.streaming and cfg.trainer.max_steps <= 0:
             raise DataError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs in",
                             reason="config")
-        resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)  # reads headers; a requeued job's own
         # the data before the model: its errors come in seconds, not after an 8B load
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
