@@ -38,9 +38,10 @@ def test_ece_and_brier_by_hand():
     assert cal["ece"] == pytest.approx(0.0, abs=1e-12)
     # Brier: (1 - 0.75)^2 three times, (1 - 0.25)^2 once: (3 * 0.0625 + 0.5625) / 4 = 0.1875
     assert cal["brier"] == pytest.approx(0.1875)
-    # all four right at confidence 0.75: |0.75 - 1| = 0.25; a tie is confidence 0.5 and wrong: |0.5 - 0| = 0.5
+    # all four right at confidence 0.75: |0.75 - 1| = 0.25; a tie and a sure win share the first bin:
+    # confidence (0.5 + 0.5) / 2 against (0.5 + 1) / 2 right, |0.5 - 0.75| * 2 / 2 pairs = 0.25
     assert calibration(np.log(3) * np.ones(4))["ece"] == pytest.approx(0.25)
-    assert calibration(np.zeros(2))["ece"] == pytest.approx(0.5)
+    assert calibration(np.array([0.0, 1e-9]))["ece"] == pytest.approx(0.25)
 
 
 def test_category_average_weighs_categories_not_pairs():
@@ -88,3 +89,10 @@ def test_a_training_run_logs_histograms_calibration_and_accuracy_by_source_at_ev
     assert len(scalars) == 3 and all("eval/ece" in h and "eval/brier" in h for h in scalars)
     assert scalars[-1]["eval/by_source/safety/pairwise_accuracy"] == metrics["by_source"]["safety"]["pairwise_accuracy"]
     assert scalars[-1]["eval/category_accuracy"] == pytest.approx(metrics["category_accuracy"])
+
+
+def test_ties_are_a_calibrated_coin_flip():
+    from rmexp.diagnostics import calibration
+
+    cal = calibration(np.zeros(10))  # confidence 0.5, half right: calibrated (pairwise accuracy still counts them wrong)
+    assert cal["ece"] == 0 and cal["brier"] == 0.25

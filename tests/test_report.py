@@ -83,7 +83,14 @@ def test_report_marks_exactly_the_jobs_the_paired_test_cannot_separate_from_the_
     assert rows["5"]["tied_with_best"] == "" and rows["5"]["pairing"].startswith("refused: scored on different eval pairs")
     out = capsys.readouterr().out
     assert "best: job 0; jobs 0, 1, 3 cannot be told apart on these 40 pairs" in out
-    assert "smallest gap this eval set can detect at 80% power: 0." in out
+    # discordant shares against the best: 2, 12, 6, 10 of 40 pairs, mean psi = 30/160; Connor's n = 40 solved for d
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    psi = 30 / 160
+    d = brentq(lambda d: (norm.ppf(0.975) * psi ** 0.5 + norm.ppf(0.8) * (psi - d * d) ** 0.5) ** 2 / d ** 2 - 40,
+               1e-3, psi ** 0.5 - 1e-9)
+    assert f"smallest gap this eval set can detect at 80% power, before correction: {d:.2f})" in out
     assert "job 5: refused: scored on different eval pairs: none of the 40 pairs of job 5 is among the 40 of job 0" in out
     assert (tmp_path / "heatmap.png").stat().st_size > 1000
     assert "| p_vs_best | tied_with_best |" in (tmp_path / "summary.md").read_text()

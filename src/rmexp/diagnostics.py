@@ -34,9 +34,13 @@ HIST_BINS = 30
 
 
 def calibration(margin, n_bins: int = N_BINS) -> dict:
-    """ECE, Brier score and the reliability diagram's bins of per-pair margins (r_chosen - r_rejected)."""
+    """ECE, Brier score and the reliability diagram's bins of per-pair margins (r_chosen - r_rejected).
+    The ECE of a perfectly calibrated model is not 0 on a finite set: about 0.1 on 96 pairs, 0.05 on 400
+    (sampling noise over 10 bins), 0.01 on 10,000."""
     margin = np.asarray(margin, dtype=np.float64)
-    confidence, correct = expit(np.abs(margin)), margin > 0
+    # a tie is a calibrated coin flip (confidence 0.5): half right here, as in the Brier score, though
+    # pairwise accuracy counts it wrong
+    confidence, correct = expit(np.abs(margin)), np.where(margin == 0, 0.5, (margin > 0).astype(np.float64))
     edges = np.linspace(0.5, 1.0, n_bins + 1)
     # bin k holds [edges[k], edges[k+1]); a confidence of exactly 1.0 (a float64 sigmoid saturates) the last
     idx = np.minimum(np.searchsorted(edges, confidence, side="right") - 1, n_bins - 1)

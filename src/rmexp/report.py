@@ -217,7 +217,8 @@ def verdict_line(v: Verdict) -> str:
     def named(e: Entry) -> str:
         return f"[{e.name}]" if len(e.jobs) > 1 else e.name
 
-    mdd = f"{v.min_detectable:.2f}" if math.isfinite(v.min_detectable) else "none, too few pairs"
+    mdd = (f"{v.min_detectable:.2f}" if math.isfinite(v.min_detectable)
+           else "not estimable: these runs disagree on too few pairs")
     n_paired = sum(1 for e in v.entries if e.paired)
     if len(v.tied) == n_paired > 2:  # a list of every job says less than this
         said = f"none of the {n_paired} jobs paired can be told apart"
@@ -228,7 +229,7 @@ def verdict_line(v: Verdict) -> str:
     else:
         said = "every other job paired with it is worse beyond chance"
     return (f"best: job {named(v.best)}; {said} on these {v.n_pairs} pairs (exact McNemar, Holm-corrected, alpha "
-            f"{ALPHA}; smallest gap this eval set can detect at 80% power: {mdd})")
+            f"{ALPHA}; smallest gap this eval set can detect at 80% power, before correction: {mdd})")
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
