@@ -165,6 +165,23 @@ def test_auto_refuses_a_source_of_two_formats(tmp_path):
     assert len(pairs) == 1 and stats.skipped == {"unused_field": 1}
 
 
+def test_auto_refuses_a_record_past_the_first_hundred_in_another_format(tmp_path, tokenizer):
+    trl = [{"chosen": [user(f"Add {i} and 1."), assistant(f"{i + 1}")], "rejected": [user(f"Add {i} and 1."),
+                                                                               assistant(f"{i + 2}")]} for i in range(100)]
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    f = write_jsonl(tmp_path / "late.jsonl", [*trl, hh, trl[0] | {"group": "after"}])
+    # read as trl it passed with the prompt user "Human: hi\n\nAssistant:"
+    with pytest.raises(DataError, match=rf"{f}:101: the record reads as hh, the source as trl \(data\.format=auto chose "
+                                        "it from the first 100 records\)"):
+        read_pairs(f)
+    pairs, stats = read_pairs(f, on_error="skip")
+    assert len(pairs) == 100 and stats.skipped == {"mixed_formats": 1, "duplicate_pair": 1}
+    cfg = to_typed(compose_cfg("model=tiny", f"data.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path}",
+                               f"data.path={f}", "data.on_error=skip")).data
+    _, _, stats = build_datasets(cfg, tokenizer, 64)
+    assert stats["train_file"]["skipped"] == {"mixed_formats": 1, "duplicate_pair": 1}
+
+
 def test_a_mixture_source_has_its_own_format_and_columns(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", [{"q": f"Question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}
                                            for i in range(6)])

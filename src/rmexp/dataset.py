@@ -15,8 +15,8 @@ eval file is refused, and the seeded split keeps a group on one side. Sources ar
 `data.streaming=true` the train file is read and tokenized while training consumes it.
 
 Each source is read in its `format` with its `columns` (data.format/data.columns unless the source
-sets its own); `auto` takes the one format of a source's first records and names it (rmexp.data
-documents the formats). `source_pairs` reads a source to Pairs through the same map, checks and
+sets its own); `auto` takes the one format of a source's first records, names it, and refuses a later
+record of another format (rmexp.data documents the formats). `source_pairs` reads a source to Pairs through the same map, checks and
 counts, without tokenizing: what rmexp.evaluate scores.
 """
 
@@ -149,7 +149,7 @@ def source_format(src: SourceConfig, data_cfg: DataConfig) -> tuple[str, dict | 
 
 def choose_format(raw, origin: str, json_text: bool, fmt: str, columns: dict | None) -> str:
     """`fmt`, or for auto the one format of the source's first DETECT_RECORDS records, logged; a record of
-    another format further on is then an error naming its unread fields. Two formats there: a DataError."""
+    another format further on is then a mixed_formats error (parse_rows). Two formats there: a DataError."""
     from datasets import IterableDataset
 
     if fmt != "auto":
@@ -172,9 +172,13 @@ def choose_format(raw, origin: str, json_text: bool, fmt: str, columns: dict | N
                         "or give each format its own source in data.sources", reason="mixed_formats")
     if not seen and ambiguous is not None:
         raise ambiguous
-    chosen = next(iter(seen), "auto")  # no readable record among the first: each is detected on its own
-    log.info(f"{origin}: data.format=auto reads it as {chosen}"
-             + (f" ({seen[chosen]} was the first such record)" if seen else " record by record"))
+    if not seen:  # no readable record among the first: each is detected on its own
+        log.info(f"{origin}: data.format=auto found no readable record among the first {DETECT_RECORDS}: it detects "
+                 "each record's format on its own")
+        return "auto"
+    chosen = next(iter(seen))
+    log.info(f"{origin}: data.format=auto reads it as {chosen} ({seen[chosen]} was the first such record; a later "
+             "record in another format is a mixed_formats error)")
     return chosen
 
 
@@ -195,6 +199,19 @@ class PortableTokenizer:
 
 def _unpickle_tokenizer(blob: bytes) -> PortableTokenizer:
     return PortableTokenizer(pickle.loads(blob))
+
+
+def _check_detected(record: dict, where: str, fmt: str, columns: dict | None) -> None:
+    """A record past the first DETECT_RECORDS must be in the format auto chose from them: read in another
+    format it would pass with its fields misplaced (an HH text read as trl keeps its markers in the prompt)."""
+    try:
+        found = detect_format(record, where, columns)
+    except DataError:  # the prompt fields of two formats: parse_record names the one `fmt` would not read
+        return
+    if found != fmt:
+        raise DataError(f"{where}: the record reads as {found}, the source as {fmt} (data.format=auto chose it from "
+                        f"the first {DETECT_RECORDS} records): set data.format, or give each format its own source in "
+                        "data.sources", reason="mixed_formats")
 
 
 def parse_rows(batch: dict, indices: list[int], out: dict[str, list], origin: str, json_text: bool, fmt: str,
@@ -218,6 +235,8 @@ def parse_rows(batch: dict, indices: list[int], out: dict[str, list], origin: st
                                     reason="malformed_json") from None
             else:  # an Arrow row has every column of its dataset: a record's absent fields are None
                 record = {k: batch[k][i] for k in names if batch[k][i] is not None}
+            if detected and fmt != "auto" and isinstance(record, dict):
+                _check_detected(record, where, fmt, columns)
             pair = parse_record(record, where, fmt, columns,
                                 "data.format=auto chose it for this source" if detected else "data.format")
         except DataError as e:
