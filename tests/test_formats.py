@@ -131,6 +131,29 @@ def test_ultrafeedback_user_turn_is_taken_once_even_read_as_trl():
         parse_record({"prompt": "Hi", "chosen": [user("Hi"), assistant("Hello")], "rejected": "Go."}, "uf:1", "trl")
 
 
+def test_a_repeated_user_turn_is_taken_once_whatever_its_end_whitespace(tmp_path):
+    spaced = {"prompt": "Q ", "chosen": [user("Q"), assistant("c")], "rejected": [user("Q\n"), assistant("r")]}
+    f = write_jsonl(tmp_path / "spaced.jsonl", [spaced])
+    for fmt in ("auto", "trl", "ultrafeedback"):
+        (pair,), _ = read_pairs(f, format=fmt)  # before: prompt user "Q ", chosen [user "Q", assistant "c"]
+        assert (pair.prompt, pair.chosen, pair.rejected) == ([user("Q ")], "c", "r"), fmt
+    messages = {"prompt": [user("Hi"), assistant("Hello."), user("Q ")], "chosen": [user("Hi "), assistant("Hello."),
+                                                                                   user("Q"), assistant("c")],
+                "rejected": [user("Hi"), assistant(" Hello."), user("Q"), assistant("r")]}
+    pair = parse_record(messages, "m:1", "auto")
+    assert (pair.prompt, pair.chosen, pair.rejected) == (messages["prompt"], "c", "r")
+    other = {"prompt": "Q", "chosen": [user("Something else"), assistant("c")],
+             "rejected": [user("Something else"), assistant("r")]}
+    f = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b"}, other])
+    with pytest.raises(DataError, match=rf"{f}:2: field 'chosen' starts with a user turn that is not the end of the "
+                                        r"prompt \('prompt'\)"):
+        read_pairs(f)
+    assert read_pairs(f, on_error="skip")[1].skipped == {"bad_field": 1}
+    with pytest.raises(DataError, match=r"o:1: field 'rejected' starts with a system turn"):
+        parse_record({"prompt": "Q", "chosen": [assistant("c")], "rejected": [system("S"), user("Q"),
+                                                                                         assistant("r")]}, "o:1", "trl")
+
+
 @pytest.mark.parametrize("record, fmt, message", [
     # LLaMA-Factory's alpaca pairwise record, read before as a prompt-less pair: now the instruction is the prompt
     ({"question": "Sky?", "prompt": "Sky?", "chosen": "Blue.", "rejected": "Red."}, "auto",

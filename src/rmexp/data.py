@@ -193,9 +193,21 @@ def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
         keys = format_keys("ultrafeedback", columns)
         prompt, answers = record[keys["prompt"]], [record.get(keys[k]) for k in ("chosen", "rejected")]
         if isinstance(prompt, str) and all(isinstance(a, list) and a and isinstance(a[0], dict)
-                                           and a[0].get("content", a[0].get("value")) == prompt for a in answers):
+                                           and _same_text(a[0].get("content", a[0].get("value")), prompt)
+                                           for a in answers):
             return "ultrafeedback"
     return fmt
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    """Two texts equal but for their ends' whitespace: a turn repeated from the prompt often gains or loses a
+    trailing space or newline, and is still the same turn."""
+    return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
+
+
+def _same_turns(a: list[dict[str, str]], b: list[dict[str, str]]) -> bool:
+    return len(a) == len(b) and all(x["role"] == y["role"] and _same_text(x["content"], y["content"])
+                                    for x, y in zip(a, b, strict=True))
 
 
 def _text(value: Any, where: str, key: str) -> str:
@@ -312,8 +324,9 @@ def _shared_turns(c: list[dict[str, str]], r: list[dict[str, str]]) -> int:
     return k
 
 
-def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple[list, list, list]:
-    """The prompt messages and both answers' messages of one record in `fmt`, before system and history."""
+def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple[list, list, list, bool]:
+    """The prompt messages and both answers' messages of one record in `fmt`, before system and history, and
+    whether the prompt was a field of its own (explicit) rather than what the answers share."""
     turns = {}
     for role in ("chosen", "rejected"):
         if keys[role] not in record:
@@ -330,7 +343,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         prompt = _messages(record[pk], where, pk)
         if not prompt or prompt[-1]["role"] != "user":  # LLaMA-Factory's ranking rule: the answers reply to a user turn
             raise DataError(f"{where}: field '{pk}' must end with a user turn", reason="bad_field")
-        return prompt, c, r
+        return prompt, c, r, True
     if fmt == "alpaca":  # LLaMA-Factory's converter: "instruction\ninput" is the user turn
         parts = [record[k] for k in (pk, "input") if record.get(k) not in (None, "")]
         for k in (pk, "input"):
@@ -339,7 +352,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         if not "".join(parts).strip():
             raise (DataError(f"{where}: field '{pk}' is empty", reason="empty_field") if pk in record
                    else DataError(f"{where}: field '{pk}' is missing", reason="missing_field"))
-        return [{"role": "user", "content": "\n".join(parts)}], c, r
+        return [{"role": "user", "content": "\n".join(parts)}], c, r, True
     if pk is not None and (pk in record or fmt in ("triple", "ultrafeedback") or pk != PROMPT_KEYS[fmt]):
         if pk not in record:  # the format's own prompt field, or one data.columns named
             raise DataError(f"{where}: field '{pk}' is missing", reason="missing_field")
@@ -349,7 +362,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         if fmt == "ultrafeedback" and record.get("messages") not in (None, record[keys["chosen"]]):
             raise DataError(f"{where}: field 'messages' differs from '{keys['chosen']}' (UltraFeedback keeps a copy of "
                             "the chosen dialogue there)", reason="bad_field")
-        return prompt, c, r
+        return prompt, c, r, True
     raw_c, raw_r = record[keys["chosen"]], record[keys["rejected"]]  # an implicit prompt: what both dialogues share
     if isinstance(raw_c, str) and isinstance(raw_r, str):
         if fmt == "hh":
@@ -362,9 +375,9 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
             if not text.strip():
                 raise DataError(f"{where}: field '{key}' has an empty answer after the shared prompt",
                                 reason="empty_field")
-        return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+        return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}], False
     k = _shared_turns(c, r)
-    return c[:k], c[k:], r[k:]
+    return c[:k], c[k:], r[k:], False
 
 
 def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | None = None,
@@ -384,16 +397,23 @@ def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | Non
         raise DataError(f"{where}: field{'s' if len(unread) > 1 else ''} {', '.join(repr(k) for k in unread)} not read "
                         f"as {fmt} ({chosen_by}); {' or '.join(readers) or 'data.columns'} would read "
                         f"{'them' if len(unread) > 1 else 'it'}", reason="unused_field")
-    prompt, c, r = _prompt_and_answers(fmt, record, where, keys)
-    # A turn that ends the prompt and starts both answers (UltraFeedback repeats the user turn) is taken once.
-    k = min(len(prompt), len(c) - 1, len(r) - 1)
-    while k > 0 and not (c[:k] == r[:k] == prompt[-k:]):
-        k -= 1
-    c, r = c[k:], r[k:]
-    for key, turns in ((keys["chosen"], c), (keys["rejected"], r)):
-        if turns[0]["role"] != "assistant" and prompt and turns[0] == prompt[-1]:
-            raise DataError(f"{where}: field '{key}' repeats the prompt's last turn and the other answer does not",
-                            reason="bad_field")
+    prompt, c, r, explicit = _prompt_and_answers(fmt, record, where, keys)
+    if explicit:
+        # Turns that end the prompt and start both answers (UltraFeedback repeats the user turn) are taken once,
+        # the prompt's copy kept. Any other turn before an answer's reply would be scored as part of the answer.
+        k = min(len(prompt), len(c) - 1, len(r) - 1)
+        while k > 0 and not (_same_turns(c[:k], prompt[-k:]) and _same_turns(r[:k], prompt[-k:])):
+            k -= 1
+        c, r = c[k:], r[k:]
+        for key, turns in ((keys["chosen"], c), (keys["rejected"], r)):
+            if turns[0]["role"] == "assistant":
+                continue
+            if prompt and _same_turns(turns[:1], prompt[-1:]):
+                raise DataError(f"{where}: field '{key}' repeats the prompt's last turn and the other answer does not",
+                                reason="bad_field")
+            raise DataError(f"{where}: field '{key}' starts with a {turns[0]['role']} turn that is not the end of the "
+                            f"prompt ('{keys['prompt']}'): an answer after an explicit prompt must start with the "
+                            "reply, or repeat the prompt's last turns", reason="bad_field")
     system = record.get(keys["system"])
     history = _history(record[keys["history"]], where, keys["history"]) if record.get(keys["history"]) else []
     own = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
