@@ -274,6 +274,34 @@ def test_the_issues_three_records_keep_what_they_lost(tmp_path):
         assert pair.prompt == prompt and isinstance(pair.chosen, str) and isinstance(pair.rejected, str)
 
 
+def test_hh_dialogues_that_part_before_a_human_turn_are_read_as_messages(tmp_path):
+    hi = "\n\nHuman: hi\n\nAssistant: a"
+    record = {"chosen": hi + "\n\nHuman: x\n\nAssistant: c", "rejected": hi + "\n\nHuman: y\n\nAssistant: r"}
+    as_messages = {k: [user("hi"), assistant("a"), user(turn), assistant(reply)]
+                   for k, turn, reply in (("chosen", "x", "c"), ("rejected", "y", "r"))}
+    for fmt in ("auto", "hh"):  # before: chosen "a\n\nHuman: x\n\nAssistant: c", one assistant message
+        pair = parse_record(record, "h:1", fmt)
+        assert (pair.prompt, pair.chosen, pair.rejected) == ([user("hi"), assistant("a")], [user("x"), assistant("c")],
+                                                             [user("y"), assistant("r")])
+        trl = parse_record(as_messages, "t:1", "trl")  # what trl makes of the same dialogues as message lists
+        assert (pair.prompt, pair.chosen, pair.rejected) == (trl.prompt, trl.chosen, trl.rejected)
+    later = {"chosen": hi + " and b\n\nHuman: x\n\nAssistant: c", "rejected": hi + " and z"}
+    pair = parse_record(later, "h:2", "hh")  # parted inside the reply, one answer goes on
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user("hi")], [assistant("a and b"), user("x"), assistant("c")],
+                                                         "a and z")
+    bare = {"chosen": "Human: hi\n\nAssistant: yes", "rejected": "Human: hi\n\nAssistant: no"}  # no leading blank line
+    pair = parse_record(bare, "h:3", "hh")  # before: prompt user "Human: hi"
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user("hi")], "yes", "no")
+    with pytest.raises(DataError, match=r"h:4: field 'rejected' has an empty answer"):
+        parse_record({"chosen": record["chosen"], "rejected": hi + "\n\nHuman: y\n\nAssistant:"}, "h:4", "hh")
+    with pytest.raises(DataError, match=r"h:5: field 'rejected' must end with an 'Assistant:' turn"):
+        parse_record({"chosen": record["chosen"], "rejected": hi + "\n\nHuman: y"}, "h:5", "hh")
+    f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "plain", "rejected": "text"}, bare])
+    with pytest.raises(DataError, match=rf"{f}:2: field 'chosen' holds 'Human:'/'Assistant:' turns, which trl's "
+                                        "implicit prompt reads as plain text: data.format=hh reads such dialogues"):
+        read_pairs(f, format="trl")  # before: prompt user "Human: hi\n\nAssistant:"
+
+
 def test_implicit_text_prompts_follow_each_tool():
     record = {"chosen": "The capital of Peru is Lima.", "rejected": "The capital of Peru is Cusco."}
     trl = parse_record(record, "t:1", "trl")  # TRL's maybe_extract_prompt: the shared text, cut before the space

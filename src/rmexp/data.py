@@ -24,7 +24,7 @@ from typing import Any
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "model": "assistant", "system": "system", "bot": "assistant"}
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a text may start with its first marker, no blank line
 HH_ASSISTANT = "\n\nAssistant:"
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors write at the start of a file
 
@@ -279,17 +279,25 @@ def split_hh_dialogue(text: str) -> list[dict[str, str]]:
     return messages
 
 
-def _split_implicit(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
-    """Shared dialogue up to the last assistant turn is the prompt; the rest are the answers."""
+def _hh_turns(text: str, where: str, key: str) -> list[dict[str, str]]:
+    """A whole HH dialogue as messages, ending with an assistant reply that has text."""
+    turns = split_hh_dialogue(text)
+    if not turns or turns[-1]["role"] != "assistant":
+        last = HH_TURN.findall(text)[-1:]
+        if last == ["Assistant"]:  # "...\n\nAssistant:" and nothing after it
+            raise DataError(f"{where}: field '{key}' has an empty answer after the shared prompt", reason="empty_field")
+        raise DataError(f"{where}: field '{key}' must end with an 'Assistant:' turn", reason="bad_field")
+    return turns
+
+
+def _implicit_cut(chosen: str, rejected: str) -> int:
+    """Where two dialogues' answers start: after the last assistant marker in their shared part (0: none)."""
     n = 0
     limit = min(len(chosen), len(rejected))
     while n < limit and chosen[n] == rejected[n]:
         n += 1
     cut = chosen.rfind(HH_ASSISTANT, 0, n)
-    if cut < 0:
-        return [], chosen, rejected
-    cut += len(HH_ASSISTANT)
-    return split_hh_dialogue(chosen[:cut]), chosen[cut:].strip(), rejected[cut:].strip()
+    return 0 if cut < 0 else cut + len(HH_ASSISTANT)
 
 
 def _split_text_prefix(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
@@ -366,10 +374,20 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
     raw_c, raw_r = record[keys["chosen"]], record[keys["rejected"]]  # an implicit prompt: what both dialogues share
     if isinstance(raw_c, str) and isinstance(raw_r, str):
         if fmt == "hh":
-            prompt, chosen, rejected = _split_implicit(raw_c, raw_r)
+            cut = _implicit_cut(raw_c, raw_r)
+            if any(m[1] == "Human" and m.start() >= cut for text in (raw_c, raw_r) for m in HH_TURN.finditer(text)):
+                # the dialogues part before a user turn: read as messages, as trl reads message lists
+                c, r = _hh_turns(raw_c, where, keys["chosen"]), _hh_turns(raw_r, where, keys["rejected"])
+                k = _shared_turns(c, r)
+                return c[:k], c[k:], r[k:], False
+            prompt, chosen, rejected = split_hh_dialogue(raw_c[:cut]) if cut else [], raw_c[cut:].strip(), raw_r[cut:].strip()
         elif fmt == "openrlhf":  # OpenRLHF without --prompt_key: each text whole, no prompt
             prompt, chosen, rejected = [], raw_c, raw_r
         else:
+            for key, text in ((keys["chosen"], raw_c), (keys["rejected"], raw_r)):
+                if HH_TURN.search(text):  # its shared text would be a prompt with the markers in it
+                    raise DataError(f"{where}: field '{key}' holds 'Human:'/'Assistant:' turns, which {fmt}'s implicit "
+                                    "prompt reads as plain text: data.format=hh reads such dialogues", reason="bad_field")
             prompt, chosen, rejected = _split_text_prefix(raw_c, raw_r)
         for key, text in ((keys["chosen"], chosen), (keys["rejected"], rejected)):
             if not text.strip():
