@@ -85,7 +85,8 @@ class LoadStats:
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) for each record of a JSONL file or JSON array, location "file:line".
-    A leading UTF-8 byte order mark is read past; a JSONL line that is not UTF-8 is that line's error."""
+    A leading UTF-8 byte order mark is read past; a JSONL line that is not UTF-8 or not JSON is that line's
+    error. A JSON array is one document: one that does not parse raises `broken_array`, whatever on_error says."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such preference file", reason="missing_file")
@@ -94,7 +95,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:  # one JSON document: one bad byte breaks it whole
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", reason="encoding") from e
+            raise _broken_array(path, data.count(b"\n", 0, e.start) + 1,
+                                f"not UTF-8 text ({e.reason} at byte {e.start})", "none of its records can be read") from e
         yield from _iter_array(path, text)
         return
     # b"\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
@@ -114,6 +116,14 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", reason="malformed_json")
 
 
+def _broken_array(path: Path, line: int, what: str, lost: str = "the records after it would be unread") -> DataError:
+    """A JSON array that stops parsing: skipping the bad part is impossible, and going on without it would
+    drop every record after it silently."""
+    return DataError(f"{path}:{line}: {what}: the JSON array cannot be read past this point, so {lost}; fix the "
+                     "file (data.on_error=skip skips bad JSONL lines, not part of an array)",
+                     reason="broken_array")
+
+
 def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """Walk a JSON array element by element so each record keeps its line number."""
     decoder = json.JSONDecoder()
@@ -129,8 +139,7 @@ def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})",
-                            reason="malformed_json") from e
+            raise _broken_array(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from e
         yield f"{path}:{line_at(pos)}", record
         pos = ws.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
@@ -138,11 +147,10 @@ def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             continue
         if pos < len(text) and text[pos] == "]":
             if text[pos + 1:].strip():
-                raise DataError(f"{path}:{line_at(pos + 1)}: malformed JSON (text after the array)",
-                                reason="malformed_json")
+                raise _broken_array(path, line_at(pos + 1), "malformed JSON (text after the array)",
+                                    "that text (another array?) would be unread")
             return
-        raise DataError(f"{path}:{line_at(pos)}: malformed JSON (expected ',' or ']' in the array)",
-                        reason="malformed_json")
+        raise _broken_array(path, line_at(pos), "malformed JSON (expected ',' or ']' in the array)")
 
 
 # ---------------------------------------------------------------- record formats

@@ -97,7 +97,7 @@ def json_rows(path: str, size: int, mtime_ns: int, code: str):
             for where, record in iter_records(path):
                 yield {"line": int(where.rsplit(":", 1)[1]), "json": json.dumps(record, ensure_ascii=False),
                        "reason": None, "error": None}
-        except DataError as e:  # the array itself is broken: nothing after it can be read
+        except DataError as e:  # the array itself is broken: read_source refuses the file
             yield {"line": 0, "json": None, "reason": e.reason, "error": str(e)}
         return
     with open(path, "rb") as f:  # JSONL: parsed in the map's workers, one line a row
@@ -128,12 +128,21 @@ def read_source(src: SourceConfig, cache_dir: str | None, streaming: bool):
                                  streaming=streaming), src.path, False)
         st = local.stat()
         kwargs = {"path": str(local.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "code": CODE_HASH}
+        # A JSON array that does not parse stops the run under either data.on_error: the records after the break
+        # cannot be read, and skipping them as one bad record would lose them without a count.
         if streaming:
+            with open(local, "rb") as f:
+                if f.read(4096).removeprefix(BOM).lstrip().startswith(b"["):
+                    for _ in iter_records(local):  # parsed once more before the stream starts
+                        pass
             return IterableDataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs), src.path, True
         try:
             ds = Dataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs, cache_dir=cache_dir)
         except ValueError as e:  # datasets refuses to build an empty dataset
             raise DataError(f"{src.path}: no preference pairs (no records: {e})", reason="no_pairs") from None
+        last = ds[len(ds) - 1]  # json_rows ends with the array's error row, if any
+        if last["reason"] == "broken_array":
+            raise DataError(last["error"], reason="broken_array")
         return ds, src.path, True
     return (load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir, streaming=streaming),
             f"{src.path}[{src.split}]", False)
