@@ -297,6 +297,8 @@ def test_hh_dialogues_that_part_before_a_human_turn_are_read_as_messages(tmp_pat
     with pytest.raises(DataError, match=r"h:5: field 'rejected' must end with an 'Assistant:' turn"):
         parse_record({"chosen": record["chosen"], "rejected": hi + "\n\nHuman: y"}, "h:5", "hh")
     f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "plain", "rejected": "text"}, bare])
+    with pytest.raises(DataError, match=rf"{f}:1 reads as trl, {f}:2 reads as hh"):
+        read_pairs(f)  # auto: the markers decide
     with pytest.raises(DataError, match=rf"{f}:2: field 'chosen' holds 'Human:'/'Assistant:' turns, which trl's "
                                         "implicit prompt reads as plain text: data.format=hh reads such dialogues"):
         read_pairs(f, format="trl")  # before: prompt user "Human: hi\n\nAssistant:"
@@ -308,5 +310,8 @@ def test_implicit_text_prompts_follow_each_tool():
     assert (trl.prompt, trl.chosen, trl.rejected) == ([user("The capital of Peru is")], "Lima.", "Cusco.")
     whole = parse_record(record, "t:1", "openrlhf")  # OpenRLHF without --prompt_key: no prompt, each text whole
     assert (whole.prompt, whole.chosen, whole.rejected) == ([], record["chosen"], record["rejected"])
-    hh = parse_record(record, "t:1", "auto")  # no `\n\nAssistant:` in the shared part: no prompt, as before
+    for fmt in ("auto", "trl"):  # no HH turn markers: auto reads TRL's standard implicit prompt (before: hh, no prompt)
+        pair = parse_record(record, "t:1", fmt)
+        assert (pair.prompt, pair.chosen, pair.rejected) == ([user("The capital of Peru is")], "Lima.", "Cusco.")
+    hh = parse_record(record, "t:1", "hh")  # named hh: no `\n\nAssistant:` in the shared part, no prompt
     assert (hh.prompt, hh.chosen) == ([], record["chosen"])

@@ -184,7 +184,8 @@ def format_keys(fmt: str, columns: dict | None = None) -> dict[str, Any]:
 
 def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
     """The one format whose prompt field `record` has (by data.columns.prompt: trl, or ultrafeedback); none:
-    an implicit prompt (hh for text dialogues, trl for message lists). Two: a DataError, not a guess."""
+    an implicit prompt (hh for texts with 'Human:'/'Assistant:' turns, trl for other texts and message lists).
+    Two: a DataError, not a guess."""
     if (columns or {}).get("prompt"):
         found = {"trl": columns["prompt"]} if columns["prompt"] in record else {}
     else:
@@ -193,9 +194,13 @@ def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
         named = " or ".join(f"data.format={f} ('{k}')" for f, k in found.items())
         raise DataError(f"{where}: the record could be read as {named}: set data.format (and data.columns for "
                         "fields it would not read)", reason="ambiguous_format")
-    if not found:
-        chosen = record.get(format_keys("hh", columns)["chosen"])
-        return "trl" if isinstance(chosen, list) else "hh"
+    if not found:  # an implicit prompt: HH's dialogues have its turn markers, TRL's standard texts do not
+        keys = format_keys("hh", columns)
+        chosen, rejected = record.get(keys["chosen"]), record.get(keys["rejected"])
+        if isinstance(chosen, list) or (isinstance(chosen, str) and isinstance(rejected, str)
+                                        and not HH_TURN.search(chosen) and not HH_TURN.search(rejected)):
+            return "trl"
+        return "hh"
     fmt = next(iter(found))
     if fmt == "trl":  # UltraFeedback as HuggingFaceH4 ships it: a prompt text the answers repeat as their first turn
         keys = format_keys("ultrafeedback", columns)
