@@ -100,6 +100,33 @@ def test_malformed_array_names_line(tmp_path):
         read_pairs(f)
 
 
+def test_a_broken_array_stops_the_read_whatever_on_error_says(tmp_path, tokenizer):
+    from rmexp.dataset import build_datasets, data_config
+
+    rows = [json.dumps({"question": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) for i in range(1, 6)]
+    rows[2] = rows[2].replace('", "chosen"', '" "chosen"')  # a missing comma in the third record
+    f = tmp_path / "five.json"
+    f.write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
+    broken = (rf"{f}:4: malformed JSON \(Expecting ',' delimiter at column \d+\): the JSON array cannot be read past "
+              "this point, so the records after it would be unread")
+    for on_error in ("raise", "skip"):  # before, skip gave 2 pairs and {malformed_json: 1}: records 4 and 5 gone
+        with pytest.raises(DataError, match=broken) as e:
+            read_pairs(f, on_error=on_error)
+        assert e.value.reason == "broken_array"
+        with pytest.raises(DataError, match=broken):
+            build_datasets(data_config(path=str(f), on_error=on_error, cache_dir=str(tmp_path / "cache")), tokenizer, 64)
+    from rmexp.config import SourceConfig
+    from rmexp.dataset import read_source
+
+    with pytest.raises(DataError, match=broken):  # a stream is refused before it starts, not at the break
+        read_source(SourceConfig(path=str(f)), None, streaming=True)
+    bad_byte = tmp_path / "byte.json"
+    bad_byte.write_bytes(b"[\n" + b",\n".join(r.encode() for r in rows[:2]) + b',\n{"question": "\xff"}\n]')
+    with pytest.raises(DataError, match=rf"{bad_byte}:4: not UTF-8 text .*: the JSON array cannot be read past this "
+                                        "point, so none of its records can be read"):
+        read_pairs(bad_byte, on_error="skip")
+
+
 @pytest.mark.parametrize("record,message", [
     ({"question": "q", "rejected": "b"}, "field 'chosen' is missing"),
     ({"question": "q", "chosen": "a"}, "field 'rejected' is missing"),

@@ -131,6 +131,29 @@ def test_ultrafeedback_user_turn_is_taken_once_even_read_as_trl():
         parse_record({"prompt": "Hi", "chosen": [user("Hi"), assistant("Hello")], "rejected": "Go."}, "uf:1", "trl")
 
 
+def test_a_repeated_user_turn_is_taken_once_whatever_its_end_whitespace(tmp_path):
+    spaced = {"prompt": "Q ", "chosen": [user("Q"), assistant("c")], "rejected": [user("Q\n"), assistant("r")]}
+    f = write_jsonl(tmp_path / "spaced.jsonl", [spaced])
+    for fmt in ("auto", "trl", "ultrafeedback"):
+        (pair,), _ = read_pairs(f, format=fmt)  # before: prompt user "Q ", chosen [user "Q", assistant "c"]
+        assert (pair.prompt, pair.chosen, pair.rejected) == ([user("Q ")], "c", "r"), fmt
+    messages = {"prompt": [user("Hi"), assistant("Hello."), user("Q ")], "chosen": [user("Hi "), assistant("Hello."),
+                                                                                   user("Q"), assistant("c")],
+                "rejected": [user("Hi"), assistant(" Hello."), user("Q"), assistant("r")]}
+    pair = parse_record(messages, "m:1", "auto")
+    assert (pair.prompt, pair.chosen, pair.rejected) == (messages["prompt"], "c", "r")
+    other = {"prompt": "Q", "chosen": [user("Something else"), assistant("c")],
+             "rejected": [user("Something else"), assistant("r")]}
+    f = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b"}, other])
+    with pytest.raises(DataError, match=rf"{f}:2: field 'chosen' starts with a user turn that is not the end of the "
+                                        r"prompt \('prompt'\)"):
+        read_pairs(f)
+    assert read_pairs(f, on_error="skip")[1].skipped == {"bad_field": 1}
+    with pytest.raises(DataError, match=r"o:1: field 'rejected' starts with a system turn"):
+        parse_record({"prompt": "Q", "chosen": [assistant("c")], "rejected": [system("S"), user("Q"),
+                                                                                         assistant("r")]}, "o:1", "trl")
+
+
 @pytest.mark.parametrize("record, fmt, message", [
     # LLaMA-Factory's alpaca pairwise record, read before as a prompt-less pair: now the instruction is the prompt
     ({"question": "Sky?", "prompt": "Sky?", "chosen": "Blue.", "rejected": "Red."}, "auto",
@@ -163,6 +186,23 @@ def test_auto_refuses_a_source_of_two_formats(tmp_path):
         read_pairs(f, on_error="skip")
     pairs, stats = read_pairs(f, on_error="skip", format="triple")  # a format named: the other record is counted
     assert len(pairs) == 1 and stats.skipped == {"unused_field": 1}
+
+
+def test_auto_refuses_a_record_past_the_first_hundred_in_another_format(tmp_path, tokenizer):
+    trl = [{"chosen": [user(f"Add {i} and 1."), assistant(f"{i + 1}")], "rejected": [user(f"Add {i} and 1."),
+                                                                               assistant(f"{i + 2}")]} for i in range(100)]
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    f = write_jsonl(tmp_path / "late.jsonl", [*trl, hh, trl[0] | {"group": "after"}])
+    # read as trl it passed with the prompt user "Human: hi\n\nAssistant:"
+    with pytest.raises(DataError, match=rf"{f}:101: the record reads as hh, the source as trl \(data\.format=auto chose "
+                                        "it from the first 100 records\)"):
+        read_pairs(f)
+    pairs, stats = read_pairs(f, on_error="skip")
+    assert len(pairs) == 100 and stats.skipped == {"mixed_formats": 1, "duplicate_pair": 1}
+    cfg = to_typed(compose_cfg("model=tiny", f"data.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path}",
+                               f"data.path={f}", "data.on_error=skip")).data
+    _, _, stats = build_datasets(cfg, tokenizer, 64)
+    assert stats["train_file"]["skipped"] == {"mixed_formats": 1, "duplicate_pair": 1}
 
 
 def test_a_mixture_source_has_its_own_format_and_columns(tmp_path, tokenizer):
@@ -234,11 +274,44 @@ def test_the_issues_three_records_keep_what_they_lost(tmp_path):
         assert pair.prompt == prompt and isinstance(pair.chosen, str) and isinstance(pair.rejected, str)
 
 
+def test_hh_dialogues_that_part_before_a_human_turn_are_read_as_messages(tmp_path):
+    hi = "\n\nHuman: hi\n\nAssistant: a"
+    record = {"chosen": hi + "\n\nHuman: x\n\nAssistant: c", "rejected": hi + "\n\nHuman: y\n\nAssistant: r"}
+    as_messages = {k: [user("hi"), assistant("a"), user(turn), assistant(reply)]
+                   for k, turn, reply in (("chosen", "x", "c"), ("rejected", "y", "r"))}
+    for fmt in ("auto", "hh"):  # before: chosen "a\n\nHuman: x\n\nAssistant: c", one assistant message
+        pair = parse_record(record, "h:1", fmt)
+        assert (pair.prompt, pair.chosen, pair.rejected) == ([user("hi"), assistant("a")], [user("x"), assistant("c")],
+                                                             [user("y"), assistant("r")])
+        trl = parse_record(as_messages, "t:1", "trl")  # what trl makes of the same dialogues as message lists
+        assert (pair.prompt, pair.chosen, pair.rejected) == (trl.prompt, trl.chosen, trl.rejected)
+    later = {"chosen": hi + " and b\n\nHuman: x\n\nAssistant: c", "rejected": hi + " and z"}
+    pair = parse_record(later, "h:2", "hh")  # parted inside the reply, one answer goes on
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user("hi")], [assistant("a and b"), user("x"), assistant("c")],
+                                                         "a and z")
+    bare = {"chosen": "Human: hi\n\nAssistant: yes", "rejected": "Human: hi\n\nAssistant: no"}  # no leading blank line
+    pair = parse_record(bare, "h:3", "hh")  # before: prompt user "Human: hi"
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user("hi")], "yes", "no")
+    with pytest.raises(DataError, match=r"h:4: field 'rejected' has an empty answer"):
+        parse_record({"chosen": record["chosen"], "rejected": hi + "\n\nHuman: y\n\nAssistant:"}, "h:4", "hh")
+    with pytest.raises(DataError, match=r"h:5: field 'rejected' must end with an 'Assistant:' turn"):
+        parse_record({"chosen": record["chosen"], "rejected": hi + "\n\nHuman: y"}, "h:5", "hh")
+    f = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "plain", "rejected": "text"}, bare])
+    with pytest.raises(DataError, match=rf"{f}:1 reads as trl, {f}:2 reads as hh"):
+        read_pairs(f)  # auto: the markers decide
+    with pytest.raises(DataError, match=rf"{f}:2: field 'chosen' holds 'Human:'/'Assistant:' turns, which trl's "
+                                        "implicit prompt reads as plain text: data.format=hh reads such dialogues"):
+        read_pairs(f, format="trl")  # before: prompt user "Human: hi\n\nAssistant:"
+
+
 def test_implicit_text_prompts_follow_each_tool():
     record = {"chosen": "The capital of Peru is Lima.", "rejected": "The capital of Peru is Cusco."}
     trl = parse_record(record, "t:1", "trl")  # TRL's maybe_extract_prompt: the shared text, cut before the space
     assert (trl.prompt, trl.chosen, trl.rejected) == ([user("The capital of Peru is")], "Lima.", "Cusco.")
     whole = parse_record(record, "t:1", "openrlhf")  # OpenRLHF without --prompt_key: no prompt, each text whole
     assert (whole.prompt, whole.chosen, whole.rejected) == ([], record["chosen"], record["rejected"])
-    hh = parse_record(record, "t:1", "auto")  # no `\n\nAssistant:` in the shared part: no prompt, as before
+    for fmt in ("auto", "trl"):  # no HH turn markers: auto reads TRL's standard implicit prompt (before: hh, no prompt)
+        pair = parse_record(record, "t:1", fmt)
+        assert (pair.prompt, pair.chosen, pair.rejected) == ([user("The capital of Peru is")], "Lima.", "Cusco.")
+    hh = parse_record(record, "t:1", "hh")  # named hh: no `\n\nAssistant:` in the shared part, no prompt
     assert (hh.prompt, hh.chosen) == ([], record["chosen"])

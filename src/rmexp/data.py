@@ -24,7 +24,7 @@ from typing import Any
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "model": "assistant", "system": "system", "bot": "assistant"}
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a text may start with its first marker, no blank line
 HH_ASSISTANT = "\n\nAssistant:"
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors write at the start of a file
 
@@ -85,7 +85,8 @@ class LoadStats:
 
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) for each record of a JSONL file or JSON array, location "file:line".
-    A leading UTF-8 byte order mark is read past; a JSONL line that is not UTF-8 is that line's error."""
+    A leading UTF-8 byte order mark is read past; a JSONL line that is not UTF-8 or not JSON is that line's
+    error. A JSON array is one document: one that does not parse raises `broken_array`, whatever on_error says."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such preference file", reason="missing_file")
@@ -94,7 +95,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:  # one JSON document: one bad byte breaks it whole
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", reason="encoding") from e
+            raise _broken_array(path, data.count(b"\n", 0, e.start) + 1,
+                                f"not UTF-8 text ({e.reason} at byte {e.start})", "none of its records can be read") from e
         yield from _iter_array(path, text)
         return
     # b"\n" only: str.splitlines would also split inside a record at U+2028 or \x0c, which JSON allows raw
@@ -114,6 +116,14 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", reason="malformed_json")
 
 
+def _broken_array(path: Path, line: int, what: str, lost: str = "the records after it would be unread") -> DataError:
+    """A JSON array that stops parsing: skipping the bad part is impossible, and going on without it would
+    drop every record after it silently."""
+    return DataError(f"{path}:{line}: {what}: the JSON array cannot be read past this point, so {lost}; fix the "
+                     "file (data.on_error=skip skips bad JSONL lines, not part of an array)",
+                     reason="broken_array")
+
+
 def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """Walk a JSON array element by element so each record keeps its line number."""
     decoder = json.JSONDecoder()
@@ -129,8 +139,7 @@ def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})",
-                            reason="malformed_json") from e
+            raise _broken_array(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from e
         yield f"{path}:{line_at(pos)}", record
         pos = ws.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
@@ -138,11 +147,10 @@ def _iter_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             continue
         if pos < len(text) and text[pos] == "]":
             if text[pos + 1:].strip():
-                raise DataError(f"{path}:{line_at(pos + 1)}: malformed JSON (text after the array)",
-                                reason="malformed_json")
+                raise _broken_array(path, line_at(pos + 1), "malformed JSON (text after the array)",
+                                    "that text (another array?) would be unread")
             return
-        raise DataError(f"{path}:{line_at(pos)}: malformed JSON (expected ',' or ']' in the array)",
-                        reason="malformed_json")
+        raise _broken_array(path, line_at(pos), "malformed JSON (expected ',' or ']' in the array)")
 
 
 # ---------------------------------------------------------------- record formats
@@ -176,7 +184,8 @@ def format_keys(fmt: str, columns: dict | None = None) -> dict[str, Any]:
 
 def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
     """The one format whose prompt field `record` has (by data.columns.prompt: trl, or ultrafeedback); none:
-    an implicit prompt (hh for text dialogues, trl for message lists). Two: a DataError, not a guess."""
+    an implicit prompt (hh for texts with 'Human:'/'Assistant:' turns, trl for other texts and message lists).
+    Two: a DataError, not a guess."""
     if (columns or {}).get("prompt"):
         found = {"trl": columns["prompt"]} if columns["prompt"] in record else {}
     else:
@@ -185,17 +194,33 @@ def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
         named = " or ".join(f"data.format={f} ('{k}')" for f, k in found.items())
         raise DataError(f"{where}: the record could be read as {named}: set data.format (and data.columns for "
                         "fields it would not read)", reason="ambiguous_format")
-    if not found:
-        chosen = record.get(format_keys("hh", columns)["chosen"])
-        return "trl" if isinstance(chosen, list) else "hh"
+    if not found:  # an implicit prompt: HH's dialogues have its turn markers, TRL's standard texts do not
+        keys = format_keys("hh", columns)
+        chosen, rejected = record.get(keys["chosen"]), record.get(keys["rejected"])
+        if isinstance(chosen, list) or (isinstance(chosen, str) and isinstance(rejected, str)
+                                        and not HH_TURN.search(chosen) and not HH_TURN.search(rejected)):
+            return "trl"
+        return "hh"
     fmt = next(iter(found))
     if fmt == "trl":  # UltraFeedback as HuggingFaceH4 ships it: a prompt text the answers repeat as their first turn
         keys = format_keys("ultrafeedback", columns)
         prompt, answers = record[keys["prompt"]], [record.get(keys[k]) for k in ("chosen", "rejected")]
         if isinstance(prompt, str) and all(isinstance(a, list) and a and isinstance(a[0], dict)
-                                           and a[0].get("content", a[0].get("value")) == prompt for a in answers):
+                                           and _same_text(a[0].get("content", a[0].get("value")), prompt)
+                                           for a in answers):
             return "ultrafeedback"
     return fmt
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    """Two texts equal but for their ends' whitespace: a turn repeated from the prompt often gains or loses a
+    trailing space or newline, and is still the same turn."""
+    return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
+
+
+def _same_turns(a: list[dict[str, str]], b: list[dict[str, str]]) -> bool:
+    return len(a) == len(b) and all(x["role"] == y["role"] and _same_text(x["content"], y["content"])
+                                    for x, y in zip(a, b, strict=True))
 
 
 def _text(value: Any, where: str, key: str) -> str:
@@ -267,17 +292,25 @@ def split_hh_dialogue(text: str) -> list[dict[str, str]]:
     return messages
 
 
-def _split_implicit(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
-    """Shared dialogue up to the last assistant turn is the prompt; the rest are the answers."""
+def _hh_turns(text: str, where: str, key: str) -> list[dict[str, str]]:
+    """A whole HH dialogue as messages, ending with an assistant reply that has text."""
+    turns = split_hh_dialogue(text)
+    if not turns or turns[-1]["role"] != "assistant":
+        last = HH_TURN.findall(text)[-1:]
+        if last == ["Assistant"]:  # "...\n\nAssistant:" and nothing after it
+            raise DataError(f"{where}: field '{key}' has an empty answer after the shared prompt", reason="empty_field")
+        raise DataError(f"{where}: field '{key}' must end with an 'Assistant:' turn", reason="bad_field")
+    return turns
+
+
+def _implicit_cut(chosen: str, rejected: str) -> int:
+    """Where two dialogues' answers start: after the last assistant marker in their shared part (0: none)."""
     n = 0
     limit = min(len(chosen), len(rejected))
     while n < limit and chosen[n] == rejected[n]:
         n += 1
     cut = chosen.rfind(HH_ASSISTANT, 0, n)
-    if cut < 0:
-        return [], chosen, rejected
-    cut += len(HH_ASSISTANT)
-    return split_hh_dialogue(chosen[:cut]), chosen[cut:].strip(), rejected[cut:].strip()
+    return 0 if cut < 0 else cut + len(HH_ASSISTANT)
 
 
 def _split_text_prefix(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
@@ -312,8 +345,9 @@ def _shared_turns(c: list[dict[str, str]], r: list[dict[str, str]]) -> int:
     return k
 
 
-def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple[list, list, list]:
-    """The prompt messages and both answers' messages of one record in `fmt`, before system and history."""
+def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple[list, list, list, bool]:
+    """The prompt messages and both answers' messages of one record in `fmt`, before system and history, and
+    whether the prompt was a field of its own (explicit) rather than what the answers share."""
     turns = {}
     for role in ("chosen", "rejected"):
         if keys[role] not in record:
@@ -330,7 +364,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         prompt = _messages(record[pk], where, pk)
         if not prompt or prompt[-1]["role"] != "user":  # LLaMA-Factory's ranking rule: the answers reply to a user turn
             raise DataError(f"{where}: field '{pk}' must end with a user turn", reason="bad_field")
-        return prompt, c, r
+        return prompt, c, r, True
     if fmt == "alpaca":  # LLaMA-Factory's converter: "instruction\ninput" is the user turn
         parts = [record[k] for k in (pk, "input") if record.get(k) not in (None, "")]
         for k in (pk, "input"):
@@ -339,7 +373,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         if not "".join(parts).strip():
             raise (DataError(f"{where}: field '{pk}' is empty", reason="empty_field") if pk in record
                    else DataError(f"{where}: field '{pk}' is missing", reason="missing_field"))
-        return [{"role": "user", "content": "\n".join(parts)}], c, r
+        return [{"role": "user", "content": "\n".join(parts)}], c, r, True
     if pk is not None and (pk in record or fmt in ("triple", "ultrafeedback") or pk != PROMPT_KEYS[fmt]):
         if pk not in record:  # the format's own prompt field, or one data.columns named
             raise DataError(f"{where}: field '{pk}' is missing", reason="missing_field")
@@ -349,22 +383,32 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
         if fmt == "ultrafeedback" and record.get("messages") not in (None, record[keys["chosen"]]):
             raise DataError(f"{where}: field 'messages' differs from '{keys['chosen']}' (UltraFeedback keeps a copy of "
                             "the chosen dialogue there)", reason="bad_field")
-        return prompt, c, r
+        return prompt, c, r, True
     raw_c, raw_r = record[keys["chosen"]], record[keys["rejected"]]  # an implicit prompt: what both dialogues share
     if isinstance(raw_c, str) and isinstance(raw_r, str):
         if fmt == "hh":
-            prompt, chosen, rejected = _split_implicit(raw_c, raw_r)
+            cut = _implicit_cut(raw_c, raw_r)
+            if any(m[1] == "Human" and m.start() >= cut for text in (raw_c, raw_r) for m in HH_TURN.finditer(text)):
+                # the dialogues part before a user turn: read as messages, as trl reads message lists
+                c, r = _hh_turns(raw_c, where, keys["chosen"]), _hh_turns(raw_r, where, keys["rejected"])
+                k = _shared_turns(c, r)
+                return c[:k], c[k:], r[k:], False
+            prompt, chosen, rejected = split_hh_dialogue(raw_c[:cut]) if cut else [], raw_c[cut:].strip(), raw_r[cut:].strip()
         elif fmt == "openrlhf":  # OpenRLHF without --prompt_key: each text whole, no prompt
             prompt, chosen, rejected = [], raw_c, raw_r
         else:
+            for key, text in ((keys["chosen"], raw_c), (keys["rejected"], raw_r)):
+                if HH_TURN.search(text):  # its shared text would be a prompt with the markers in it
+                    raise DataError(f"{where}: field '{key}' holds 'Human:'/'Assistant:' turns, which {fmt}'s implicit "
+                                    "prompt reads as plain text: data.format=hh reads such dialogues", reason="bad_field")
             prompt, chosen, rejected = _split_text_prefix(raw_c, raw_r)
         for key, text in ((keys["chosen"], chosen), (keys["rejected"], rejected)):
             if not text.strip():
                 raise DataError(f"{where}: field '{key}' has an empty answer after the shared prompt",
                                 reason="empty_field")
-        return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+        return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}], False
     k = _shared_turns(c, r)
-    return c[:k], c[k:], r[k:]
+    return c[:k], c[k:], r[k:], False
 
 
 def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | None = None,
@@ -384,16 +428,23 @@ def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | Non
         raise DataError(f"{where}: field{'s' if len(unread) > 1 else ''} {', '.join(repr(k) for k in unread)} not read "
                         f"as {fmt} ({chosen_by}); {' or '.join(readers) or 'data.columns'} would read "
                         f"{'them' if len(unread) > 1 else 'it'}", reason="unused_field")
-    prompt, c, r = _prompt_and_answers(fmt, record, where, keys)
-    # A turn that ends the prompt and starts both answers (UltraFeedback repeats the user turn) is taken once.
-    k = min(len(prompt), len(c) - 1, len(r) - 1)
-    while k > 0 and not (c[:k] == r[:k] == prompt[-k:]):
-        k -= 1
-    c, r = c[k:], r[k:]
-    for key, turns in ((keys["chosen"], c), (keys["rejected"], r)):
-        if turns[0]["role"] != "assistant" and prompt and turns[0] == prompt[-1]:
-            raise DataError(f"{where}: field '{key}' repeats the prompt's last turn and the other answer does not",
-                            reason="bad_field")
+    prompt, c, r, explicit = _prompt_and_answers(fmt, record, where, keys)
+    if explicit:
+        # Turns that end the prompt and start both answers (UltraFeedback repeats the user turn) are taken once,
+        # the prompt's copy kept. Any other turn before an answer's reply would be scored as part of the answer.
+        k = min(len(prompt), len(c) - 1, len(r) - 1)
+        while k > 0 and not (_same_turns(c[:k], prompt[-k:]) and _same_turns(r[:k], prompt[-k:])):
+            k -= 1
+        c, r = c[k:], r[k:]
+        for key, turns in ((keys["chosen"], c), (keys["rejected"], r)):
+            if turns[0]["role"] == "assistant":
+                continue
+            if prompt and _same_turns(turns[:1], prompt[-1:]):
+                raise DataError(f"{where}: field '{key}' repeats the prompt's last turn and the other answer does not",
+                                reason="bad_field")
+            raise DataError(f"{where}: field '{key}' starts with a {turns[0]['role']} turn that is not the end of the "
+                            f"prompt ('{keys['prompt']}'): an answer after an explicit prompt must start with the "
+                            "reply, or repeat the prompt's last turns", reason="bad_field")
     system = record.get(keys["system"])
     history = _history(record[keys["history"]], where, keys["history"]) if record.get(keys["history"]) else []
     own = prompt[:1] if prompt and prompt[0]["role"] == "system" else []

@@ -15,8 +15,8 @@ eval file is refused, and the seeded split keeps a group on one side. Sources ar
 `data.streaming=true` the train file is read and tokenized while training consumes it.
 
 Each source is read in its `format` with its `columns` (data.format/data.columns unless the source
-sets its own); `auto` takes the one format of a source's first records and names it (rmexp.data
-documents the formats). `source_pairs` reads a source to Pairs through the same map, checks and
+sets its own); `auto` takes the one format of a source's first records, names it, and refuses a later
+record of another format (rmexp.data documents the formats). `source_pairs` reads a source to Pairs through the same map, checks and
 counts, without tokenizing: what rmexp.evaluate scores.
 """
 
@@ -97,7 +97,7 @@ def json_rows(path: str, size: int, mtime_ns: int, code: str):
             for where, record in iter_records(path):
                 yield {"line": int(where.rsplit(":", 1)[1]), "json": json.dumps(record, ensure_ascii=False),
                        "reason": None, "error": None}
-        except DataError as e:  # the array itself is broken: nothing after it can be read
+        except DataError as e:  # the array itself is broken: read_source refuses the file
             yield {"line": 0, "json": None, "reason": e.reason, "error": str(e)}
         return
     with open(path, "rb") as f:  # JSONL: parsed in the map's workers, one line a row
@@ -128,12 +128,21 @@ def read_source(src: SourceConfig, cache_dir: str | None, streaming: bool):
                                  streaming=streaming), src.path, False)
         st = local.stat()
         kwargs = {"path": str(local.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "code": CODE_HASH}
+        # A JSON array that does not parse stops the run under either data.on_error: the records after the break
+        # cannot be read, and skipping them as one bad record would lose them without a count.
         if streaming:
+            with open(local, "rb") as f:
+                if f.read(4096).removeprefix(BOM).lstrip().startswith(b"["):
+                    for _ in iter_records(local):  # parsed once more before the stream starts
+                        pass
             return IterableDataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs), src.path, True
         try:
             ds = Dataset.from_generator(json_rows, features=_raw_features(), gen_kwargs=kwargs, cache_dir=cache_dir)
         except ValueError as e:  # datasets refuses to build an empty dataset
             raise DataError(f"{src.path}: no preference pairs (no records: {e})", reason="no_pairs") from None
+        last = ds[len(ds) - 1]  # json_rows ends with the array's error row, if any
+        if last["reason"] == "broken_array":
+            raise DataError(last["error"], reason="broken_array")
         return ds, src.path, True
     return (load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir, streaming=streaming),
             f"{src.path}[{src.split}]", False)
@@ -149,7 +158,7 @@ def source_format(src: SourceConfig, data_cfg: DataConfig) -> tuple[str, dict | 
 
 def choose_format(raw, origin: str, json_text: bool, fmt: str, columns: dict | None) -> str:
     """`fmt`, or for auto the one format of the source's first DETECT_RECORDS records, logged; a record of
-    another format further on is then an error naming its unread fields. Two formats there: a DataError."""
+    another format further on is then a mixed_formats error (parse_rows). Two formats there: a DataError."""
     from datasets import IterableDataset
 
     if fmt != "auto":
@@ -172,9 +181,13 @@ def choose_format(raw, origin: str, json_text: bool, fmt: str, columns: dict | N
                         "or give each format its own source in data.sources", reason="mixed_formats")
     if not seen and ambiguous is not None:
         raise ambiguous
-    chosen = next(iter(seen), "auto")  # no readable record among the first: each is detected on its own
-    log.info(f"{origin}: data.format=auto reads it as {chosen}"
-             + (f" ({seen[chosen]} was the first such record)" if seen else " record by record"))
+    if not seen:  # no readable record among the first: each is detected on its own
+        log.info(f"{origin}: data.format=auto found no readable record among the first {DETECT_RECORDS}: it detects "
+                 "each record's format on its own")
+        return "auto"
+    chosen = next(iter(seen))
+    log.info(f"{origin}: data.format=auto reads it as {chosen} ({seen[chosen]} was the first such record; a later "
+             "record in another format is a mixed_formats error)")
     return chosen
 
 
@@ -195,6 +208,19 @@ class PortableTokenizer:
 
 def _unpickle_tokenizer(blob: bytes) -> PortableTokenizer:
     return PortableTokenizer(pickle.loads(blob))
+
+
+def _check_detected(record: dict, where: str, fmt: str, columns: dict | None) -> None:
+    """A record past the first DETECT_RECORDS must be in the format auto chose from them: read in another
+    format it would pass with its fields misplaced (an HH text read as trl keeps its markers in the prompt)."""
+    try:
+        found = detect_format(record, where, columns)
+    except DataError:  # the prompt fields of two formats: parse_record names the one `fmt` would not read
+        return
+    if found != fmt:
+        raise DataError(f"{where}: the record reads as {found}, the source as {fmt} (data.format=auto chose it from "
+                        f"the first {DETECT_RECORDS} records): set data.format, or give each format its own source in "
+                        "data.sources", reason="mixed_formats")
 
 
 def parse_rows(batch: dict, indices: list[int], out: dict[str, list], origin: str, json_text: bool, fmt: str,
@@ -218,6 +244,8 @@ def parse_rows(batch: dict, indices: list[int], out: dict[str, list], origin: st
                                     reason="malformed_json") from None
             else:  # an Arrow row has every column of its dataset: a record's absent fields are None
                 record = {k: batch[k][i] for k in names if batch[k][i] is not None}
+            if detected and fmt != "auto" and isinstance(record, dict):
+                _check_detected(record, where, fmt, columns)
             pair = parse_record(record, where, fmt, columns,
                                 "data.format=auto chose it for this source" if detected else "data.format")
         except DataError as e:
