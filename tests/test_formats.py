@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,26 @@ def test_implicit_text_prompts_follow_each_tool():
         assert (pair.prompt, pair.chosen, pair.rejected) == ([user("The capital of Peru is")], "Lima.", "Cusco.")
     hh = parse_record(record, "t:1", "hh")  # named hh: no `\n\nAssistant:` in the shared part, no prompt
     assert (hh.prompt, hh.chosen) == ([], record["chosen"])
+
+
+@pytest.mark.parametrize("record,named", [
+    ({"prompt": "Weather?", "chosen": [{"role": "assistant", "content": "Let me look.", "tool_calls": [{"name": "w"}]}],
+      "rejected": [{"role": "assistant", "content": "No idea."}]}, "'chosen[0]' has 'tool_calls'"),
+    ({"conversations": [{"from": "human", "value": "<image>What is this?"}], "chosen": {"from": "gpt", "value": "A cat."},
+      "rejected": {"from": "gpt", "value": "A dog."}, "images": ["cat.png"]}, "field 'images' not read"),
+])
+def test_content_rmexp_does_not_read_is_refused_not_dropped(record, named):
+    with pytest.raises(DataError, match=re.escape(named)) as caught:
+        parse_record(record, "f.jsonl:3")
+    assert caught.value.reason == "unread_content" and str(caught.value).startswith("f.jsonl:3: ")
+
+
+def test_custom_keys_under_auto_are_told_how_to_name_them():
+    with pytest.raises(DataError) as caught:
+        parse_record({"context": "Why?", "good": "Because.", "bad": "No."}, "f.jsonl:1")
+    message = str(caught.value)
+    assert message.startswith("f.jsonl:1: field 'chosen' is missing; the record's fields 'context', 'good', 'bad'")
+    assert "data.format=openrlhf data.columns.prompt=<field>" in message
+    pair = parse_record({"context": "Why?", "good": "Because.", "bad": "No."}, "f.jsonl:1", "openrlhf",
+                        {"prompt": "context", "chosen": "good", "rejected": "bad"})
+    assert pair.prompt == [{"role": "user", "content": "Why?"}] and (pair.chosen, pair.rejected) == ("Because.", "No.")

@@ -166,6 +166,9 @@ ROLES = ("prompt", "chosen", "rejected", "system", "history", "margin", "group",
 PROMPT_KEYS = {"triple": "question", "trl": "prompt", "hh": None, "sharegpt": "conversations", "alpaca": "instruction",
                "ultrafeedback": "prompt", "openrlhf": None}  # OpenRLHF's --prompt_key has no default either
 EXTRA_KEYS = {"alpaca": ("input",), "sharegpt": ("tools",), "ultrafeedback": ("messages",)}  # read besides the roles
+# What a message or a record can carry besides text; non-empty, it would be dropped, so it is refused.
+UNREAD_MESSAGE_KEYS = ("tool_calls", "function_call", "reasoning", "reasoning_content", "images")
+MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
 # Fields that hold text some format reads: one left unread means the record was read in the wrong format.
 TEXT_FIELDS = {"question": "data.format=triple", "prompt": "data.format=trl", "conversations": "data.format=sharegpt",
                "tools": "data.format=sharegpt", "instruction": "data.format=alpaca", "input": "data.format=alpaca",
@@ -246,6 +249,10 @@ def _messages(items: Any, where: str, key: str) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise DataError(f"{where}: field '{key}[{i}]' content must be a string, got "
                             f"{type(content).__name__}", reason="not_a_string")
+        unread = [k for k in UNREAD_MESSAGE_KEYS if m.get(k) not in (None, "", [], {})]
+        if unread:
+            raise DataError(f"{where}: field '{key}[{i}]' has {', '.join(map(repr, unread))}, which rmexp does not read: "
+                            "the reward would be trained without it", reason="unread_content")
         out.append({"role": ROLE_NAMES[role], "content": content})
     return out
 
@@ -351,7 +358,11 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
     turns = {}
     for role in ("chosen", "rejected"):
         if keys[role] not in record:
-            raise DataError(f"{where}: field '{keys[role]}' is missing", reason="missing_field")
+            others = [k for k, v in record.items() if isinstance(v, (str, list, dict)) and k not in keys.values()]
+            hint = (f"; the record's fields {', '.join(map(repr, others))} are read by naming them: data.format=openrlhf "
+                    "data.columns.prompt=<field> data.columns.chosen=<field> data.columns.rejected=<field>"
+                    if others else "")
+            raise DataError(f"{where}: field '{keys[role]}' is missing{hint}", reason="missing_field")
         turns[role] = _answer_turns(record[keys[role]], where, keys[role])
     c, r, pk = turns["chosen"], turns["rejected"], keys["prompt"]
     if fmt == "sharegpt":
@@ -428,6 +439,10 @@ def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | Non
         raise DataError(f"{where}: field{'s' if len(unread) > 1 else ''} {', '.join(repr(k) for k in unread)} not read "
                         f"as {fmt} ({chosen_by}); {' or '.join(readers) or 'data.columns'} would read "
                         f"{'them' if len(unread) > 1 else 'it'}", reason="unused_field")
+    media = [k for k in MEDIA_FIELDS if record.get(k) not in (None, "", [], {})]
+    if media:
+        raise DataError(f"{where}: field{'s' if len(media) > 1 else ''} {', '.join(map(repr, media))} not read: rmexp "
+                        "trains on text, and the text alone would be scored", reason="unread_content")
     prompt, c, r, explicit = _prompt_and_answers(fmt, record, where, keys)
     if explicit:
         # Turns that end the prompt and start both answers (UltraFeedback repeats the user turn) are taken once,
