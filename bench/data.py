@@ -4,7 +4,7 @@
 
 Writes a synthetic file of N seed-format pairs (made-up words; token lengths drawn like HH-RLHF's:
 prompt median 90 tokens with a long tail, answers ~40-50), once, then runs each path in its own
-process: the in-memory path rmexp had before issue 23 (`rmexp.data.load_pairs` + `split_pairs` +
+process: the older in-memory path (`rmexp.data.load_pairs` + `split_pairs` +
 `tokenize_pairs`: Python lists, one process; only with `--today-src`, since that reader left src/), the
 datasets path (`rmexp.dataset.build_datasets`, `--num-proc` workers, an empty
 cache), and the datasets path again on the cache it wrote. Peak memory is the largest PSS sum over the
