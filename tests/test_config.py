@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import ROOT, compose_cfg
+from rmexp.config import ConfigError, Switch, to_typed
 from rmexp.model import build_bnb_config, build_lora_config
 
 NOT_GROUPS = {"accelerate"}  # conf/accelerate: `accelerate launch --config_file` files, not Hydra options
@@ -57,10 +60,82 @@ def test_schema_rejects_bad_overrides(override, key):
     assert key in text
 
 
-def test_bad_lora_values_fail_before_the_model():
-    cfg = compose_cfg("lora.r=-1")
-    with pytest.raises(ValueError, match="lora.r"):
-        build_lora_config(cfg.lora)
+# Every key the schema checks beyond its type (rmexp.config's __post_init__ and validate), with a value of the
+# right type that no run could use. Adding a check to the schema means adding its key here.
+CHECKED = [
+    ("model.dtype=float8", "model.dtype"),
+    ("quantization.load_in_8bit=true", "quantization.load_in_4bit"),
+    ("quantization.bnb_4bit_compute_dtype=int4", "quantization.bnb_4bit_compute_dtype"),
+    ("quantization.bnb_4bit_quant_storage=int4", "quantization.bnb_4bit_quant_storage"),
+    ("lora.r=0", "lora.r"),
+    ("lora.lora_alpha=0", "lora.lora_alpha"),
+    ("lora.lora_dropout=1.0", "lora.lora_dropout"),
+    ("lora.bias=some", "lora.bias"),
+    ("data.eval_fraction=1.0", "data.eval_fraction"),
+    ("data.max_pairs=0", "data.max_pairs"),
+    ("data.stopping_strategy=never", "data.stopping_strategy"),
+    ("data.sources=[{path:a.jsonl}]", "not both"),
+    ("data=mixture data.sources=[{path:a.jsonl,weight:1},{path:b.jsonl}]", "every source a weight"),
+    ("data=mixture data.sources=[{path:a.jsonl,fraction:0}]", "a.jsonl: fraction"),
+    ("data=mixture data.sources=[{path:a.jsonl,weight:0}]", "a.jsonl: weight"),
+    ("data.streaming=true trainer.max_steps=10", "needs data.eval_path"),
+    ("data=mixture data.sources=[{path:a.jsonl,fraction:0.5}] data.streaming=true data.eval_path=e.jsonl "
+     "trainer.max_steps=10", "use weight"),
+    ("data.path=null", "set data.path"),
+    ("data.streaming=true data.eval_path=e.jsonl", "needs trainer.max_steps"),
+    ("trainer.gradient_checkpointing=sometimes", "trainer.gradient_checkpointing"),
+    ("trainer.bf16=maybe", "trainer.bf16"),
+    ("trainer.dequant_cache=yes", "trainer.dequant_cache"),
+    ("trainer.learning_rate=0", "trainer.learning_rate"),
+    ("trainer.per_device_train_batch_size=0", "trainer.per_device_train_batch_size"),
+    ("trainer.per_device_eval_batch_size=0", "trainer.per_device_eval_batch_size"),
+    ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps"),
+    ("trainer.packed_row_tokens=0", "trainer.packed_row_tokens"),
+    ("trainer.head_learning_rate=0", "trainer.head_learning_rate"),
+    ("trainer.time_budget_s=-1", "trainer.time_budget_s"),
+    ("trainer.max_length=4", "trainer.max_length"),
+    ("trainer.eval_strategy=sometimes", "trainer.eval_strategy"),
+    ("trainer.save_strategy=sometimes", "trainer.save_strategy"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", CHECKED)
+def test_every_checked_value_fails_naming_its_key_before_data_or_model(tmp_path, monkeypatch, overrides, key):
+    import rmexp.train
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("read data or loaded a model before the config was checked")
+
+    for name in ("resolve_model_path", "load_tokenizer", "build_datasets", "load_reward_model"):
+        monkeypatch.setattr(rmexp.train, name, not_yet)
+    cfg = compose_cfg(*overrides.split(), f"paths.output_dir={tmp_path}", "logger=none")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        rmexp.train.main(cfg)
+    # nothing but the config is read: milliseconds; the issue's bound for a user who mistyped a value
+    assert time.perf_counter() - start < 3.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"  # recorded as a failed run
+
+
+def test_checked_keys_cover_every_check_in_the_schema():
+    """Each key rmexp.config names in a check, and each ConfigError message, has a case in CHECKED."""
+    source = (ROOT / "src" / "rmexp" / "config.py").read_text(encoding="utf-8")
+    literal_keys = set(re.findall(r'f?"((?:model|quantization|lora|data|trainer)\.[a-z_0-9]+)', source))
+    loop_keys = {f"trainer.{k}" for group in re.findall(r'for key in \(([^)]*)\)', source)
+                 for k in re.findall(r'"([a-z_0-9]+)"', group)}
+    messages = set(re.findall(r'ConfigError\(f?"([^"<]{8,})"', source))
+    cases = " ".join(key for _, key in CHECKED) + " " + " ".join(o for o, _ in CHECKED)
+    missing = sorted(k for k in literal_keys | loop_keys if k not in cases and not k.startswith("trainer.{"))
+    assert not missing, f"checked in rmexp.config but not in CHECKED: {missing}"
+    assert all(any(key in m for _, key in CHECKED) for m in messages if "{" not in m), messages
+
+
+def test_tri_states_take_yaml_bools_and_any_case():
+    cfg = to_typed(compose_cfg("trainer.bf16=true", "trainer.gradient_checkpointing=False", "trainer.dequant_cache=AUTO",
+                               "paths.output_dir=unused"))
+    assert (cfg.trainer.bf16, cfg.trainer.gradient_checkpointing, cfg.trainer.dequant_cache) == (
+        Switch.true, Switch.false, Switch.auto)
+    assert str(cfg.trainer.bf16) == "true" and cfg.trainer.bf16 == "true"  # the strings the HF builders read
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, compose_cfg, needs_shared
 from reference_reader import load_data
-from rmexp.config import to_typed
+from rmexp.config import ConfigError, to_typed
 from rmexp.data import DataError, encode_pairs, parse_record, tokenize_pairs
 from rmexp.dataset import build_datasets, read_pairs
 
@@ -157,7 +157,7 @@ def test_a_stream_reads_each_source_once_without_weights_and_refuses_eval_pairs(
     a, b = write_jsonl(tmp_path / "a.jsonl", good[:5]), write_jsonl(tmp_path / "b.jsonl", good[5:])
     held = write_jsonl(tmp_path / "held.jsonl", [good[0], {"question": "new", "chosen": "x", "rejected": "y"}])
     common = ("data=mixture", f"data.sources=[{{path:'{a}'}},{{path:'{b}'}}]", f"data.eval_path={held}",
-              "data.streaming=true")
+              "data.streaming=true", "trainer.max_steps=10")
     train, _, stats = build_datasets(data_cfg(tmp_path, *common, "data.on_error=skip"), tokenizer, 64)
     assert len(list(train)) == 7  # 8 pairs, the one also in the eval file skipped, none twice
     assert stats["sources"][str(a)] == {"n_pairs_read": 4, "n_skipped": 1, "skipped": {"in_eval_file": 1}}
@@ -176,14 +176,14 @@ def test_a_stream_reads_each_source_once_without_weights_and_refuses_eval_pairs(
     (("data.path=x.jsonl", "data.streaming=true"), "needs data.eval_path"),
 ])
 def test_data_config_errors_before_anything_is_read(tmp_path, overrides, message):
-    with pytest.raises(DataError, match=message):
-        build_datasets(data_cfg(tmp_path, *overrides), None, 64)
+    with pytest.raises(ConfigError, match=message):
+        data_cfg(tmp_path, *overrides)
 
 
 def test_a_source_key_typo_fails_at_composition(tmp_path):
     with pytest.raises(Exception, match="pth"):
         to_typed(compose_cfg("data.sources=[{pth:a.jsonl}]", f"paths.output_dir={tmp_path}"))
-    cfg = to_typed(compose_cfg("data.sources=[{path:a.jsonl,weight:2}]", f"paths.output_dir={tmp_path}"))
+    cfg = to_typed(compose_cfg("data=mixture", "data.sources=[{path:a.jsonl,weight:2}]", f"paths.output_dir={tmp_path}"))
     assert OmegaConf.structured(cfg).data.sources[0].weight == 2.0 and cfg.data.sources[0].fraction == 1.0
 
 
@@ -194,7 +194,7 @@ def test_streaming_trains_max_steps_and_counts_what_it_read(tmp_path):
     rows = SAMPLE.read_text(encoding="utf-8").splitlines()
     train_file = write_jsonl(tmp_path / "train.jsonl", [*rows[:300], '{"question": "q", "chosen": "a"}'])
     eval_file = write_jsonl(tmp_path / "eval.jsonl", rows[300:340])
-    with pytest.raises(DataError, match="needs trainer.max_steps"):
+    with pytest.raises(ConfigError, match="needs trainer.max_steps"):
         main(compose_cfg("model=tiny", f"paths.output_dir={tmp_path / 'no'}", "logger=none", f"data.path={train_file}",
                          f"data.eval_path={eval_file}", "data.streaming=true"))
     main(compose_cfg("model=tiny", f"paths.output_dir={tmp_path / 'run'}", "logger=none", f"data.path={train_file}",

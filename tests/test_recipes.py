@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import ROOT, compose_cfg
-from rmexp.config import to_typed
+from rmexp.config import ConfigError, to_typed
 from rmexp.model import (
     build_bnb_config,
     build_reward_config,
@@ -77,9 +77,8 @@ def test_quant_storage_defaults_to_uint8_auto_follows_compute_and_a_bad_name_fai
     cfg.quantization.bnb_4bit_compute_dtype = "float16"
     cfg.quantization.bnb_4bit_quant_storage = "auto"
     assert quant_storage_dtype(cfg.quantization) == torch.float16
-    cfg.quantization.bnb_4bit_quant_storage = "int4"
-    with pytest.raises(ValueError, match="quantization.bnb_4bit_quant_storage"):
-        build_bnb_config(cfg.quantization)
+    with pytest.raises(ConfigError, match="quantization.bnb_4bit_quant_storage"):
+        to_typed(compose_cfg("quantization.bnb_4bit_quant_storage=int4", "paths.output_dir=unused"))
 
 
 def test_a_run_saved_before_the_storage_key_loads_with_uint8(tmp_path):

@@ -3,6 +3,9 @@
 The primary configs (`conf/train.yaml`, `evaluate.yaml`, `serve.yaml`, ...) list their schema first
 in their defaults, so each YAML group option is merged onto these dataclasses: an unknown key
 (`lora.rr=3`) or a wrong type (`lora.r=abc`) fails while Hydra composes, before any model is loaded.
+A value of the right type that no run could use (`lora.r=0`, `trainer.bf16=maybe`) fails in the
+dataclass's `__post_init__`, which `to_typed` runs: a `ConfigError` naming the key, before any data
+or model is read. Checks across groups are in `validate`. Every such check is here, nowhere else.
 
 The dataclasses only type: every default value lives in the YAML (`conf/<group>/base.yaml` for what
 a group's options share), so there is one place to read and change it. `conf/` ships inside the
@@ -40,6 +43,47 @@ def to_typed(cfg):
     """A composed config (or one of its groups) as its schema's dataclasses, interpolations resolved;
     a dataclass is returned as it is."""
     return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+
+
+class ConfigError(ValueError):
+    """A config value no run could use; the message names the key. `reason` as DataError's, for metrics.json."""
+
+    reason = "config"
+
+
+def _given(value) -> bool:
+    """Whether a field holds a value: a dataclass built by hand may leave some MISSING ("???")."""
+    return not (isinstance(value, str) and value == MISSING)
+
+
+def require(ok: bool, key: str, rule: str, value) -> None:
+    """Raise ConfigError("<key> must be <rule>, got <value>") unless ok."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+class Switch(str, Enum):
+    """A setting rmexp can decide itself (auto) or be told (true, false)."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def switch(value, key: str) -> Switch:
+    """`value` as a Switch; YAML's and Hydra's true/false arrive as bools (the field is typed str so they
+    can: OmegaConf refuses bools for an enum), so their text is taken case-insensitively."""
+    try:
+        return Switch(str(value).lower())
+    except ValueError:
+        raise ConfigError(f"{key} must be auto, true or false, got {value!r}") from None
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")  # bitsandbytes' storage dtypes for 4-bit codes
 
 
 class QuantType(str, Enum):
@@ -92,6 +136,10 @@ class ModelConfig:
     # where builtin models are built and cached
     cache_dir: str = MISSING
 
+    def __post_init__(self):
+        if _given(self.dtype):
+            require(self.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+
 
 @dataclass
 class QuantizationConfig:
@@ -105,6 +153,17 @@ class QuantizationConfig:
     # dtype); FSDP needs it equal to model.dtype, the dtype of the weights left unquantized
     bnb_4bit_quant_storage: str = MISSING
 
+    def __post_init__(self):
+        if _given(self.load_in_4bit) and _given(self.load_in_8bit):
+            require(not (self.load_in_4bit and self.load_in_8bit), "quantization.load_in_4bit",
+                    "false when load_in_8bit is true (they are exclusive)", self.load_in_4bit)
+        if _given(self.bnb_4bit_compute_dtype):
+            require(self.bnb_4bit_compute_dtype in DTYPES, "quantization.bnb_4bit_compute_dtype",
+                    f"one of {', '.join(DTYPES)}", self.bnb_4bit_compute_dtype)
+        if _given(self.bnb_4bit_quant_storage):
+            require(self.bnb_4bit_quant_storage in ("auto", *QUANT_STORAGE), "quantization.bnb_4bit_quant_storage",
+                    f"auto or one of {', '.join(QUANT_STORAGE)}", self.bnb_4bit_quant_storage)
+
 
 @dataclass
 class LoraConfig:
@@ -116,6 +175,16 @@ class LoraConfig:
     bias: str = MISSING
     # the reward head is new: train it fully and save it with the adapter
     modules_to_save: list[str] = MISSING
+
+    def __post_init__(self):
+        if _given(self.r):
+            require(self.r > 0, "lora.r", "a positive integer", self.r)
+        if _given(self.lora_alpha):
+            require(self.lora_alpha > 0, "lora.lora_alpha", "positive", self.lora_alpha)
+        if _given(self.lora_dropout):
+            require(0.0 <= self.lora_dropout < 1.0, "lora.lora_dropout", "in [0, 1)", self.lora_dropout)
+        if _given(self.bias):  # peft's values
+            require(self.bias in ("none", "all", "lora_only"), "lora.bias", "none, all or lora_only", self.bias)
 
 
 @dataclass
@@ -143,6 +212,10 @@ class SourceConfig:
     format: DataFormat | None = None  # null: data.format
     columns: ColumnsConfig | None = None  # null: data.columns
 
+    def __post_init__(self):
+        require(0.0 < self.fraction <= 1.0, f"data.sources: {self.path}: fraction", "in (0, 1]", self.fraction)
+        require(self.weight is None or self.weight > 0, f"data.sources: {self.path}: weight", "positive", self.weight)
+
 
 @dataclass
 class DataConfig:
@@ -163,6 +236,28 @@ class DataConfig:
     streaming: bool = MISSING  # read and tokenize while training (needs trainer.max_steps and data.eval_path)
     stopping_strategy: str = MISSING  # a weighted mixture ends: first_exhausted, all_exhausted (datasets' names)
     categories: dict[str, str] = MISSING  # subset -> category: evaluations add the category-averaged accuracy
+
+    def __post_init__(self):
+        if _given(self.eval_fraction):
+            require(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)", self.eval_fraction)
+        if _given(self.max_pairs):
+            require(self.max_pairs is None or self.max_pairs > 0, "data.max_pairs", "positive", self.max_pairs)
+        if _given(self.stopping_strategy):
+            require(self.stopping_strategy in ("first_exhausted", "all_exhausted"), "data.stopping_strategy",
+                    "first_exhausted or all_exhausted", self.stopping_strategy)
+        if not (_given(self.path) and _given(self.sources)):
+            return
+        if self.path and self.sources:
+            raise ConfigError("data: set data.path (one file) or data.sources (a mixture), not both; data=mixture "
+                              "starts with no path")
+        weights = [s.weight for s in self.sources]
+        if any(w is not None for w in weights) and any(w is None for w in weights):
+            raise ConfigError("data.sources: give every source a weight, or none (none: every pair of every source)")
+        if _given(self.streaming) and self.streaming:
+            if not self.eval_path:
+                raise ConfigError("data.streaming=true needs data.eval_path: a stream has no end to hold pairs out from")
+            if any(s.fraction < 1.0 for s in self.sources):
+                raise ConfigError("data.streaming=true: a source's fraction needs its length; use weight")
 
 
 @dataclass
@@ -214,6 +309,26 @@ class TrainerConfig:
     # any other RewardConfig field, passed through as is
     extra: dict[str, Any] = MISSING
 
+    def __post_init__(self):
+        for key in ("gradient_checkpointing", "bf16", "dequant_cache"):
+            if _given(getattr(self, key)):
+                setattr(self, key, switch(getattr(self, key), f"trainer.{key}"))
+        positive = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "packed_row_tokens")
+        for key in positive:
+            if _given(getattr(self, key)):
+                require(getattr(self, key) > 0, f"trainer.{key}", "positive", getattr(self, key))
+        for key in ("head_learning_rate", "time_budget_s"):
+            if _given(getattr(self, key)):
+                require(getattr(self, key) is None or getattr(self, key) > 0, f"trainer.{key}", "positive or null",
+                        getattr(self, key))
+        if _given(self.max_length):  # a prompt token and an answer token each side, with the template's few
+            require(self.max_length >= 8, "trainer.max_length", "at least 8", self.max_length)
+        for key in ("eval_strategy", "save_strategy"):  # transformers' IntervalStrategy, checked before the model
+            if _given(getattr(self, key)):
+                require(getattr(self, key) in ("no", "steps", "epoch"), f"trainer.{key}", "no, steps or epoch",
+                        getattr(self, key))
+
 
 @dataclass
 class LoggerConfig:
@@ -241,6 +356,17 @@ class RMExpConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+
+    def __post_init__(self):
+        validate(self)
+
+
+def validate(cfg: RMExpConfig) -> None:
+    """The checks of a training config that span groups (each group checks its own keys)."""
+    if not (cfg.data.path or cfg.data.sources):
+        raise ConfigError("data: no data; set data.path=<file> or data.sources=[{path: ...}, ...]")
+    if cfg.data.streaming and cfg.trainer.max_steps <= 0:
+        raise ConfigError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs in")
 
 
 @dataclass

@@ -46,9 +46,6 @@ def torch_dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------- config -> HF objects
 
 
-QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
-
-
 def quant_storage_dtype(q) -> torch.dtype:
     """`quantization.bnb_4bit_quant_storage` as a dtype; `auto` is the compute dtype.
 
@@ -57,20 +54,13 @@ def quant_storage_dtype(q) -> torch.dtype:
     dtype, so under FSDP the storage must be the dtype of the weights left unquantized (`model.dtype`).
     """
     name = str(q.bnb_4bit_quant_storage)
-    if name == "auto":
-        return torch_dtype(q.bnb_4bit_compute_dtype)
-    if name not in QUANT_STORAGE:
-        raise ValueError(f"quantization.bnb_4bit_quant_storage must be auto or one of {', '.join(QUANT_STORAGE)}, "
-                         f"got {name!r}")
-    return getattr(torch, name)
+    return torch_dtype(q.bnb_4bit_compute_dtype) if name == "auto" else getattr(torch, name)
 
 
 def build_bnb_config(q):
     """The `quantization` group as a BitsAndBytesConfig, or None for an unquantized base."""
     from transformers import BitsAndBytesConfig
 
-    if q.load_in_4bit and q.load_in_8bit:
-        raise ValueError("quantization: load_in_4bit and load_in_8bit are exclusive")
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if not q.load_in_4bit:
@@ -88,12 +78,6 @@ def build_lora_config(cfg):
     """The `lora` group as a peft LoraConfig for sequence classification."""
     from peft import LoraConfig
 
-    if cfg.r <= 0:
-        raise ValueError(f"lora.r must be a positive integer, got {cfg.r}")
-    if cfg.lora_alpha <= 0:
-        raise ValueError(f"lora.lora_alpha must be positive, got {cfg.lora_alpha}")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise ValueError(f"lora.lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), bias=cfg.bias,

@@ -17,12 +17,10 @@ from transformers import set_seed
 from rmexp.builtin import resolve_model_path
 from rmexp.callbacks import StopOnSignal
 from rmexp.config import CONF_PATH, Batching, RMExpConfig, to_typed
-from rmexp.data import DataError
-from rmexp.dataset import build_datasets, sources_of
+from rmexp.dataset import build_datasets
 from rmexp.diagnostics import EvalDiagnostics, summary
 from rmexp.metrics import length_baseline_accuracy
 from rmexp.model import (
-    build_bnb_config,
     build_lora_config,
     build_reward_config,
     load_reward_model,
@@ -53,13 +51,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     # the checkpoint read back before run_record too: none intact leaves the old run's metrics.json as it was
     resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)
     with run_record(run_dir, write=main_process) as record:
-        cfg = to_typed(cfg)  # inside: a config that cannot resolve is a failed run, recorded
-        # Everything that can be checked without a model is checked first.
-        lora_config, _ = build_lora_config(cfg.lora), build_bnb_config(cfg.quantization)
-        sources_of(cfg.data)
-        if cfg.data.streaming and cfg.trainer.max_steps <= 0:
-            raise DataError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs in",
-                            reason="config")
+        cfg = to_typed(cfg)  # runs the schema's checks (rmexp.config): a bad value fails here, recorded
         # the data before the model: its errors come in seconds, not after an 8B load
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
@@ -85,7 +77,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         stop_on_signal = StopOnSignal()
         trainer = PairwiseRewardTrainer(
             model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if record.wandb_run else "none", model),
-            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=lora_config,
+            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=build_lora_config(cfg.lora),
             callbacks=[*(callbacks or []), stop_on_signal], data_collator=build_collator(cfg.trainer, model, tokenizer),
             head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s,
             fused_lora=cfg.trainer.fused_lora, dequant_cache=cfg.trainer.dequant_cache,
