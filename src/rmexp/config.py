@@ -441,6 +441,19 @@ class CompareConfig:
     seed: int = MISSING
 
 
+def group_defaults() -> DictConfig:
+    """Today's default of every key of a training config: conf/train.yaml with each group's base option,
+    composed by Hydra as for a run (for a run saved before a key existed)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = ["model=base", "quantization=base", "data=base", "logger=base", "paths.output_dir=unset"]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: rmexp's apps all search conf/
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("rmexp.sample"):
         OmegaConf.register_new_resolver("rmexp.sample", sample_path)

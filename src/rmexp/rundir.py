@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rmexp.config import RMExpConfig, literal
+from rmexp.config import RMExpConfig, group_defaults, literal
 
 log = logging.getLogger(__name__)
 
@@ -397,19 +397,6 @@ def write_run_config(run_dir: Path, config: dict) -> None:
     os.replace(tmp, run_dir / RUN_CONFIG)
 
 
-def _group_defaults():
-    """Today's default of every key (the groups' base options), for a run saved before a key existed."""
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
-    conf = resources.files("rmexp.conf")
-    groups = {"model": "model/base.yaml", "quantization": "quantization/base.yaml", "lora": "lora/default.yaml",
-              "data": "data/base.yaml", "trainer": "trainer/default.yaml", "logger": "logger/base.yaml"}
-    return OmegaConf.create({group: OmegaConf.load(conf.joinpath(path).open(encoding="utf-8"))
-                             for group, path in groups.items()})
-
-
 def read_run_config(run_dir: str | Path) -> RMExpConfig:
     """The config a run was trained with, typed (the schema's checks apply to it as to a new run); a key
     the run's version did not have takes today's default."""
@@ -420,7 +407,7 @@ def read_run_config(run_dir: str | Path) -> RMExpConfig:
         if candidate.is_file():
             saved = OmegaConf.load(candidate)
             saved.paths = {"output_dir": str(run_dir)}  # .hydra/config.yaml keeps Hydra's interpolation
-            merged = OmegaConf.merge(OmegaConf.structured(RMExpConfig), _group_defaults(), saved)
+            merged = OmegaConf.merge(group_defaults(), saved)
             return OmegaConf.to_object(merged)
     raise FileNotFoundError(f"{run_dir}: not an rmexp run dir (no {RUN_CONFIG} or .hydra/config.yaml)")
 
