@@ -343,18 +343,19 @@ def log_to_wandb(sweep_dir: Path, jobs: list[Job], rows: list[dict], heatmap: Pa
     cfg_file = next((j.dir / ".hydra" / "config.yaml" for j in jobs if (j.dir / ".hydra" / "config.yaml").is_file()), None)
     if cfg_file is None:
         return None
-    logger_cfg = (yaml.safe_load(cfg_file.read_text()) or {}).get("logger", {})
-    if logger_cfg.get("backend", "wandb") != "wandb" or logger_cfg.get("mode") == "disabled":
+    from omegaconf import OmegaConf
+
+    from rmexp.config import group_defaults
+
+    # the jobs' logger settings; a key their rmexp did not write takes today's default
+    cfg = OmegaConf.merge(group_defaults().logger, (yaml.safe_load(cfg_file.read_text()) or {}).get("logger", {}))
+    if cfg.backend != "wandb" or cfg.mode == "disabled":
         return None
     import wandb
-    from omegaconf import OmegaConf
 
     from rmexp.tracking import start_run
 
     group = sweep_group(sweep_dir)
-    cfg = OmegaConf.create({"project": "rmexp", "entity": None, "group": None, "name": None, "tags": [],
-                            "mode": None, "init_timeout": 60.0,
-                            **{k: v for k, v in logger_cfg.items() if k != "backend"}})
     cfg.group, cfg.name = group, f"report-{group}"
     run = start_run(cfg, {"sweep_dir": str(sweep_dir)}, sweep_dir, cfg.name, group)
     try:
