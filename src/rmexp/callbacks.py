@@ -4,6 +4,7 @@ ones after it, stop at a time budget, show one progress bar. Stopping on a signa
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,15 +45,36 @@ class CheckpointManifest(TrainerCallback):
         return control
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training once the trainer's `time_budget_s` has passed since its scheduler started."""
+@dataclass
+class Budget:
+    """Training time on the monotonic clock, one object for the two that read it: the scheduler, whose
+    learning rate follows `fraction_spent()`, and `TimeBudget`, which stops training once `spent()`."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    seconds: float
+    started: float | None = None
+
+    def start(self) -> Budget:
+        self.started = time.monotonic()
+        return self
+
+    def fraction_spent(self) -> float:
+        """The share of the budget used since `start()`, at most 1 (0 before it)."""
+        if self.started is None:
+            return 0.0
+        return min(1.0, (time.monotonic() - self.started) / self.seconds)
+
+    def spent(self) -> bool:
+        return self.started is not None and time.monotonic() - self.started >= self.seconds
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once its `Budget` is spent."""
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
 
     def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t.clock_start is not None and time.monotonic() - t.clock_start >= t.time_budget_s:
+        if self.budget.spent():
             control.should_training_stop = True
         return control
 
