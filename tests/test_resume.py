@@ -21,18 +21,16 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import ROOT, compose_cfg
-from rmexp.callbacks import StopOnSignal
+from rmexp.preemption import Preempted, StopOnSignal, resume_checkpoint
 from rmexp.rundir import (
     CHECKPOINT_FILES,
     MANIFEST,
     CheckpointError,
-    Preempted,
     RunDirError,
     claim_run_dir,
     diagnose_checkpoint,
     last_complete_checkpoint,
     move_previous_run,
-    resume_checkpoint,
     run_record,
 )
 from rmexp.train import main
@@ -189,24 +187,22 @@ def test_only_a_requeued_job_resumes_its_run_dir_without_being_told(tmp_path, mo
     ckpt = str(complete_checkpoint(tmp_path, 7))
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "preempted", "step": 7, "job_id": "123"}))
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-    assert resume_checkpoint(None, tmp_path).checkpoint is None  # not a submitit job: trainer.resume decides
-    with pytest.raises(RunDirError):  # ... and unset, it refuses this used dir
-        claim_run_dir(tmp_path, None)
+    with pytest.raises(RunDirError):  # not a submitit job: trainer.resume decides, and unset it refuses this used dir
+        resume_checkpoint(None, tmp_path)
     as_submitit_job(monkeypatch, "123")
-    claim_run_dir(tmp_path, None)  # the same job again: requeued, its own dir
-    claim_run_dir(tmp_path, "never")  # whatever its command line says: nothing is moved
+    assert resume_checkpoint(None, tmp_path).checkpoint == ckpt  # the same job again: requeued, its own dir
+    # whatever its command line says: nothing is moved
+    assert resume_checkpoint("never", tmp_path).checkpoint == ckpt
     assert (Path(ckpt) / "optimizer.pt").is_file()
-    assert resume_checkpoint(None, tmp_path).checkpoint == ckpt
     as_submitit_job(monkeypatch, "456")
-    assert resume_checkpoint(None, tmp_path).checkpoint is None  # another job writing into this dir starts fresh
-    with pytest.raises(RunDirError):  # ... once told how
-        claim_run_dir(tmp_path, None)
+    with pytest.raises(RunDirError):  # another job writing into this dir: not without being told how
+        resume_checkpoint(None, tmp_path)
     assert resume_checkpoint("auto", tmp_path).checkpoint == ckpt
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "789")
-    assert resume_checkpoint(None, tmp_path).checkpoint is None
+    with pytest.raises(RunDirError):
+        resume_checkpoint(None, tmp_path)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued by SLURM itself (a node failure, a preemption)
-    claim_run_dir(tmp_path, None)
     assert resume_checkpoint(None, tmp_path).checkpoint == ckpt
 
 
@@ -217,7 +213,7 @@ def test_submitits_signal_waits_for_the_checkpoint_then_goes_to_submitits_handle
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # stands for submitit's
     try:
-        with StopOnSignal() as stop:
+        with StopOnSignal(tmp_path) as stop:
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.01)
             control = stop.on_step_end(None, None, TrainerControl())
@@ -225,7 +221,7 @@ def test_submitits_signal_waits_for_the_checkpoint_then_goes_to_submitits_handle
         assert signal.getsignal(signal.SIGUSR2) is not stop._handle  # submitit's handler is back
         complete_checkpoint(tmp_path, 6)
         with pytest.raises(Preempted) as stopped, run_record(tmp_path):
-            stop.raise_if_stopped(6, tmp_path)
+            stop.raise_if_stopped(6)
         assert metrics(tmp_path) | {"runtime_s": 0} == {
             "status": "preempted", "step": 6, "signal": "SIGUSR2", "job_id": "123", "runtime_s": 0,
             "checkpoint": str(tmp_path / "checkpoints" / "checkpoint-6")}
@@ -237,11 +233,11 @@ def test_submitits_signal_waits_for_the_checkpoint_then_goes_to_submitits_handle
 
 def test_sigterm_outside_submitit_stops_with_the_resume_command(tmp_path, monkeypatch):
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-    with StopOnSignal() as stop:
+    with StopOnSignal(tmp_path) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
     with pytest.raises(InterruptedError, match="SIGTERM at step 3.*trainer.resume=auto"):
-        stop.raise_if_stopped(3, tmp_path)
+        stop.raise_if_stopped(3)
 
 
 def test_a_resumed_run_reports_the_whole_runs_train_loss():

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl
 
 from conftest import compose_cfg, tiny_overrides
+from rmexp.callbacks import Budget, TimeBudget
 from rmexp.model import compute_dtype, reward_head, torch_dtype, use_bf16, use_gradient_checkpointing
 from rmexp.train import main
 
@@ -56,6 +57,19 @@ def test_time_budget_stops_training_and_decays_the_rate(tmp_path):
     assert probe.lrs[0] > 0.5 * cfg.trainer.learning_rate and probe.lrs[-1] < probe.lrs[0]
     assert all(a >= b for a, b in zip(probe.lrs, probe.lrs[1:], strict=False))
     assert m["n_train_pairs_seen"] > 0
+
+
+def test_a_budget_is_one_clock_for_the_schedule_and_the_stop(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("rmexp.callbacks.time.monotonic", lambda: now[0])
+    budget = Budget(10.0)
+    assert budget.fraction_spent() == 0.0 and not budget.spent()  # not started: nothing spent
+    stop = TimeBudget(budget)
+    assert budget.start() is budget
+    now[0] = 104.0
+    assert budget.fraction_spent() == pytest.approx(0.4) and not stop.on_step_end(None, None, TrainerControl()).should_training_stop
+    now[0] = 112.0
+    assert budget.fraction_spent() == 1.0 and stop.on_step_end(None, None, TrainerControl()).should_training_stop
 
 
 def fake_model(hidden: int, inter: int, layers: int):

@@ -1,13 +1,10 @@
-"""Trainer callbacks: stop cleanly on SIGTERM (SLURM's notice before a kill) or on a submitit job's
-preemption signal, log the loss at every checkpoint, record each checkpoint's manifest and rotate old
-ones after it, stop at a time budget, show one progress bar."""
+"""Trainer callbacks: log the loss at every checkpoint, record each checkpoint's manifest and rotate old
+ones after it, stop at a time budget, show one progress bar. Stopping on a signal is rmexp.preemption's."""
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,70 +12,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from rmexp._compat import submitit_preempt_signal
-from rmexp.rundir import Preempted, last_complete_checkpoint, submitit_job_id, write_manifest
-
-log = logging.getLogger(__name__)
-
-
-def submitit_signal() -> tuple[int, object] | None:
-    """In a submitit job: the signal submitit sends before a preemption or the time limit (USR2 unless
-    SUBMITIT_PREEMPT_SIGNAL says otherwise) and the handler submitit installed for it, which saves the
-    job's submission, requeues the job and exits at once; else None."""
-    if submitit_job_id() is None:
-        return None
-    signum = submitit_preempt_signal()
-    handler = signal.getsignal(signum)
-    return (signum, handler) if callable(handler) else None
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGTERM (SLURM's notice before a kill), or in a submitit job submitit's preemption / time-limit
-    signal: save a checkpoint at the end of this step, then stop; `raise_if_stopped` says what follows.
-    Submitit's own handler would requeue and exit mid-step: it runs only once the checkpoint is saved
-    (Preempted.requeue). The handlers are installed only inside `with`, and only on the main thread
-    (signals reach it alone)."""
-
-    received: int | None = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
-            control.should_save = control.should_training_stop = True
-        return control
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # the first signal decides (SLURM's SIGTERM after submitit's USR2 too)
-            return
-        log.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
-        self.received = signum
-
-    def __enter__(self):
-        self._previous, self._submitit = {}, None
-        if threading.current_thread() is threading.main_thread():
-            self._submitit = submitit_signal()
-            for signum in {signal.SIGTERM, *(self._submitit[:1] if self._submitit else ())}:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        return False
-
-    def raise_if_stopped(self, step: int, run_dir: Path) -> None:
-        """After training: Preempted if submitit's signal stopped it (the job is to be requeued), an
-        InterruptedError naming the resume command if SIGTERM did; nothing if no signal came."""
-        if self.received is None:
-            return
-        name = signal.Signals(self.received).name
-        if self._submitit is not None and self.received == self._submitit[0]:
-            signum, handler = self._submitit
-            checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
-            raise Preempted({"step": step, "signal": name, "job_id": submitit_job_id(),
-                             "checkpoint": str(checkpoint) if checkpoint else None},
-                            requeue=lambda: handler(signum, None))
-        raise InterruptedError(f"stopped by {name} at step {step}; a checkpoint is in {run_dir}/checkpoints: "
-                               f"continue with hydra.run.dir={run_dir} trainer.resume=auto")
+from rmexp.rundir import write_manifest
 
 
 class LogAtCheckpoint(TrainerCallback):
@@ -111,15 +45,36 @@ class CheckpointManifest(TrainerCallback):
         return control
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training once the trainer's `time_budget_s` has passed since its scheduler started."""
+@dataclass
+class Budget:
+    """Training time on the monotonic clock, one object for the two that read it: the scheduler, whose
+    learning rate follows `fraction_spent()`, and `TimeBudget`, which stops training once `spent()`."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    seconds: float
+    started: float | None = None
+
+    def start(self) -> Budget:
+        self.started = time.monotonic()
+        return self
+
+    def fraction_spent(self) -> float:
+        """The share of the budget used since `start()`, at most 1 (0 before it)."""
+        if self.started is None:
+            return 0.0
+        return min(1.0, (time.monotonic() - self.started) / self.seconds)
+
+    def spent(self) -> bool:
+        return self.started is not None and time.monotonic() - self.started >= self.seconds
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once its `Budget` is spent."""
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
 
     def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        if t.clock_start is not None and time.monotonic() - t.clock_start >= t.time_budget_s:
+        if self.budget.spent():
             control.should_training_stop = True
         return control
 

@@ -29,7 +29,7 @@ import shutil
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,18 @@ class RunDirError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """No checkpoint fit to resume from: the message names each one and what is wrong with it."""
+
+
+class Suspended(BaseException):
+    """A run stopped to be continued, not failed (rmexp.preemption.Preempted): run_record writes `status`
+    with `details` into metrics.json. Defined here so that run_record needs no import of rmexp.preemption,
+    which imports this module."""
+
+    status: str
+
+    def __init__(self, message: str, details: dict):
+        super().__init__(message)
+        self.details = details
 
 
 def is_main_process() -> bool:
@@ -282,9 +294,8 @@ def claim_run_dir(run_dir: Path, resume: str | None, main_process: bool = True) 
     """Before anything loads: a run dir that holds a run (find_previous_run) is only trained in again when
     `trainer.resume` says how: auto (or a checkpoint path) continues, never moves the old run's files to
     <run_dir>/previous-<time>/ (returned; the main process moves) and starts over; unset raises RunDirError.
-    A fresh dir (Hydra's default: one per run) passes, and so does a requeued submitit job's own dir."""
-    if requeued_attempt(run_dir) is not None:  # its own dir: resume_checkpoint continues it whatever resume says
-        return None
+    A fresh dir (Hydra's default: one per run) passes. A requeued submitit job's own dir is not claimed
+    (rmexp.preemption.resume_checkpoint continues it whatever resume says)."""
     if resume not in (None, "", "auto", "never") and not Path(resume).is_dir():  # before run_record writes
         raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
     found = find_previous_run(run_dir)
@@ -312,71 +323,6 @@ def submitit_job_id() -> str | None:
         return submitit.JobEnvironment().job_id
     except (RuntimeError, KeyError):  # SUBMITIT_EXECUTOR inherited by a process that is no submitit job
         return None
-
-
-def requeued_attempt(run_dir: Path) -> dict | None:
-    """When this process is a submitit job run again (requeued after a preemption or its time limit, or
-    restarted by SLURM): the metrics.json its previous attempt left in this run dir; else None. A new
-    job writing into a dir another job used is not a requeue (the job ids differ)."""
-    job_id = submitit_job_id()
-    if job_id is None:
-        return None
-    try:
-        previous = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):  # none yet (the previous attempt was killed outright) or half a file
-        previous = {}
-    if previous.get("job_id") == job_id or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        return previous
-    return None
-
-
-class Preempted(BaseException):
-    """A submitit job stopped on submitit's preemption / time-limit signal, its checkpoint saved.
-
-    `run_record` writes status `preempted` (with `details`: the step, the signal, the checkpoint), then
-    `requeue()` runs submitit's own handler for the signal, which saves the job's submission, requeues
-    it and exits; the requeued job resumes from the checkpoint (`resume_checkpoint`). A BaseException,
-    like SystemExit: no error for an `except Exception` (a sweep's failed-job guard) to swallow."""
-
-    def __init__(self, details: dict, requeue: Callable[[], Any]):
-        super().__init__(f"preempted at step {details['step']} ({details['signal']}); requeueing the job")
-        self.details, self.requeue = details, requeue
-
-
-@dataclass
-class Resume:
-    """Where training starts: `checkpoint` (None: from scratch) and the damaged newer checkpoints passed over."""
-
-    checkpoint: str | None = None
-    skipped: list[dict] = field(default_factory=list)  # {checkpoint, problem, moved_to}: metrics.json's resume_skipped
-
-
-def resume_checkpoint(resume: str | None, run_dir: Path, main_process: bool = True) -> Resume:
-    """`trainer.resume`: null or never (from scratch; claim_run_dir has refused or moved a previous run),
-    auto (this run dir's newest intact checkpoint, pick_checkpoint) or a checkpoint dir (which must be
-    intact). A requeued submitit job resumes from its run dir's newest intact checkpoint whatever `resume`
-    says. Only reads headers: called before the model loads, so a bad checkpoint fails in seconds."""
-    checkpoints = run_dir / "checkpoints"
-    if requeued_attempt(run_dir) is not None:
-        ckpt, skipped = pick_checkpoint(checkpoints, set_aside=main_process)
-        if ckpt is not None:
-            log.info("resuming requeued job %s from %s", submitit_job_id(), ckpt)
-            return Resume(str(ckpt), skipped)
-        log.warning("requeued job %s: no checkpoint under %s", submitit_job_id(), checkpoints)
-    if not resume or resume == "never":
-        return Resume()
-    if resume == "auto":
-        ckpt, skipped = pick_checkpoint(checkpoints, set_aside=main_process)
-        if ckpt is None:
-            log.warning("trainer.resume=auto: no checkpoint under %s; starting fresh", checkpoints)
-            return Resume()
-        log.info("resuming from %s", ckpt)
-        return Resume(str(ckpt), skipped)
-    if not Path(resume).is_dir():
-        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
-    if problem := diagnose_checkpoint(Path(resume)):
-        raise CheckpointError(f"trainer.resume={resume}: {problem}")
-    return Resume(resume)
 
 
 def _escaped(obj: Any) -> Any:
@@ -430,7 +376,7 @@ class RunRecord:
 @contextlib.contextmanager
 def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
     """Own a run's end, whatever happens inside: metrics.json gets `status` ok (the body set `result`),
-    failed (with the error and traceback) or preempted (Preempted: the step and checkpoint), the runtime,
+    failed (with the error and traceback) or preempted (Suspended: the step and checkpoint), the runtime,
     and under submitit the job id; the W&B run gets the status and is finished with a matching exit code.
     `write=False` on ranks other than 0."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -438,8 +384,8 @@ def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
     try:
         yield record
         record.result["status"] = "ok"
-    except Preempted as e:  # not a failure: the job is requeued and resumes from its checkpoint
-        record.result = {"status": "preempted", **e.details}
+    except Suspended as e:  # not a failure: the job is requeued and resumes from its checkpoint
+        record.result = {"status": e.status, **e.details}
         raise
     except BaseException as e:
         record.result = {"status": "failed", "error": f"{type(e).__name__}: {e}",

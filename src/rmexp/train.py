@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from rmexp.builtin import resolve_model_path
-from rmexp.callbacks import StopOnSignal
 from rmexp.config import CONF_PATH, Batching, RMExpConfig, to_typed
 from rmexp.dataset import build_datasets
 from rmexp.diagnostics import EvalDiagnostics, summary
@@ -27,17 +26,8 @@ from rmexp.model import (
     load_tokenizer,
 )
 from rmexp.packing import build_collator, packed_ready
-from rmexp.rundir import (
-    Preempted,
-    claim_run_dir,
-    is_main_process,
-    requeued_attempt,
-    resume_checkpoint,
-    run_record,
-    write_run_config,
-    write_scores,
-    writes_to,
-)
+from rmexp.preemption import StopOnSignal, requeue_if_preempted, resume_checkpoint
+from rmexp.rundir import is_main_process, run_record, write_run_config, write_scores, writes_to
 from rmexp.tracking import job_identity, scrub_secrets, start_run
 from rmexp.trainer import PairwiseRewardTrainer, last_eval_at
 
@@ -46,9 +36,8 @@ log = logging.getLogger("rmexp.train")
 
 def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()  # rank 0 alone writes and logs
-    # before run_record, which would write its metrics.json over the run this refuses to train over
-    claim_run_dir(run_dir, cfg.trainer.resume, main_process)
-    # the checkpoint read back before run_record too: none intact leaves the old run's metrics.json as it was
+    # the run dir claimed and the checkpoint read back before run_record, which would write its metrics.json
+    # over the run this refuses to train over (or over the old run's, when no checkpoint is intact)
     resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)
     with run_record(run_dir, write=main_process) as record:
         cfg = to_typed(cfg)  # runs the schema's checks (rmexp.config): a bad value fails here, recorded
@@ -70,11 +59,11 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
             write_run_config(run_dir, resolved)
         if cfg.logger.backend.value == "wandb" and main_process:
             record.wandb_run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir),
-                                         run_id=(requeued_attempt(run_dir) or {}).get("wandb_run_id"))
+                                         run_id=resume.wandb_run_id)
             record.wandb_run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
         if cfg.trainer.batching is Batching.packed:
             packed_ready(model)  # switch to the packed attention kernel (build_collator says if it could not)
-        stop_on_signal = StopOnSignal()
+        stop_on_signal = StopOnSignal(run_dir)
         trainer = PairwiseRewardTrainer(
             model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if record.wandb_run else "none", model),
             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=build_lora_config(cfg.lora),
@@ -92,7 +81,7 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         initial = trainer.evaluate()["eval_pairwise_accuracy"]
         with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
             train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
-        stop_on_signal.raise_if_stopped(trainer.state.global_step, run_dir)  # SIGTERM, or submitit's preemption
+        stop_on_signal.raise_if_stopped(trainer.state.global_step)  # SIGTERM, or submitit's preemption
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
         with writes_to(run_dir):
@@ -188,7 +177,7 @@ def free_memory() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 def cli(cfg: DictConfig) -> float:
-    try:
+    with requeue_if_preempted():  # checkpointed, metrics.json says preempted: submitit requeues the job and exits
         if not in_multirun():
             return main(cfg)
         try:  # a failed job is recorded in its metrics.json; the sweep goes on and fails at the end
@@ -198,10 +187,7 @@ def cli(cfg: DictConfig) -> float:
             return float("nan")
         finally:
             free_memory()
-    except Preempted as stop:  # checkpointed, metrics.json says preempted: submitit requeues the job and exits
-        log.warning("%s", stop)
-        stop.requeue()
-        return float("nan")
+    return float("nan")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from trl import RewardTrainer
 from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
 from rmexp._compat import count_train_tokens, log_metric
-from rmexp.callbacks import CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
+from rmexp.callbacks import Budget, CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
 from rmexp.fsdp import check_fsdp_batching, fsdp_speed_options, prepare_for_fsdp
 from rmexp.lora import cache_dequantized_base, use_fused_lora
 from rmexp.metrics import pairwise_metrics
@@ -133,18 +132,18 @@ class PairwiseRewardTrainer(RewardTrainer):
         if self.time_budget_s is None:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
-            budget, warmup = self.time_budget_s, self.args.warmup_steps
+            warmup = self.args.warmup_steps
             warm_time, warm_steps = (warmup, 0) if warmup < 1 else (0.0, int(warmup))
-            self.clock_start = time.monotonic()
+            budget = Budget(self.time_budget_s).start()  # one clock: this schedule's and TimeBudget's
 
             def factor(step: int) -> float:
-                done = min(1.0, (time.monotonic() - self.clock_start) / budget)
+                done = budget.fraction_spent()
                 by_time = done / warm_time if done < warm_time else (1.0 - done) / (1.0 - warm_time)
                 by_step = (step + 1) / warm_steps if step < warm_steps else 1.0
                 return max(0.0, min(by_time, by_step))
 
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-            self.add_callback(TimeBudget(self))
+            self.add_callback(TimeBudget(budget))
         return self.lr_scheduler
 
     _flop_parameters: int | None = None
