@@ -27,6 +27,8 @@ import logging
 
 import torch
 
+from rmexp._compat import update_fsdp_plugin_peft
+
 log = logging.getLogger(__name__)
 
 
@@ -65,8 +67,6 @@ def check_fsdp_batching(data_collator) -> None:
 def prepare_for_fsdp(model, accelerator) -> list[str]:
     """Ready a peft `model` for FSDP before anything wraps it (see the module's doc); returns the names of
     the frozen parameters cast to the model's dtype."""
-    from transformers.integrations.fsdp import update_fsdp_plugin_peft
-
     dtype = model.get_input_embeddings().weight.dtype
     storage = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
     if storage - {dtype}:

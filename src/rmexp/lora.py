@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from rmexp._compat import cpu_inference_packed, lora_is_plain
+
 log = logging.getLogger(__name__)
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -32,8 +34,8 @@ def _fused_class(cls: type) -> type:
         def forward(self, x, *args, **kwargs):
             adapters = self.active_adapters
             name = adapters[0] if len(adapters) == 1 else None
-            if (args or kwargs or name is None or self.disable_adapters or self.merged
-                    or name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None
+            if (args or kwargs or name is None or self.disable_adapters or name not in self.lora_A
+                    or not lora_is_plain(self, name) or self.lora_B[name].bias is not None
                     or not isinstance(self.lora_dropout[name], torch.nn.Identity)
                     or (x.dtype != self.lora_A[name].weight.dtype
                         and not torch.is_autocast_enabled(x.device.type))):
@@ -92,7 +94,7 @@ def _cached_forward(self, x: torch.Tensor, own_forward) -> torch.Tensor:
     bitsandbytes' own forward.
     """
     state = self.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
+    if cpu_inference_packed(state):
         return own_forward(self, x)
     dtype = self.compute_dtype or x.dtype
     weight = self.rmexp_dequantized
