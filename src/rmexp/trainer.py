@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_callback import ProgressCallback
 from trl import RewardTrainer
@@ -20,6 +19,7 @@ from rmexp._compat import count_train_tokens, log_metric
 from rmexp.callbacks import CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
 from rmexp.fsdp import check_fsdp_batching, fsdp_speed_options, prepare_for_fsdp
 from rmexp.lora import cache_dequantized_base, use_fused_lora
+from rmexp.loss import bradley_terry
 from rmexp.metrics import pairwise_metrics
 from rmexp.model import keep_4bit_layers_trainable, reward_head
 from rmexp.norm import use_fused_rms_norm
@@ -160,11 +160,21 @@ class PairwiseRewardTrainer(RewardTrainer):
         return 6 * inputs[main_input].numel() * self._flop_parameters
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's Bradley-Terry loss (rmexp.loss) and its logged metrics, on padded batches (TRL's collator: the
+        chosen answers, then the rejected ones) or packed ones (rmexp.packing)."""
+        mode = "train" if self.model.training else "eval"
         if "chosen_index" in inputs:
-            loss, outputs = self._packed_loss(model, inputs)
+            chosen, rejected = packed_rewards(model, inputs, head=reward_head(self.model))
+            outputs, tokens = None, inputs["num_real_tokens"]
         else:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            inputs["use_cache"] = False  # the model config's default would warn under gradient checkpointing
+            outputs = model(**inputs)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            tokens = inputs["attention_mask"].sum()
+        loss, stats = bradley_terry(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
+        self.log_pair_metrics(mode, stats, tokens)
+        if outputs is None:
+            outputs = SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
         if self.model.training:
             if not math.isfinite(loss.detach().float().item()):
                 raise NonFiniteLossError(
@@ -175,25 +185,18 @@ class PairwiseRewardTrainer(RewardTrainer):
             self._eval_rewards.append(self.accelerator.gather_for_metrics(pair).cpu())
         return (loss, outputs) if return_outputs else loss
 
-    def _packed_loss(self, model, inputs):
-        """TRL's Bradley-Terry loss and logged metrics, on packed batches."""
-        mode = "train" if self.model.training else "eval"
-        chosen, rejected = packed_rewards(model, inputs, head=reward_head(self.model))
-        margin = chosen - rejected - inputs["margin"] if "margin" in inputs else chosen - rejected
-        loss = -F.logsigmoid(margin).mean()
-        if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-        tokens = self.accelerator.gather_for_metrics(inputs["num_real_tokens"]).sum().item() if mode == "train" else None
-        count_train_tokens(self, tokens, mode)
+    def log_pair_metrics(self, mode: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
+        """What RewardTrainer logs of a batch, gathered over the processes: the running count of training
+        tokens (`num_tokens`), the min, mean and max reward, the accuracy and the mean margin."""
+        count = self.accelerator.gather_for_metrics(tokens).sum().item() if mode == "train" else None
+        count_train_tokens(self, count, mode)
         with torch.no_grad():
-            rewards = self.accelerator.gather(torch.cat([chosen, rejected]).detach())
-            diff = (chosen - rejected).detach()
+            rewards = self.accelerator.gather(stats["rewards"])
             for key, value in (("min_reward", rewards.min()), ("mean_reward", rewards.mean()),
                                ("max_reward", rewards.max()),
-                               ("accuracy", self.accelerator.gather_for_metrics((diff > 0).float().mean()).mean()),
-                               ("margin", self.accelerator.gather_for_metrics(diff.mean()).mean())):
+                               ("accuracy", self.accelerator.gather_for_metrics(stats["accuracy"]).mean()),
+                               ("margin", self.accelerator.gather_for_metrics(stats["margin"]).mean())):
                 log_metric(self, mode, key, value.item())
-        return loss, SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
