@@ -19,12 +19,14 @@ def test_a_trainer_has_the_private_attributes_rmexp_writes(tmp_path):
     from rmexp.config import to_typed
     from rmexp.data import tokenize_pairs
     from rmexp.model import build_lora_config, build_reward_config, load_reward_model
+    from rmexp.prepare import for_training
     from rmexp.trainer import PairwiseRewardTrainer
 
     cfg = to_typed(compose_cfg(*tiny_overrides(tmp_path), "quantization=none", "data.max_pairs=16",
                                "trainer.eval_strategy=no"))
     train, _, _ = load_data(cfg.data)
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    model = for_training(model)  # the plain layers and padded batches: the trainer's defaults
     ds, _ = tokenize_pairs(tok, train, cfg.trainer.max_length)
     trainer = PairwiseRewardTrainer(model=model, args=build_reward_config(cfg.trainer, tmp_path, "none", model),
                                     train_dataset=ds, processing_class=tok, peft_config=build_lora_config(cfg.lora))

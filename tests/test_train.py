@@ -87,8 +87,10 @@ def test_metrics_json_and_run_dir(tiny_run):
 def test_saved_adapter_reloads_and_reproduces_eval_scores(tiny_run):
     from peft import PeftModel
 
+    from rmexp.prepare import for_scoring
+
     base, tok, _ = load_reward_model(tiny_run.cfg.model, tiny_run.cfg.quantization)
-    model = PeftModel.from_pretrained(base, str(tiny_run.out))
+    model = PeftModel.from_pretrained(for_scoring(base), str(tiny_run.out))
     rewards = score_pairs(model, list(tiny_run.eval_ds["chosen_ids"]), list(tiny_run.eval_ds["rejected_ids"]),
                           tok.pad_token_id)
     saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
@@ -157,11 +159,12 @@ def test_an_evaluation_between_steps_leaves_the_gradients_intact():
     """bitsandbytes repacks 4-bit weights for CPU inference at an eval forward; training must not see it."""
     from peft import get_peft_model
 
-    from rmexp.model import build_lora_config, keep_4bit_layers_trainable
+    from rmexp.model import build_lora_config
+    from rmexp.prepare import keep_4bit_layers_trainable, upcast_reward_head
 
     cfg = compose_cfg("model=tiny", "data.path=data/preference.jsonl", "lora.lora_dropout=0")  # deterministic
     base, tok, _ = load_reward_model(cfg.model, cfg.quantization)
-    model = get_peft_model(base, build_lora_config(cfg.lora))
+    model = get_peft_model(upcast_reward_head(base), build_lora_config(cfg.lora))
     assert keep_4bit_layers_trainable(model) > 0
     ids = torch.tensor([tok("a question and its answer")["input_ids"]])
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

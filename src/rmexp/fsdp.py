@@ -10,7 +10,7 @@ each wrapped block's parameters into one tensor, so within a block they must sha
   and sets FSDP's mixed precision to the storage dtype, but only when `train()` wraps the model. rmexp
   evaluates before training, and that first `evaluate()` would wrap it with the plain policy, putting the
   fp32 LoRA weights in the bf16 decoder layers' blocks ("Must flatten tensors with uniform dtype"):
-  `prepare_for_fsdp` does it when the trainer is built;
+  `prepare_for_fsdp` does it when the trainer is built (rmexp.prepare.for_training);
 - peft keeps a frozen copy of the reward head beside the trained one (`modules_to_save`), and rmexp made the
   head fp32: that copy would share the root block with the bf16 embeddings ("Must flatten tensors with uniform
   dtype"). It is never used while the adapter is active, so it is cast to the model's dtype.

@@ -1,7 +1,7 @@
-"""Model, tokenizer, quantization, LoRA and trainer arguments: config in, HF objects out.
+"""Model, tokenizer, quantization, LoRA and trainer arguments: config in, HF objects out, as loaded.
 
 `model.name_or_path` is a hub id, a local HF directory, or `builtin:<name>` (rmexp.builtin).
-The reward comes out of an fp32 head on fp32 hidden states whatever the base's dtype.
+What rmexp then changes in a loaded model, for training or for scoring, is rmexp.prepare's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rmexp._compat import expected_new_head, undo_cpu_inference_packing
+from rmexp._compat import expected_new_head
 from rmexp.builtin import resolve_model_path
 from rmexp.config import TrainerConfig
 
@@ -224,26 +224,7 @@ def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None) -> di
     return kwargs
 
 
-def keep_4bit_layers_trainable(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight to a CPU layout at
-    its first eval-mode forward and from then on multiplies with `gemv_4bit`, which has no autograd
-    kernel: training after an evaluation would silently drop the gradient through every frozen base
-    layer. Training keeps the plain layout (and undoes a conversion already made). Returns how many
-    layers were touched.
-    """
-    from bitsandbytes.nn import Linear4bit
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            undo_cpu_inference_packing(module)
-            n += 1
-    return n
-
-
-# ---------------------------------------------------------------- fp32 rewards
+# ---------------------------------------------------------------- the reward head
 
 
 def reward_head(model):
@@ -257,39 +238,6 @@ def final_norm(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     return next((getattr(inner, name) for name in ("norm", "final_layernorm", "ln_f") if hasattr(inner, name)), None)
-
-
-_FP32_CLASSES: dict[type, type] = {}
-
-
-def _fp32_class(cls: type) -> type:
-    """A subclass of `cls` whose forward takes its input in fp32 and runs with autocast off.
-
-    A subclass (not a patched method) so it survives the deep copy peft makes of `modules_to_save`.
-    """
-    if cls not in _FP32_CLASSES:
-        def forward(self, x, *args, **kwargs):
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                if isinstance(self, torch.nn.Linear):  # whatever dtype a trainer cast the weights to
-                    bias = None if self.bias is None else self.bias.float()
-                    return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
-                return cls.forward(self, x.float(), *args, **kwargs)
-
-        _FP32_CLASSES[cls] = type(f"FP32{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return _FP32_CLASSES[cls]
-
-
-def use_fp32_rewards(model):
-    """Rewards from an fp32 head on fp32 hidden states, whatever the base's dtype and autocast.
-
-    bf16 rewards have 8 significant bits: at |r| ~ 6 they step by 1/32, so close pairs tie (a tie
-    counts as wrong). The final norm and the head are small; running them in fp32 costs nothing.
-    """
-    for module in (final_norm(model), reward_head(model)):
-        if module is not None and not type(module).__name__.startswith("FP32"):
-            module.__class__ = _fp32_class(type(module))
-    reward_head(model).float()
-    return model
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -318,4 +266,4 @@ def load_reward_model(model_cfg, quant_cfg, tokenizer=None):
     with expected_new_head():
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tok.pad_token_id
-    return use_fp32_rewards(model), tok, path
+    return model, tok, path

@@ -17,13 +17,12 @@ from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
 from rmexp._compat import count_train_tokens, log_metric
 from rmexp.callbacks import CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
-from rmexp.fsdp import check_fsdp_batching, fsdp_speed_options, prepare_for_fsdp
-from rmexp.lora import cache_dequantized_base, use_fused_lora
+from rmexp.fsdp import check_fsdp_batching
 from rmexp.loss import bradley_terry
 from rmexp.metrics import pairwise_metrics
-from rmexp.model import keep_4bit_layers_trainable, reward_head
-from rmexp.norm import use_fused_rms_norm
+from rmexp.model import reward_head
 from rmexp.packing import packed_rewards
+from rmexp.prepare import for_training
 
 
 def whole_run_loss(log_history: list[dict], start: int, session_loss: float, end: int) -> float:
@@ -56,6 +55,9 @@ class PairwiseRewardTrainer(RewardTrainer):
     TRL's own `eval_accuracy` is a mean of per-batch means; `eval_pairwise_accuracy` is the share of
     all held-out pairs with r_chosen > r_rejected. The rewards of the last evaluation stay in
     `last_eval_rewards` (n_pairs x 2: chosen, rejected), in dataset order on one process.
+
+    It takes a model `rmexp.prepare.for_training` prepared; the changes that can only follow TRL's peft
+    wrapping it makes itself, by the same function.
     """
 
     _eval_rewards: list | None = None
@@ -63,9 +65,7 @@ class PairwiseRewardTrainer(RewardTrainer):
     eval_sources: list[str | None] | None = None  # each eval pair's source/subset: accuracy by source
     eval_categories: dict[str, str] | None = None  # subset -> category: the category-averaged accuracy
 
-    def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None,
-                 fused_lora: bool = False, dequant_cache: str | bool = False, fused_rms_norm: bool = False,
-                 **kwargs):
+    def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None, **kwargs):
         self.head_learning_rate = head_learning_rate
         self.time_budget_s = time_budget_s
         self.clock_start: float | None = None
@@ -77,23 +77,12 @@ class PairwiseRewardTrainer(RewardTrainer):
         self.add_callback(CheckpointManifest(self.args.save_total_limit))
         self.args.save_total_limit = None
         self.add_callback(LogAtCheckpoint)  # last: it sees every callback's should_save
-        keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
         if self.is_fsdp_enabled:  # what cannot run sharded (rmexp.fsdp)
             check_fsdp_batching(self.data_collator)
-            fused_lora, dequant_cache = fsdp_speed_options(fused_lora, dequant_cache)
-        if fused_lora:
-            use_fused_lora(self.model)
-        cache_dequantized_base(self.model, dequant_cache)
-        if fused_rms_norm:
-            use_fused_rms_norm(self.model)
-        # TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
-        # precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
-        # than bf16's step (2^-8 of the weight) is no longer rounded away, and the head gives fp32 rewards.
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-        if self.is_fsdp_enabled:  # before the first evaluate() wraps the model
-            prepare_for_fsdp(self.model, self.accelerator)
+        # Here, not before: TRL's __init__ wraps the model with peft (the LoRA layers to fuse exist only from
+        # then on) and casts the trainable parameters of a quantized base to bf16 (to undo); and FSDP's
+        # preparation must precede the first evaluate(), which wraps the model.
+        for_training(self.model, fsdp=self.is_fsdp_enabled, accelerator=self.accelerator)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """Trainer.train, whose `training_loss` is the mean over the whole run after a resume as well
