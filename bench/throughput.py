@@ -105,10 +105,11 @@ def worker(args) -> dict:
     from rmexp.config import CONF_MODULE, to_typed
     from rmexp.data import tokenize_pairs
     from rmexp.dataset import read_pairs
-    from rmexp.model import build_lora_config, build_reward_config, load_reward_model
+    from rmexp.model import build_lora_config, load_reward_model
     from rmexp.packing import build_collator
     from rmexp.prepare import for_training, upcast_reward_head
     from rmexp.trainer import PairwiseRewardTrainer
+    from rmexp.training_args import build_reward_config
 
     torch.manual_seed(0)
     batch = 1 if args.worker == "peer1" else args.batch

@@ -18,9 +18,10 @@ def test_a_trainer_has_the_private_attributes_rmexp_writes(tmp_path):
     from reference_reader import load_data
     from rmexp.config import to_typed
     from rmexp.data import tokenize_pairs
-    from rmexp.model import build_lora_config, build_reward_config, load_reward_model
+    from rmexp.model import build_lora_config, load_reward_model
     from rmexp.prepare import for_training
     from rmexp.trainer import PairwiseRewardTrainer
+    from rmexp.training_args import build_reward_config
 
     cfg = to_typed(compose_cfg(*tiny_overrides(tmp_path), "quantization=none", "data.max_pairs=16",
                                "trainer.eval_strategy=no"))

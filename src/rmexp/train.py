@@ -21,14 +21,7 @@ from rmexp.data import DataError
 from rmexp.dataset import build_datasets, sources_of
 from rmexp.diagnostics import EvalDiagnostics, summary
 from rmexp.metrics import length_baseline_accuracy
-from rmexp.model import (
-    build_bnb_config,
-    build_lora_config,
-    build_reward_config,
-    fsdp_launched,
-    load_reward_model,
-    load_tokenizer,
-)
+from rmexp.model import build_bnb_config, build_lora_config, fsdp_launched, load_reward_model, load_tokenizer
 from rmexp.packing import build_collator
 from rmexp.prepare import for_training
 from rmexp.rundir import (
@@ -44,6 +37,7 @@ from rmexp.rundir import (
 )
 from rmexp.tracking import job_identity, scrub_secrets, start_run
 from rmexp.trainer import PairwiseRewardTrainer, last_eval_at
+from rmexp.training_args import build_reward_config
 
 log = logging.getLogger("rmexp.train")
 
