@@ -51,7 +51,7 @@ def test_for_training_twice_changes_nothing_more():
 
     # the second step, on the peft model TRL makes of it (what the trainer calls)
     model = get_peft_model(model, build_lora_config(cfg.lora))
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(torch.bfloat16)  # TRL's cast
     for_training(model)

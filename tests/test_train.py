@@ -204,3 +204,35 @@ def test_outputs_are_safetensors_and_remote_code_is_off(tiny_run):
     assert compose_cfg().model.trust_remote_code is False
     assert not [p.name for p in tiny_run.out.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
     assert (tiny_run.out / "adapter_model.safetensors").is_file()
+
+
+def test_the_padded_loss_and_its_logged_metrics_are_trls(tmp_path):
+    """PairwiseRewardTrainer's padded path (rmexp.loss) gives TRL RewardTrainer's loss and log values, bit for bit."""
+    from trl import RewardTrainer
+
+    from rmexp.config import to_typed
+    from rmexp.model import build_lora_config
+    from rmexp.prepare import for_training
+    from rmexp.trainer import PairwiseRewardTrainer
+    from rmexp.training_args import build_reward_config
+
+    cfg = to_typed(compose_cfg(*tiny_overrides(tmp_path), "quantization=none", "model.dtype=float32",
+                               "data.max_pairs=16", "trainer.batching=padded", "lora.lora_dropout=0",
+                               "trainer.center_rewards_coefficient=0.01", "trainer.eval_strategy=no"))
+    train, _, _ = load_data(cfg.data)
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    ds, _ = tokenize_pairs(tok, train, cfg.trainer.max_length)
+    ds = ds.add_column("margin", [0.1 * i for i in range(len(ds))])
+    trainer = PairwiseRewardTrainer(model=for_training(model, cfg.trainer), train_dataset=ds, processing_class=tok,
+                                    args=build_reward_config(cfg.trainer, tmp_path, "none"),
+                                    peft_config=build_lora_config(cfg.lora))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    logged = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0
+    trls = RewardTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    assert torch.equal(ours, trls)
+    assert logged == {k: list(v) for k, v in trainer._metrics["train"].items()}
+    assert set(logged) == {"num_tokens", "min_reward", "mean_reward", "max_reward", "accuracy", "margin"}
