@@ -105,9 +105,11 @@ def worker(args) -> dict:
     from rmexp.config import CONF_MODULE, to_typed
     from rmexp.data import tokenize_pairs
     from rmexp.dataset import read_pairs
-    from rmexp.model import build_lora_config, build_reward_config, load_reward_model
-    from rmexp.packing import build_collator, packed_ready
+    from rmexp.model import build_lora_config, load_reward_model
+    from rmexp.packing import build_collator
+    from rmexp.prepare import for_training, upcast_reward_head
     from rmexp.trainer import PairwiseRewardTrainer
+    from rmexp.training_args import build_reward_config
 
     torch.manual_seed(0)
     batch = 1 if args.worker == "peer1" else args.batch
@@ -125,17 +127,15 @@ def worker(args) -> dict:
     train_pairs, eval_pairs = pairs[:args.pairs], pairs[args.pairs:]
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
-    if batching == "packed":
-        packed_ready(model)  # the packed attention kernel
-    collator = build_collator(cfg.trainer, model, tok)
     # ours: gradient_checkpointing=auto (off where activations fit); the TRL peers keep the seed's TRL default, on
     ours = args.worker == "ours"
+    # ours: everything rmexp.train does to the model (the packed kernel, the speed layers); the peers: the fp32 head
+    model = for_training(model, cfg.trainer) if ours else upcast_reward_head(model)
+    collator = build_collator(cfg.trainer, model, tok)
     args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if ours else None)
     if ours:
         trainer = PairwiseRewardTrainer(model=model, args=args_, train_dataset=train_ds, processing_class=tok,
-                                        peft_config=build_lora_config(cfg.lora), data_collator=collator,
-                                        fused_lora=cfg.trainer.fused_lora, dequant_cache=cfg.trainer.dequant_cache,
-                                        fused_rms_norm=cfg.trainer.fused_rms_norm)
+                                        peft_config=build_lora_config(cfg.lora), data_collator=collator)
     else:  # the peers: TRL's own RewardTrainer and padded collator, as the seed recipe runs it
         args_.per_device_eval_batch_size = 1  # TRL's eval_accuracy is a mean of batch means: exact at batch 1
         trainer = RewardTrainer(model=model, args=args_, train_dataset=train_ds, processing_class=tok,
@@ -179,7 +179,8 @@ def eval_worker(args) -> dict:
 
     from rmexp.config import CONF_MODULE
     from rmexp.dataset import read_pairs
-    from rmexp.model import keep_4bit_layers_trainable, load_reward_model
+    from rmexp.model import load_reward_model
+    from rmexp.prepare import keep_4bit_layers_trainable
     from rmexp.reward_model import RewardModel
 
     dtype = [f"model.dtype={args.dtype}", f"quantization.bnb_4bit_compute_dtype={args.dtype}"]

@@ -81,13 +81,8 @@ def main(out: str, dtype: str, fused_rms_norm: bool) -> None:
 
     from rmexp.config import to_typed
     from rmexp.fsdp import prepare_for_fsdp
-    from rmexp.model import (
-        build_lora_config,
-        from_pretrained_kwargs,
-        keep_4bit_layers_trainable,
-        load_reward_model,
-    )
-    from rmexp.norm import use_fused_rms_norm
+    from rmexp.model import build_lora_config, from_pretrained_kwargs, load_reward_model
+    from rmexp.prepare import for_training, fuse_rms_norms
 
     # as accelerate launch with conf/accelerate/fsdp_qlora.yaml sets them; rmexp.train starts the process group
     # (building the datasets) before it loads the model
@@ -100,8 +95,7 @@ def main(out: str, dtype: str, fused_rms_norm: bool) -> None:
     result = {"device_map": from_pretrained_kwargs(cfg.model, cfg.quantization)["device_map"]}
     torch.manual_seed(0)
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
-    keep_4bit_layers_trainable(model)
-    model = get_peft_model(model, build_lora_config(cfg.lora))
+    model = get_peft_model(for_training(model), build_lora_config(cfg.lora))  # the fp32 head, 4-bit kept trainable
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()  # as PairwiseRewardTrainer keeps them
@@ -113,7 +107,7 @@ def main(out: str, dtype: str, fused_rms_norm: bool) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
     if fused_rms_norm:
-        result["fused_norms"] = use_fused_rms_norm(model)
+        result["fused_norms"] = fuse_rms_norms(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
     model.train()

@@ -60,6 +60,7 @@ def test_prepare_for_fsdp_refuses_uint8_storage_and_readies_a_bf16_one():
     from rmexp.config import to_typed
     from rmexp.fsdp import prepare_for_fsdp
     from rmexp.model import build_lora_config, load_reward_model
+    from rmexp.prepare import for_training
 
     class Plugin:
         auto_wrap_policy = param_dtype = None
@@ -71,7 +72,7 @@ def test_prepare_for_fsdp_refuses_uint8_storage_and_readies_a_bf16_one():
         cfg = to_typed(compose_cfg("model=tiny", "paths.output_dir=unused", "model.dtype=bfloat16",
                                    "quantization.bnb_4bit_compute_dtype=bfloat16", *overrides))
         model, _, _ = load_reward_model(cfg.model, cfg.quantization)
-        return get_peft_model(model, build_lora_config(cfg.lora))
+        return get_peft_model(for_training(model), build_lora_config(cfg.lora))
 
     plugin = Plugin()
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification, Trainer
 
 from conftest import KeepModel, compose_cfg, tiny_overrides
 from numerics import assert_same_decisions, assert_within, rounding_bound, training_bound
-from rmexp.lora import cache_dequantized_base, dequantized_bytes, use_fused_lora
+from rmexp.lora import dequantized_bytes
+from rmexp.prepare import cache_dequantized_base, fuse_lora
 from rmexp.train import main
 from rmexp.trainer import PairwiseRewardTrainer
 
@@ -33,7 +34,7 @@ def lora_pair(dropout: float):
     peft_model = get_peft_model(Projection(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                          target_modules=["proj"], init_lora_weights=False))
     fused = copy.deepcopy(peft_model)
-    assert use_fused_lora(fused) == 1 and use_fused_lora(Projection()) == 0
+    assert fuse_lora(fused) == 1 and fuse_lora(fused) == 1 and fuse_lora(Projection()) == 0  # idempotent
     return peft_model, fused
 
 

@@ -10,7 +10,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from numerics import assert_within, rounding_bound
-from rmexp.norm import use_fused_rms_norm
+from rmexp.prepare import fuse_rms_norms
 
 G = torch.linspace(-1, 1, 96)  # the upstream gradient of every test here
 
@@ -39,7 +39,7 @@ def test_fused_rms_norm_equals_the_model_class(cls, dtype, weight_dtype, shape):
     norm.weight.data.normal_()
     norm.to(weight_dtype)
     fused = torch.nn.Sequential(copy.deepcopy(norm))
-    assert use_fused_rms_norm(fused) == 1 and use_fused_rms_norm(fused) == 1  # idempotent
+    assert fuse_rms_norms(fused) == 1 and fuse_rms_norms(fused) == 1  # idempotent
     assert type(fused[0]).__name__ == f"Fused{cls.__name__}"
     x0 = (3 * torch.randn(*shape)).to(dtype)
     results = []
@@ -67,7 +67,7 @@ def test_fused_rms_norm_equals_the_model_class(cls, dtype, weight_dtype, shape):
 
 def test_other_norms_are_left_alone():
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
-    assert use_fused_rms_norm(model) == 0
+    assert fuse_rms_norms(model) == 0
     assert [type(m) for m in model] == [torch.nn.LayerNorm, torch.nn.RMSNorm]
 
 
@@ -80,7 +80,7 @@ def test_fused_rms_norm_backward_stays_fp32_under_autocast(cls):
     norm = cls(96, eps=1e-6)
     norm.weight.data.normal_()
     fused = torch.nn.Sequential(copy.deepcopy(norm))
-    use_fused_rms_norm(fused)
+    fuse_rms_norms(fused)
     x0 = 3 * torch.randn(2, 7, 96)
     ref_grad, _, dx_size, _ = exact_grads(cls, x0, norm.weight, 1e-6, G)
     for layer in (norm, fused[0]):

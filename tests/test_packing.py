@@ -27,8 +27,8 @@ from rmexp.packing import (
     pack_rows,
     packed_rewards,
     packed_sdpa,
-    use_packed_attention,
 )
+from rmexp.prepare import upcast_reward_head, use_packed_attention
 from rmexp.reward_model import score_sequences
 from rmexp.train import main
 
@@ -36,7 +36,7 @@ from rmexp.train import main
 def fp32_model(name: str):
     cfg = compose_cfg(f"model={name}", "quantization=none", "model.dtype=float32", "data.path=data/preference.jsonl")
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
-    return model.eval(), tok
+    return upcast_reward_head(model).eval(), tok
 
 
 def pairs_with_a_long_one(n: int, long_words: int) -> list[Pair]:

@@ -17,13 +17,8 @@ import yaml
 
 from conftest import ROOT, compose_cfg
 from rmexp.config import ConfigError, to_typed
-from rmexp.model import (
-    build_bnb_config,
-    build_reward_config,
-    device_map_for,
-    from_pretrained_kwargs,
-    quant_storage_dtype,
-)
+from rmexp.model import build_bnb_config, device_map_for, from_pretrained_kwargs, quant_storage_dtype
+from rmexp.training_args import build_reward_config
 
 GPUS = 8  # both recipes assume one node of 8 GPUs
 

@@ -87,8 +87,10 @@ def test_metrics_json_and_run_dir(tiny_run):
 def test_saved_adapter_reloads_and_reproduces_eval_scores(tiny_run):
     from peft import PeftModel
 
+    from rmexp.prepare import for_scoring
+
     base, tok, _ = load_reward_model(tiny_run.cfg.model, tiny_run.cfg.quantization)
-    model = PeftModel.from_pretrained(base, str(tiny_run.out))
+    model = PeftModel.from_pretrained(for_scoring(base), str(tiny_run.out))
     rewards = score_pairs(model, list(tiny_run.eval_ds["chosen_ids"]), list(tiny_run.eval_ds["rejected_ids"]),
                           tok.pad_token_id)
     saved = torch.tensor([[s["reward_chosen"], s["reward_rejected"]]
@@ -157,11 +159,12 @@ def test_an_evaluation_between_steps_leaves_the_gradients_intact():
     """bitsandbytes repacks 4-bit weights for CPU inference at an eval forward; training must not see it."""
     from peft import get_peft_model
 
-    from rmexp.model import build_lora_config, keep_4bit_layers_trainable
+    from rmexp.model import build_lora_config
+    from rmexp.prepare import keep_4bit_layers_trainable, upcast_reward_head
 
     cfg = compose_cfg("model=tiny", "data.path=data/preference.jsonl", "lora.lora_dropout=0")  # deterministic
     base, tok, _ = load_reward_model(cfg.model, cfg.quantization)
-    model = get_peft_model(base, build_lora_config(cfg.lora))
+    model = get_peft_model(upcast_reward_head(base), build_lora_config(cfg.lora))
     assert keep_4bit_layers_trainable(model) > 0
     ids = torch.tensor([tok("a question and its answer")["input_ids"]])
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -201,3 +204,35 @@ def test_outputs_are_safetensors_and_remote_code_is_off(tiny_run):
     assert compose_cfg().model.trust_remote_code is False
     assert not [p.name for p in tiny_run.out.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
     assert (tiny_run.out / "adapter_model.safetensors").is_file()
+
+
+def test_the_padded_loss_and_its_logged_metrics_are_trls(tmp_path):
+    """PairwiseRewardTrainer's padded path (rmexp.loss) gives TRL RewardTrainer's loss and log values, bit for bit."""
+    from trl import RewardTrainer
+
+    from rmexp.config import to_typed
+    from rmexp.model import build_lora_config
+    from rmexp.prepare import for_training
+    from rmexp.trainer import PairwiseRewardTrainer
+    from rmexp.training_args import build_reward_config
+
+    cfg = to_typed(compose_cfg(*tiny_overrides(tmp_path), "quantization=none", "model.dtype=float32",
+                               "data.max_pairs=16", "trainer.batching=padded", "lora.lora_dropout=0",
+                               "trainer.center_rewards_coefficient=0.01", "trainer.eval_strategy=no"))
+    train, _, _ = load_data(cfg.data)
+    model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
+    ds, _ = tokenize_pairs(tok, train, cfg.trainer.max_length)
+    ds = ds.add_column("margin", [0.1 * i for i in range(len(ds))])
+    trainer = PairwiseRewardTrainer(model=for_training(model, cfg.trainer), train_dataset=ds, processing_class=tok,
+                                    args=build_reward_config(cfg.trainer, tmp_path, "none"),
+                                    peft_config=build_lora_config(cfg.lora))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    logged = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0
+    trls = RewardTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    assert torch.equal(ours, trls)
+    assert logged == {k: list(v) for k, v in trainer._metrics["train"].items()}
+    assert set(logged) == {"num_tokens", "min_reward", "mean_reward", "max_reward", "accuracy", "margin"}

@@ -11,8 +11,9 @@ from transformers import TrainerCallback, TrainerControl
 
 from conftest import compose_cfg, tiny_overrides
 from rmexp.callbacks import Budget, TimeBudget
-from rmexp.model import compute_dtype, reward_head, torch_dtype, use_bf16, use_gradient_checkpointing
+from rmexp.model import compute_dtype, reward_head, torch_dtype
 from rmexp.train import main
+from rmexp.training_args import own_trainer_keys, use_bf16, use_gradient_checkpointing
 
 
 class Capture(TrainerCallback):
@@ -98,3 +99,22 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert compute_dtype() == torch.bfloat16 and use_bf16("auto") and not use_bf16("false")
     with pytest.raises(ValueError, match="trainer.bf16 must be auto, true or false"):
         use_bf16("maybe")
+
+
+def test_every_trainer_key_reaches_reward_config_or_rmexp():
+    """A `trainer` key is a RewardConfig field (passed on under its HF name) or one of rmexp's own, which rmexp
+    reads itself: a key that is neither (a RewardConfig field renamed upstream, say) would be dropped unread."""
+    import dataclasses
+    import re
+
+    from trl import RewardConfig
+
+    from conftest import ROOT
+    from rmexp.config import TrainerConfig
+
+    own = own_trainer_keys()
+    assert own and own.isdisjoint(f.name for f in dataclasses.fields(RewardConfig))
+    assert own <= {f.name for f in dataclasses.fields(TrainerConfig)}
+    source = "\n".join(p.read_text() for p in (ROOT / "src/rmexp").glob("*.py") if p.name != "config.py")
+    unread = sorted(key for key in own if not re.search(rf"\.{key}\b|\"{key}\"", source))
+    assert not unread, f"trainer keys neither RewardConfig's nor read by rmexp: {unread}"

@@ -8,7 +8,7 @@ __all__ = ["RewardModel"]
 
 # bitsandbytes warns at import, on every CPU with AVX512-BF16, that the optional `kernels` package (a
 # CPU inference kernel fetched from the hub) is missing, and falls back to its own kernel: nothing to
-# act on, and no hub here. Training never takes that path (rmexp.model.keep_4bit_layers_trainable).
+# act on, and no hub here. Training never takes that path (rmexp.prepare.keep_4bit_layers_trainable).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` inside get_peft_model: a
 # warning for peft's authors, printed before every run; rmexp itself uses the new names.

@@ -1,4 +1,4 @@
-"""Every touch of a private name of transformers, TRL, bitsandbytes, datasets, submitit or uvicorn, in one place.
+"""Every touch of a private name of transformers, TRL, peft, bitsandbytes, datasets, submitit or uvicorn, in one place.
 
 A private name can move at any upgrade without notice. Each one rmexp relies on is reached only
 through a function here, and `check()` verifies that every one is still where it was, naming the
@@ -10,6 +10,7 @@ the collator's columns kept by `remove_unused_columns=False` (not Trainer's `_si
 from __future__ import annotations
 
 import asyncio
+import inspect
 from importlib.metadata import version
 from importlib.util import find_spec
 
@@ -32,6 +33,24 @@ def attn_implementation(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
+def is_quantized(model) -> bool:
+    """Whether transformers loaded `model` through a quantizer (it keeps one in `model.hf_quantizer`)."""
+    return getattr(model, "hf_quantizer", None) is not None
+
+
+def drop_quantizer(model) -> None:
+    """Forget the quantizer of a model whose weights are plain tensors again, so save_pretrained writes a plain model."""
+    model.hf_quantizer = None
+
+
+def update_fsdp_plugin_peft(model, accelerator) -> None:
+    """transformers' FSDP setup for a peft model (peft's wrap policy, mixed precision in the 4-bit storage dtype),
+    which its Trainer runs only when `train()` wraps the model."""
+    from transformers.integrations.fsdp import update_fsdp_plugin_peft as update
+
+    update(model, accelerator)
+
+
 # ---------------------------------------------------------------- TRL
 
 
@@ -41,9 +60,10 @@ def log_metric(trainer, mode: str, key: str, value: float) -> None:
 
 
 def count_train_tokens(trainer, n: int | None, mode: str) -> None:
-    """RewardTrainer's running token count (`num_tokens` in its logs): add `n` training tokens, log the total."""
+    """RewardTrainer's running token count (`num_tokens` in its logs): add `n` training tokens gathered over
+    every process (tensor-parallel ranks see the same batch: counted once), log the total."""
     if n is not None:
-        trainer._total_train_tokens += n
+        trainer._total_train_tokens += n // trainer._tp_size
     trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
 
 
@@ -54,7 +74,21 @@ def expected_new_head():
     return suppress_seqcls_warning()
 
 
+# ---------------------------------------------------------------- peft
+
+
+def lora_is_plain(layer, adapter: str) -> bool:
+    """Whether a peft LoRA layer adds adapter `adapter` as the plain `B(A(x)) * scaling`: not merged into the
+    base weight (`merged`) and no variant such as DoRA (`lora_variant`)."""
+    return not layer.merged and adapter not in layer.lora_variant
+
+
 # ---------------------------------------------------------------- bitsandbytes
+
+
+def cpu_inference_packed(quant_state) -> bool:
+    """Whether bitsandbytes repacked a 4-bit weight for its CPU inference kernel (`packing_format_for_cpu`)."""
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 
 def undo_cpu_inference_packing(module) -> None:
@@ -65,7 +99,7 @@ def undo_cpu_inference_packing(module) -> None:
 
     module.support_avx512bf16_for_cpu = False
     state = module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
+    if cpu_inference_packed(state):
         module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
 
 
@@ -180,13 +214,26 @@ def check(trainer=None) -> None:
     With a RewardTrainer, also check the attributes it must have."""
     import bitsandbytes.functional as bnb_functional
     import transformers
+    import transformers.integrations.fsdp as transformers_fsdp
     import trl.trainer.reward_trainer as trl_reward_trainer
     from bitsandbytes.nn import Linear4bit
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     _require(hasattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse"), "bitsandbytes",
              "functional._convert_weight_packed_for_cpu_inverse", "undoing the CPU inference repacking")
     _require(hasattr(Linear4bit(8, 8), "support_avx512bf16_for_cpu"), "bitsandbytes",
              "Linear4bit.support_avx512bf16_for_cpu", "the switch to its CPU inference kernel")
+    _require("packing_format_for_cpu" in inspect.getsource(bnb_functional._convert_weight_packed_for_cpu_inverse),
+             "bitsandbytes", "QuantState.packing_format_for_cpu", "telling a weight repacked for CPU inference")
+    _require(isinstance(inspect.getattr_static(BaseTunerLayer, "merged", None), property), "peft",
+             "BaseTunerLayer.merged", "telling an adapter merged into its base weight")
+    _require("self.lora_variant" in inspect.getsource(LoraLayer.__init__), "peft", "LoraLayer.lora_variant",
+             "telling a LoRA variant such as DoRA")
+    _require(callable(getattr(transformers_fsdp, "update_fsdp_plugin_peft", None)), "transformers",
+             "integrations.fsdp.update_fsdp_plugin_peft", "readying a peft model for FSDP before it is wrapped")
+    _require("hf_quantizer" in inspect.getsource(transformers.PreTrainedModel.save_pretrained), "transformers",
+             "PreTrainedModel.hf_quantizer", "telling and dropping a model's quantizer")
     _require(hasattr(transformers.PretrainedConfig(), "_attn_implementation"), "transformers",
              "PretrainedConfig._attn_implementation", "the attention kernel a model runs")
     _require(hasattr(trl_reward_trainer, "suppress_seqcls_warning"), "trl",
@@ -208,3 +255,5 @@ def check(trainer=None) -> None:
                  "the values averaged into a log line")
         _require(isinstance(getattr(trainer, "_total_train_tokens", None), int), "trl",
                  "RewardTrainer._total_train_tokens", "the running token count")
+        _require(isinstance(getattr(trainer, "_tp_size", None), int), "trl", "RewardTrainer._tp_size",
+                 "the tensor-parallel ranks that see one batch")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from rmexp._compat import drop_quantizer
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -102,7 +104,7 @@ def build_gemma3_270m(target: Path) -> None:
     tok.chat_template = GEMMA_CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # Weights are now plain tensors: drop the GGUF quantizer so save_pretrained writes a normal model.
-    model.hf_quantizer = None
+    drop_quantizer(model)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(target)

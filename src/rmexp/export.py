@@ -21,13 +21,14 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
            eval_metrics: str | Path | None = None) -> Path:
     from peft import PeftModel
 
+    from rmexp._compat import is_quantized
     from rmexp.model import load_reward_model, load_tokenizer, reward_head, torch_dtype
     from rmexp.rundir import read_run_config, reward_stats
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     cfg = read_run_config(checkpoint)
     base, _, _ = load_reward_model(cfg.model, cfg.quantization)
-    if getattr(base, "hf_quantizer", None) is not None:
+    if is_quantized(base):
         base = base.dequantize()  # 4-bit -> the dequantized weights the adapter was trained on
     base = base.float()  # merge in fp32, cast once at the end
     merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()

@@ -10,7 +10,7 @@ each wrapped block's parameters into one tensor, so within a block they must sha
   and sets FSDP's mixed precision to the storage dtype, but only when `train()` wraps the model. rmexp
   evaluates before training, and that first `evaluate()` would wrap it with the plain policy, putting the
   fp32 LoRA weights in the bf16 decoder layers' blocks ("Must flatten tensors with uniform dtype"):
-  `prepare_for_fsdp` does it when the trainer is built;
+  `prepare_for_fsdp` does it when the trainer is built (rmexp.prepare.for_training);
 - peft keeps a frozen copy of the reward head beside the trained one (`modules_to_save`), and rmexp made the
   head fp32: that copy would share the root block with the bf16 embeddings ("Must flatten tensors with uniform
   dtype"). It is never used while the adapter is active, so it is cast to the model's dtype.
@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from rmexp._compat import update_fsdp_plugin_peft
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,6 @@ def check_fsdp_batching(data_collator) -> None:
 def prepare_for_fsdp(model, accelerator) -> list[str]:
     """Ready a peft `model` for FSDP before anything wraps it (see the module's doc); returns the names of
     the frozen parameters cast to the model's dtype."""
-    from transformers.integrations.fsdp import update_fsdp_plugin_peft
-
     dtype = model.get_input_embeddings().weight.dtype
     storage = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
     if storage - {dtype}:

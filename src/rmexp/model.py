@@ -1,21 +1,18 @@
-"""Model, tokenizer, quantization, LoRA and trainer arguments: config in, HF objects out.
+"""Model, tokenizer, quantization and LoRA configs: config in, HF objects out, as loaded.
 
 `model.name_or_path` is a hub id, a local HF directory, or `builtin:<name>` (rmexp.builtin).
-The reward comes out of an fp32 head on fp32 hidden states whatever the base's dtype.
+What rmexp then changes in a loaded model, for training or for scoring, is rmexp.prepare's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from pathlib import Path
 
 import torch
 
-from rmexp._compat import expected_new_head, undo_cpu_inference_packing
+from rmexp._compat import expected_new_head
 from rmexp.builtin import resolve_model_path
-from rmexp.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,80 +82,6 @@ def build_lora_config(cfg):
     )
 
 
-OWN_TRAINER_KEYS = ("batching", "packed_row_tokens", "resume", "head_learning_rate", "time_budget_s", "fused_lora",
-                    "dequant_cache", "fused_rms_norm")
-
-
-def activation_bytes(model_config, tokens: int) -> int:
-    """Rough activation memory of one training step without recompute: what each layer keeps per token
-    for the backward pass (norms, q/k/v/o, the MLP's inputs and outputs, LoRA's dropped-out inputs), in bf16."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    h, inter, layers = text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.num_hidden_layers
-    return tokens * layers * (18 * h + 5 * inter) * 2
-
-
-def use_gradient_checkpointing(trainer_cfg, model) -> bool:
-    """`trainer.gradient_checkpointing`: true/false as set; auto recomputes activations only when a step's
-    activations would not fit comfortably (60%) in the memory left after loading the model. Recompute
-    costs about a third more compute, so it is off wherever it is not needed."""
-    setting = str(trainer_cfg.gradient_checkpointing).lower()
-    if setting in ("true", "false"):
-        return setting == "true"
-    if setting != "auto":
-        raise ValueError(f"trainer.gradient_checkpointing must be auto, true or false, got {setting!r}")
-    tokens = trainer_cfg.per_device_train_batch_size * 2 * trainer_cfg.max_length  # worst case: both answers padded
-    needed = activation_bytes(model.config, tokens)
-    if torch.cuda.is_available():
-        free = torch.cuda.mem_get_info()[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    on = needed > 0.6 * free
-    log.info("trainer.gradient_checkpointing=auto: %s (a step's activations ~%.1f GB, %.1f GB free)",
-             "on" if on else "off", needed / 2**30, free / 2**30)
-    return on
-
-
-def use_bf16(setting) -> bool:
-    """`trainer.bf16`: auto is on where the hardware computes bf16 natively; true is on unless CUDA lacks bf16."""
-    setting = str(setting).lower()
-    if setting == "auto":
-        return compute_dtype() == torch.bfloat16
-    if setting not in ("true", "false"):
-        raise ValueError(f"trainer.bf16 must be auto, true or false, got {setting!r}")
-    return setting == "true" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
-
-
-def build_reward_config(trainer_cfg: TrainerConfig, run_dir: Path, report_to: str, model=None):
-    """The `trainer` group as TRL's RewardConfig (HF names), checkpoints under <run_dir>/checkpoints.
-    `model` resolves `gradient_checkpointing=auto` (without it, auto means on)."""
-    from trl import RewardConfig
-
-    kwargs = dataclasses.asdict(trainer_cfg)
-    # transformers 5 calls it activation_checkpointing (gradient_checkpointing is its deprecated alias, mirrored)
-    kwargs.pop("gradient_checkpointing")
-    kwargs["activation_checkpointing"] = (use_gradient_checkpointing(trainer_cfg, model) if model is not None
-                                          else str(trainer_cfg.gradient_checkpointing).lower() != "false")
-    kwargs["remove_unused_columns"] = False  # the packed collator reads prompt_len, which no forward takes
-    # rmexp.data truncates every pair to trainer.max_length when tokenizing: TRL's length filter (its only
-    # use of max_length) would drop nothing and print a progress bar
-    kwargs["max_length"] = None
-    kwargs.update(kwargs.pop("extra") or {})
-    for own_key in OWN_TRAINER_KEYS:  # rmexp's keys, not RewardConfig's
-        kwargs.pop(own_key)
-    cuda = torch.cuda.is_available()
-    return RewardConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        report_to=report_to,
-        use_cpu=not cuda,
-        bf16=use_bf16(kwargs.pop("bf16")),
-        disable_dropout=False,  # keep lora_dropout as configured
-        logging_first_step=True,
-        **kwargs,
-    )
-
-
 def fsdp_launched() -> bool:
     """Whether this process was started for FSDP: `accelerate launch` with an FSDP config file (such as
     conf/accelerate/fsdp_qlora.yaml) exports ACCELERATE_USE_FSDP=true before the model loads."""
@@ -208,26 +131,7 @@ def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None) -> di
     return kwargs
 
 
-def keep_4bit_layers_trainable(model) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight to a CPU layout at
-    its first eval-mode forward and from then on multiplies with `gemv_4bit`, which has no autograd
-    kernel: training after an evaluation would silently drop the gradient through every frozen base
-    layer. Training keeps the plain layout (and undoes a conversion already made). Returns how many
-    layers were touched.
-    """
-    from bitsandbytes.nn import Linear4bit
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            undo_cpu_inference_packing(module)
-            n += 1
-    return n
-
-
-# ---------------------------------------------------------------- fp32 rewards
+# ---------------------------------------------------------------- the reward head
 
 
 def reward_head(model):
@@ -241,39 +145,6 @@ def final_norm(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     return next((getattr(inner, name) for name in ("norm", "final_layernorm", "ln_f") if hasattr(inner, name)), None)
-
-
-_FP32_CLASSES: dict[type, type] = {}
-
-
-def _fp32_class(cls: type) -> type:
-    """A subclass of `cls` whose forward takes its input in fp32 and runs with autocast off.
-
-    A subclass (not a patched method) so it survives the deep copy peft makes of `modules_to_save`.
-    """
-    if cls not in _FP32_CLASSES:
-        def forward(self, x, *args, **kwargs):
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                if isinstance(self, torch.nn.Linear):  # whatever dtype a trainer cast the weights to
-                    bias = None if self.bias is None else self.bias.float()
-                    return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
-                return cls.forward(self, x.float(), *args, **kwargs)
-
-        _FP32_CLASSES[cls] = type(f"FP32{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return _FP32_CLASSES[cls]
-
-
-def use_fp32_rewards(model):
-    """Rewards from an fp32 head on fp32 hidden states, whatever the base's dtype and autocast.
-
-    bf16 rewards have 8 significant bits: at |r| ~ 6 they step by 1/32, so close pairs tie (a tie
-    counts as wrong). The final norm and the head are small; running them in fp32 costs nothing.
-    """
-    for module in (final_norm(model), reward_head(model)):
-        if module is not None and not type(module).__name__.startswith("FP32"):
-            module.__class__ = _fp32_class(type(module))
-    reward_head(model).float()
-    return model
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -302,4 +173,4 @@ def load_reward_model(model_cfg, quant_cfg, tokenizer=None):
     with expected_new_head():
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tok.pad_token_id
-    return use_fp32_rewards(model), tok, path
+    return model, tok, path

@@ -208,32 +208,30 @@ def block_attention(q, k, v, mask, scale: float | None):
     return out.view(1, heads, n, dim).transpose(1, 2)
 
 
-def use_packed_attention(model) -> None:
-    """Switch an SDPA model to `packed_sdpa` (plain SDPA for any batch that is not packed)."""
+def register_packed_attention() -> None:
+    """Make `packed_sdpa` a kernel transformers models can be switched to (`PACKED_ATTENTION`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(PACKED_ATTENTION)
 
 
-def packed_ready(model) -> bool:
-    """Switch an SDPA model to the packed kernel; False where the model uses another attention kernel."""
-    attn = attn_implementation(model)
-    if attn not in ("sdpa", PACKED_ATTENTION):
-        return False
-    if attn != PACKED_ATTENTION:
-        use_packed_attention(model)
-    return True
+def can_pack(model) -> bool:
+    """Whether `model` can run packed batches: its attention is SDPA (switchable to `packed_sdpa`) or packed already."""
+    return attn_implementation(model) in ("sdpa", PACKED_ATTENTION)
+
+
+def uses_packed_attention(model) -> bool:
+    return attn_implementation(model) == PACKED_ATTENTION
 
 
 def build_collator(trainer_cfg, model, tokenizer) -> PackedPairCollator | None:
     """PackedPairCollator for `trainer.batching=packed`, None (TRL's padded collator) for padded.
-    Packed batches need the packed attention kernel: switch the model first (`packed_ready`)."""
+    Packed batches need the packed attention kernel: rmexp.prepare.for_training switches the model first."""
     if trainer_cfg.batching is Batching.padded:
         return None
-    if attn_implementation(model) != PACKED_ATTENTION:
+    if not uses_packed_attention(model):
         raise ValueError(f"trainer.batching=packed needs model.attn_implementation=sdpa (got "
                          f"{attn_implementation(model)}); use trainer.batching=padded for other attention kernels")
     return PackedPairCollator.for_model(model, tokenizer.pad_token_id, trainer_cfg.packed_row_tokens)

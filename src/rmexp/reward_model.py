@@ -23,17 +23,19 @@ from pathlib import Path
 import torch
 
 from rmexp.data import Pair, encode_answer, encode_pair, encode_rendered, render, with_system_prompt
-from rmexp.packing import PackedPairCollator, packed_ready, packed_rewards
+from rmexp.packing import PackedPairCollator, packed_rewards, uses_packed_attention
+from rmexp.prepare import for_scoring
 from rmexp.rundir import is_run_dir, read_run_config, reward_stats
 
 
 class RewardModel:
     def __init__(self, model, tokenizer, max_length: int, path: str, system_prompt: str | None = None,
                  packed: bool = True, row_tokens: int = 2048):
+        model = for_scoring(model, packed)
         self.model, self.tokenizer, self.max_length, self.path = model.eval(), tokenizer, max_length, path
         self.system_prompt = system_prompt  # the run's data.system_prompt, put before every prompt
         self.row_tokens = row_tokens  # tokens per packed row: memory grows with it, padding never does
-        self.packed = packed and packed_ready(model)  # False: the padded forward (or a non-SDPA model)
+        self.packed = packed and uses_packed_attention(model)  # False: the padded forward (or a non-SDPA model)
         self.normalize = False  # __call__ returns (r - reward_mean) / reward_std (set by `load`)
         self.reward_mean: float | None = None
         self.reward_std: float | None = None
@@ -65,18 +67,17 @@ class RewardModel:
 
             cfg = read_run_config(path)
             base, _, _ = load_reward_model(cfg.model, cfg.quantization)
-            model = PeftModel.from_pretrained(base, str(path))
+            model = PeftModel.from_pretrained(for_scoring(base, packed), str(path))  # the head fp32 before it loads
             return cls(model, load_tokenizer(str(path)), int(cfg.trainer.max_length), str(path),
                        cfg.data.system_prompt, packed, row_tokens)
         if (path / "config.json").is_file():
             from transformers import AutoModelForSequenceClassification
 
-            from rmexp.model import torch_dtype, use_fp32_rewards
+            from rmexp.model import torch_dtype
 
-            # bf16 weights compute in bf16 only where the hardware does (else fp32); the head in fp32
+            # bf16 weights compute in bf16 only where the hardware does (else fp32); the head in fp32 (__init__)
             model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
                                                                        dtype=torch_dtype("auto"))
-            model = use_fp32_rewards(model)
             info = getattr(model.config, "rmexp", None) or {}
             return cls(model, load_tokenizer(str(path)), int(info.get("max_length", 512)), str(path),
                        info.get("system_prompt"), packed, row_tokens)

@@ -15,21 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from rmexp.builtin import resolve_model_path
-from rmexp.config import CONF_PATH, Batching, RMExpConfig, to_typed
+from rmexp.config import CONF_PATH, RMExpConfig, to_typed
 from rmexp.dataset import build_datasets
 from rmexp.diagnostics import EvalDiagnostics, summary
 from rmexp.metrics import length_baseline_accuracy
-from rmexp.model import (
-    build_lora_config,
-    build_reward_config,
-    load_reward_model,
-    load_tokenizer,
-)
-from rmexp.packing import build_collator, packed_ready
+from rmexp.model import build_lora_config, fsdp_launched, load_reward_model, load_tokenizer
+from rmexp.packing import build_collator
 from rmexp.preemption import StopOnSignal, requeue_if_preempted, resume_checkpoint
+from rmexp.prepare import for_training
 from rmexp.rundir import is_main_process, run_record, write_run_config, write_scores, writes_to
 from rmexp.tracking import job_identity, scrub_secrets, start_run
 from rmexp.trainer import PairwiseRewardTrainer, last_eval_at
+from rmexp.training_args import build_reward_config
 
 log = logging.getLogger("rmexp.train")
 
@@ -61,16 +58,13 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
             record.wandb_run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir),
                                          run_id=resume.wandb_run_id)
             record.wandb_run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
-        if cfg.trainer.batching is Batching.packed:
-            packed_ready(model)  # switch to the packed attention kernel (build_collator says if it could not)
+        model = for_training(model, cfg.trainer, fsdp=fsdp_launched())  # build_collator says if it cannot pack
         stop_on_signal = StopOnSignal(run_dir)
         trainer = PairwiseRewardTrainer(
             model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if record.wandb_run else "none", model),
             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=build_lora_config(cfg.lora),
             callbacks=[*(callbacks or []), stop_on_signal], data_collator=build_collator(cfg.trainer, model, tokenizer),
-            head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s,
-            fused_lora=cfg.trainer.fused_lora, dequant_cache=cfg.trainer.dequant_cache,
-            fused_rms_norm=cfg.trainer.fused_rms_norm)
+            head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s)
         eval_sources = [i.get("source") for i in eval_ids]  # accuracy by source at every evaluation
         trainer.eval_sources, trainer.eval_categories = eval_sources, cfg.data.categories
         if main_process:  # histograms, calibration and their figures at every evaluation, in the run dir and W&B

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_callback import ProgressCallback
 from trl import RewardTrainer
@@ -17,12 +16,12 @@ from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
 from rmexp._compat import count_train_tokens, log_metric
 from rmexp.callbacks import Budget, CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
-from rmexp.fsdp import check_fsdp_batching, fsdp_speed_options, prepare_for_fsdp
-from rmexp.lora import cache_dequantized_base, use_fused_lora
+from rmexp.fsdp import check_fsdp_batching
+from rmexp.loss import bradley_terry
 from rmexp.metrics import pairwise_metrics
-from rmexp.model import keep_4bit_layers_trainable, reward_head
-from rmexp.norm import use_fused_rms_norm
+from rmexp.model import reward_head
 from rmexp.packing import packed_rewards
+from rmexp.prepare import for_training
 
 
 def whole_run_loss(log_history: list[dict], start: int, session_loss: float, end: int) -> float:
@@ -55,6 +54,9 @@ class PairwiseRewardTrainer(RewardTrainer):
     TRL's own `eval_accuracy` is a mean of per-batch means; `eval_pairwise_accuracy` is the share of
     all held-out pairs with r_chosen > r_rejected. The rewards of the last evaluation stay in
     `last_eval_rewards` (n_pairs x 2: chosen, rejected), in dataset order on one process.
+
+    It takes a model `rmexp.prepare.for_training` prepared; the changes that can only follow TRL's peft
+    wrapping it makes itself, by the same function.
     """
 
     _eval_rewards: list | None = None
@@ -62,12 +64,9 @@ class PairwiseRewardTrainer(RewardTrainer):
     eval_sources: list[str | None] | None = None  # each eval pair's source/subset: accuracy by source
     eval_categories: dict[str, str] | None = None  # subset -> category: the category-averaged accuracy
 
-    def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None,
-                 fused_lora: bool = False, dequant_cache: str | bool = False, fused_rms_norm: bool = False,
-                 **kwargs):
+    def __init__(self, *args, head_learning_rate: float | None = None, time_budget_s: float | None = None, **kwargs):
         self.head_learning_rate = head_learning_rate
         self.time_budget_s = time_budget_s
-        self.clock_start: float | None = None
         super().__init__(*args, **kwargs)
         check_private_names(self)  # fails naming the library if an upgrade moved one rmexp relies on
         if self.pop_callback(ProgressCallback) is not None:  # one bar, training's; evaluations print their line
@@ -76,23 +75,12 @@ class PairwiseRewardTrainer(RewardTrainer):
         self.add_callback(CheckpointManifest(self.args.save_total_limit))
         self.args.save_total_limit = None
         self.add_callback(LogAtCheckpoint)  # last: it sees every callback's should_save
-        keep_4bit_layers_trainable(self.model)  # evaluations between steps must not break the gradients
         if self.is_fsdp_enabled:  # what cannot run sharded (rmexp.fsdp)
             check_fsdp_batching(self.data_collator)
-            fused_lora, dequant_cache = fsdp_speed_options(fused_lora, dequant_cache)
-        if fused_lora:
-            use_fused_lora(self.model)
-        cache_dequantized_base(self.model, dequant_cache)
-        if fused_rms_norm:
-            use_fused_rms_norm(self.model)
-        # TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
-        # precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
-        # than bf16's step (2^-8 of the weight) is no longer rounded away, and the head gives fp32 rewards.
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-        if self.is_fsdp_enabled:  # before the first evaluate() wraps the model
-            prepare_for_fsdp(self.model, self.accelerator)
+        # Here, not before: TRL's __init__ wraps the model with peft (the LoRA layers to fuse exist only from
+        # then on) and casts the trainable parameters of a quantized base to bf16 (to undo); and FSDP's
+        # preparation must precede the first evaluate(), which wraps the model.
+        for_training(self.model, fsdp=self.is_fsdp_enabled, accelerator=self.accelerator)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """Trainer.train, whose `training_loss` is the mean over the whole run after a resume as well
@@ -159,11 +147,21 @@ class PairwiseRewardTrainer(RewardTrainer):
         return 6 * inputs[main_input].numel() * self._flop_parameters
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's Bradley-Terry loss (rmexp.loss) and its logged metrics, on padded batches (TRL's collator: the
+        chosen answers, then the rejected ones) or packed ones (rmexp.packing)."""
+        mode = "train" if self.model.training else "eval"
         if "chosen_index" in inputs:
-            loss, outputs = self._packed_loss(model, inputs)
+            chosen, rejected = packed_rewards(model, inputs, head=reward_head(self.model))
+            outputs, tokens = None, inputs["num_real_tokens"]
         else:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            inputs["use_cache"] = False  # the model config's default would warn under gradient checkpointing
+            outputs = model(**inputs)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            tokens = inputs["attention_mask"].sum()
+        loss, stats = bradley_terry(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
+        self.log_pair_metrics(mode, stats, tokens)
+        if outputs is None:
+            outputs = SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
         if self.model.training:
             if not math.isfinite(loss.detach().float().item()):
                 raise NonFiniteLossError(
@@ -174,25 +172,18 @@ class PairwiseRewardTrainer(RewardTrainer):
             self._eval_rewards.append(self.accelerator.gather_for_metrics(pair).cpu())
         return (loss, outputs) if return_outputs else loss
 
-    def _packed_loss(self, model, inputs):
-        """TRL's Bradley-Terry loss and logged metrics, on packed batches."""
-        mode = "train" if self.model.training else "eval"
-        chosen, rejected = packed_rewards(model, inputs, head=reward_head(self.model))
-        margin = chosen - rejected - inputs["margin"] if "margin" in inputs else chosen - rejected
-        loss = -F.logsigmoid(margin).mean()
-        if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-        tokens = self.accelerator.gather_for_metrics(inputs["num_real_tokens"]).sum().item() if mode == "train" else None
-        count_train_tokens(self, tokens, mode)
+    def log_pair_metrics(self, mode: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
+        """What RewardTrainer logs of a batch, gathered over the processes: the running count of training
+        tokens (`num_tokens`), the min, mean and max reward, the accuracy and the mean margin."""
+        count = self.accelerator.gather_for_metrics(tokens).sum().item() if mode == "train" else None
+        count_train_tokens(self, count, mode)
         with torch.no_grad():
-            rewards = self.accelerator.gather(torch.cat([chosen, rejected]).detach())
-            diff = (chosen - rejected).detach()
+            rewards = self.accelerator.gather(stats["rewards"])
             for key, value in (("min_reward", rewards.min()), ("mean_reward", rewards.mean()),
                                ("max_reward", rewards.max()),
-                               ("accuracy", self.accelerator.gather_for_metrics((diff > 0).float().mean()).mean()),
-                               ("margin", self.accelerator.gather_for_metrics(diff.mean()).mean())):
+                               ("accuracy", self.accelerator.gather_for_metrics(stats["accuracy"]).mean()),
+                               ("margin", self.accelerator.gather_for_metrics(stats["margin"]).mean())):
                 log_metric(self, mode, key, value.item())
-        return loss, SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

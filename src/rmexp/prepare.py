@@ -1,0 +1,250 @@
+"""Every change rmexp makes to a loaded model, one function per use: `for_training` and `for_scoring`.
+
+A layer gets a faster or more exact forward by a class swap (`swap_class`): its class becomes a subclass with
+that forward, derived once per class. A subclass, not a patched method, survives the deep copies peft makes
+(`modules_to_save`); and one rule makes every swap idempotent: a module whose class the same maker derived
+keeps it. The forwards themselves are rmexp.lora's, rmexp.norm's and rmexp.packing's; here is where and when
+each one runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rmexp import lora, norm
+from rmexp._compat import undo_cpu_inference_packing
+from rmexp.config import Batching
+from rmexp.fsdp import fsdp_speed_options, prepare_for_fsdp
+from rmexp.model import final_norm, reward_head
+from rmexp.packing import PACKED_ATTENTION, can_pack, register_packed_attention, uses_packed_attention
+
+# ---------------------------------------------------------------- the class swap
+
+_DERIVED: dict[tuple[Callable, type], type | None] = {}  # (maker, class) -> its subclass, None where not covered
+_MAKER: dict[type, Callable] = {}  # derived subclass -> the maker that derived it
+
+
+def swap_class(module: torch.nn.Module, make_class: Callable[[type], type | None]) -> bool:
+    """Give `module` the subclass `make_class` derives from its class (derived once per class); a module whose
+    class `make_class` derived already keeps it. Returns whether `module` now has such a class: False where
+    `make_class` covers no class of its kind (returns None)."""
+    cls = type(module)
+    if _MAKER.get(cls) is make_class:
+        return True
+    if (make_class, cls) not in _DERIVED:
+        derived = make_class(cls)
+        _DERIVED[make_class, cls] = derived
+        if derived is not None:
+            _MAKER[derived] = make_class
+    derived = _DERIVED[make_class, cls]
+    if derived is None:
+        return False
+    module.__class__ = derived
+    return True
+
+
+def swap_classes(model: torch.nn.Module, make_class: Callable[[type], type | None]) -> int:
+    """`swap_class` on every module of `model`; returns how many have the derived class."""
+    return sum(swap_class(module, make_class) for module in list(model.modules()))
+
+
+def subclass(prefix: str, cls: type, forward) -> type:
+    return type(f"{prefix}{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+
+
+def fp32_class(cls: type) -> type:
+    """`cls` with its input taken in fp32 and autocast off: whatever dtype a trainer cast a Linear's weights to,
+    its output is fp32."""
+    own_forward = cls.forward
+
+    def forward(self, x, *args, **kwargs):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if isinstance(self, torch.nn.Linear):
+                bias = None if self.bias is None else self.bias.float()
+                return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+            return own_forward(self, x.float(), *args, **kwargs)
+
+    return subclass("FP32", cls, forward)
+
+
+def fused_lora_class(cls: type) -> type | None:
+    """A peft LoRA Linear layer class (plain or 4-bit) with the update added inside one matmul (rmexp.lora)."""
+    return subclass("Fused", cls, lora.fused_forward(cls.forward)) if cls in lora.lora_layer_classes() else None
+
+
+def cached_class(cls: type) -> type | None:
+    """A bitsandbytes Linear4bit class that keeps its weight dequantized after its first use (rmexp.lora)."""
+    from bitsandbytes.nn import Linear4bit
+
+    return subclass("Cached", cls, lora.cached_forward(cls.forward)) if issubclass(cls, Linear4bit) else None
+
+
+def fused_norm_class(cls: type) -> type | None:
+    """A transformers RMSNorm class of a known family with the closed-form backward (rmexp.norm)."""
+    forward = norm.fused_forward(cls)
+    return subclass("Fused", cls, forward) if forward is not None else None
+
+
+# ---------------------------------------------------------------- each change
+
+
+def upcast_reward_head(model):
+    """Rewards from an fp32 head on fp32 hidden states, whatever the base's dtype and autocast.
+
+    bf16 rewards have 8 significant bits: at |r| ~ 6 they step by 1/32, so close pairs tie (a tie
+    counts as wrong). The final norm and the head are small; running them in fp32 costs nothing.
+    Under a peft wrapper the head's copies (`original_module`, `modules_to_save`) are the modules changed.
+    """
+    for module in (final_norm(model), reward_head(model)):
+        if module is None:
+            continue
+        copies = getattr(module, "modules_to_save", None)
+        for target in ([module.original_module, *copies.values()] if copies is not None else [module]):
+            swap_class(target, fp32_class)
+    reward_head(model).float()
+    return model
+
+
+def use_packed_attention(model) -> None:
+    """Switch an SDPA model to `rmexp.packing.packed_sdpa` (plain SDPA for any batch that is not packed)."""
+    if not uses_packed_attention(model):
+        register_packed_attention()
+        model.set_attn_implementation(PACKED_ATTENTION)
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight to a CPU layout at
+    its first eval-mode forward and from then on multiplies with `gemv_4bit`, which has no autograd
+    kernel: training after an evaluation would silently drop the gradient through every frozen base
+    layer. Training keeps the plain layout (and undoes a conversion already made). Returns how many
+    layers were touched.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            undo_cpu_inference_packing(module)
+            n += 1
+    return n
+
+
+def fuse_lora(model) -> int:
+    """Give every peft LoRA Linear layer (plain or 4-bit) of `model` the fused forward; returns how many have it."""
+    return swap_classes(model, fused_lora_class)
+
+
+def fuse_rms_norms(model) -> int:
+    """Give each RMSNorm of a known transformers class the fused forward; returns how many have it."""
+    return swap_classes(model, fused_norm_class)
+
+
+def cache_dequantized_base(model, setting="auto") -> int:
+    """`trainer.dequant_cache` (auto, true, false; rmexp.lora.dequant_cache_fits): keep each frozen 4-bit weight
+    dequantized after its first use. Returns how many layers cache (0 when off or no 4-bit layers)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes, no 4-bit layers
+        layers = []
+    else:
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not lora.dequant_cache_fits(model, layers, setting):
+        return 0
+    for module in layers:
+        if swap_class(module, cached_class) and not hasattr(module, "rmexp_dequantized"):
+            module.rmexp_dequantized = None
+    return len(layers)
+
+
+def keep_trainable_params_fp32(model) -> None:
+    """TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
+    precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
+    than bf16's step (2^-8 of the weight) is no longer rounded away, and the head gives fp32 rewards."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+# ---------------------------------------------------------------- the uses
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The `trainer` keys that decide what `for_training` changes, under their config names."""
+
+    packed: bool = False  # trainer.batching=packed
+    fused_lora: bool = False
+    dequant_cache: str = "false"
+    fused_rms_norm: bool = False
+
+    @classmethod
+    def of(cls, trainer_cfg) -> TrainingOptions:
+        if isinstance(trainer_cfg, TrainingOptions):
+            return trainer_cfg
+        return cls(packed=trainer_cfg.batching is Batching.packed, fused_lora=bool(trainer_cfg.fused_lora),
+                   dequant_cache=str(trainer_cfg.dequant_cache), fused_rms_norm=bool(trainer_cfg.fused_rms_norm))
+
+
+OPTIONS_ATTRIBUTE = "rmexp_training_options"  # what the first step decided, for the second
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def allowed(options: TrainingOptions, fsdp: bool) -> TrainingOptions:
+    """`options` as FSDP can take them (rmexp.fsdp.fsdp_speed_options, which warns about what it turns off)."""
+    if not fsdp:
+        return options
+    fused_lora, dequant_cache = fsdp_speed_options(options.fused_lora, options.dequant_cache)
+    return dataclasses.replace(options, fused_lora=fused_lora, dequant_cache=dequant_cache)
+
+
+def for_training(model, options=None, fsdp: bool = False, accelerator=None):
+    """Every change training makes to a loaded model, in the two steps TRL's peft wrapping separates; each is
+    idempotent, so a second call changes nothing.
+
+    Before the wrapping (a transformers model; rmexp.train): rewards from an fp32 head (before peft copies the
+    head), 4-bit layers kept trainable, the packed attention kernel, the dequantized base and the fused
+    RMSNorm as `options` (a TrainerConfig or TrainingOptions) ask and FSDP allows (rmexp.fsdp); what was
+    decided is kept on the model. After it (the peft model; PairwiseRewardTrainer): the fused LoRA layers,
+    which exist only from then on, as decided; the trainable parameters back in fp32 after TRL's bf16 cast;
+    and with `fsdp`, what FSDP needs before anything wraps the model (`accelerator`'s plugin).
+    """
+    if not is_peft_model(model):
+        options = allowed(TrainingOptions.of(options) if options is not None else TrainingOptions(), fsdp)
+        upcast_reward_head(model)
+        keep_4bit_layers_trainable(model)
+        if options.packed and can_pack(model):  # else rmexp.packing.build_collator says why it cannot pack
+            use_packed_attention(model)
+        cache_dequantized_base(model, options.dequant_cache)
+        if options.fused_rms_norm:
+            fuse_rms_norms(model)
+        setattr(model, OPTIONS_ATTRIBUTE, options)
+        return model
+    options = allowed(getattr(model, OPTIONS_ATTRIBUTE, None) or TrainingOptions(), fsdp)
+    if options.fused_lora:
+        fuse_lora(model)
+    keep_trainable_params_fp32(model)
+    if fsdp:
+        prepare_for_fsdp(model, accelerator)
+    return model
+
+
+def for_scoring(model, packed: bool = True):
+    """Every change scoring makes to a loaded model: rewards from an fp32 head on fp32 hidden states and, with
+    `packed`, the packed attention kernel wherever the model's attention can take it (else the padded forward
+    scores). On a base whose saved adapter is still to load, before it loads: the adapter's fp32 head weights
+    must land in fp32 modules."""
+    upcast_reward_head(model)
+    if packed and can_pack(model):
+        use_packed_attention(model)
+    return model
