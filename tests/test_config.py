@@ -184,3 +184,62 @@ def test_a_run_config_round_trips_with_literal_interpolations_and_loads_from_old
     OmegaConf.save(old, tmp_path / RUN_CONFIG)
     loaded = read_run_config(tmp_path)
     assert loaded.data.on_error is OnError["raise"] and loaded.trainer.fused_rms_norm is True
+
+
+# The YAML file holding each schema dataclass's defaults (None: a node of the file, by key path).
+DEFAULTS_FILES = {
+    "ModelConfig": ("model/base.yaml", None), "QuantizationConfig": ("quantization/base.yaml", None),
+    "LoraConfig": ("lora/default.yaml", None), "DataConfig": ("data/base.yaml", None),
+    "TrainerConfig": ("trainer/default.yaml", None), "LoggerConfig": ("logger/base.yaml", None),
+    "PathsConfig": ("paths/default.yaml", None), "ScoringConfig": ("evaluate.yaml", "eval"),
+    "ServerConfig": ("serve.yaml", "serve"), "EvaluateConfig": ("evaluate.yaml", None),
+    "ServeConfig": ("serve.yaml", None), "ScoreConfig": ("score.yaml", None), "ExportConfig": ("export.yaml", None),
+    "ReportConfig": ("report.yaml", None), "CompareConfig": ("compare.yaml", None),
+}
+
+
+def schema_classes():
+    import dataclasses
+
+    import rmexp.config as config
+
+    return {name: cls for name, cls in vars(config).items()
+            if dataclasses.is_dataclass(cls) and cls.__module__ == config.__name__}
+
+
+def test_each_default_is_written_once_in_the_yaml_or_the_schema_never_both():
+    """A field whose schema default is MISSING has its value in its group's YAML (the one place to read and
+    change it); the dataclasses with defaults of their own (a source of a mixture, a columns mapping) are set
+    in no YAML: every conf file leaves data.sources and data.columns empty or required."""
+    import dataclasses
+
+    import yaml
+    from omegaconf import MISSING
+
+    classes = schema_classes()
+    own_defaults = {"ColumnsConfig", "SourceConfig"}
+    assert set(classes) == set(DEFAULTS_FILES) | own_defaults | {"RMExpConfig"}, "a new dataclass needs its file here"
+    for name, (path, node) in DEFAULTS_FILES.items():
+        written = yaml.safe_load((ROOT / "conf" / path).read_text(encoding="utf-8")) or {}
+        written = written.get(node, {}) if node else written
+        for f in dataclasses.fields(classes[name]):
+            nested = f.type in {c.__name__ for c in classes.values()} or f.name in ("data", "logger", "paths")
+            assert f.default is MISSING, f"{name}.{f.name}: a default in the schema; it belongs in conf/{path}"
+            assert nested or f.name in written, f"{name}.{f.name}: no default in conf/{path}"
+    for name in own_defaults:
+        assert all(f.default is not MISSING for f in dataclasses.fields(classes[name]) if f.name != "path")
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data", {}) if "data" not in path.parts \
+            else yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for key, empty in (("sources", ([], "???")), ("columns", ({},))):
+            assert data.get(key, empty[0]) in empty, f"{path}: {key} set in YAML; its defaults are the schema's"
+
+
+def test_a_field_defaulted_in_yaml_has_its_comment_there_not_in_the_schema():
+    source = (ROOT / "src" / "rmexp" / "config.py").read_text(encoding="utf-8").splitlines()
+    owner = {}  # line -> the class it is in
+    for i, line in enumerate(source):
+        owner[i] = line.split()[1].split("(")[0].rstrip(":") if line.startswith("class ") else owner.get(i - 1)
+    commented = [i + 1 for i, line in enumerate(source) if owner[i] in DEFAULTS_FILES
+                 and re.match(r"    \w+: .*= MISSING", line) and ("#" in line or source[i - 1].strip().startswith("#"))]
+    assert not commented, f"config.py lines {commented}: say it beside the value in conf/, once"

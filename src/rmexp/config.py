@@ -7,9 +7,14 @@ A value of the right type that no run could use (`lora.r=0`, `trainer.bf16=maybe
 dataclass's `__post_init__`, which `to_typed` runs: a `ConfigError` naming the key, before any data
 or model is read. Checks across groups are in `validate`. Every such check is here, nowhere else.
 
-The dataclasses only type: every default value lives in the YAML (`conf/<group>/base.yaml` for what
-a group's options share), so there is one place to read and change it. `conf/` ships inside the
-package as `rmexp.conf` (`pkg://rmexp.conf`), and the sample pairs in `data/` as `rmexp.sample`.
+The dataclasses only type and check: every default value lives in the YAML (`conf/<group>/base.yaml`
+for what a group's options share), with the comment that says what it is and why, so there is one place
+to read and change it (tests/test_config.py holds both to that). Keys passed to a library keep its
+names: `quantization` BitsAndBytesConfig's, `lora` peft.LoraConfig's (task_type is always SEQ_CLS),
+`trainer` trl.RewardConfig's beside rmexp's own (rmexp.training_args). The exceptions, whose defaults
+are here: ColumnsConfig and SourceConfig, list items and per-source mappings that YAML cannot default.
+`conf/` ships inside the package as `rmexp.conf` (`pkg://rmexp.conf`), and the sample pairs in `data/`
+as `rmexp.sample`.
 A composed config is converted once (`to_typed`) and passed on as these dataclasses.
 """
 
@@ -126,14 +131,11 @@ OnError = Enum("OnError", {"raise": "raise", "skip": "skip", "raise_": "raise"},
 
 @dataclass
 class ModelConfig:
-    # A hub id, a local HF directory, or `builtin:<name>` for a model rmexp builds locally.
     name_or_path: str = MISSING
     revision: str | None = MISSING
-    trust_remote_code: bool = MISSING  # off unless asked: remote code runs with your privileges
-    # dtype of the weights that stay unquantized (embeddings, norms); auto: bf16 where the hardware has it, else fp32
+    trust_remote_code: bool = MISSING
     dtype: str = MISSING
     attn_implementation: str | None = MISSING
-    # where builtin models are built and cached
     cache_dir: str = MISSING
 
     def __post_init__(self):
@@ -143,14 +145,11 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    # Keys keep BitsAndBytesConfig's names; both flags false means no quantization.
     load_in_4bit: bool = MISSING
     load_in_8bit: bool = MISSING
     bnb_4bit_quant_type: QuantType = MISSING
     bnb_4bit_use_double_quant: bool = MISSING
-    bnb_4bit_compute_dtype: str = MISSING  # auto: bf16 where the hardware has it, else fp32
-    # dtype the packed 4-bit weights are stored in: uint8, bfloat16, float16, float32, or auto (the compute
-    # dtype); FSDP needs it equal to model.dtype, the dtype of the weights left unquantized
+    bnb_4bit_compute_dtype: str = MISSING
     bnb_4bit_quant_storage: str = MISSING
 
     def __post_init__(self):
@@ -167,13 +166,11 @@ class QuantizationConfig:
 
 @dataclass
 class LoraConfig:
-    # Keys keep peft.LoraConfig's names; task_type is always SEQ_CLS.
     r: int = MISSING
     lora_alpha: int = MISSING
     lora_dropout: float = MISSING
     target_modules: list[str] = MISSING
     bias: str = MISSING
-    # the reward head is new: train it fully and save it with the adapter
     modules_to_save: list[str] = MISSING
 
     def __post_init__(self):
@@ -189,8 +186,9 @@ class LoraConfig:
 
 @dataclass
 class ColumnsConfig:
-    # The field each role is read from, for any data.format (OpenRLHF's --prompt_key, LLaMA-Factory's
-    # dataset_info.json columns); null: the format's own. Defaults here, not in YAML: a source's columns too.
+    """The field each role is read from, for any data.format (OpenRLHF's --prompt_key, LLaMA-Factory's
+    dataset_info.json columns); null: the format's own. Defaults here, not in YAML: a source's columns too."""
+
     prompt: str | None = None
     chosen: str | None = None
     rejected: str | None = None
@@ -203,7 +201,8 @@ class ColumnsConfig:
 
 @dataclass
 class SourceConfig:
-    # One source of a mixture (data.sources). Defaults here, not in YAML: they apply to each list item.
+    """One source of a mixture (data.sources). Its defaults are here, not in YAML: they apply to each list item."""
+
     path: str = MISSING  # a local JSONL/JSON/Parquet file or a hub dataset id
     name: str | None = None  # the hub dataset's configuration name
     split: str = "train"  # the hub dataset's split
@@ -220,22 +219,22 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     path: str | None = MISSING
-    split: str = MISSING  # the split of a hub dataset given as path
+    split: str = MISSING
     sources: list[SourceConfig] = MISSING
     eval_path: str | None = MISSING
-    eval_split: str = MISSING  # the split of a hub dataset given as eval_path (RewardBench's: filtered)
-    format: DataFormat = MISSING  # of path, eval_path and each source without its own
+    eval_split: str = MISSING
+    format: DataFormat = MISSING
     columns: ColumnsConfig = MISSING
-    eval_fraction: float = MISSING  # held out, seeded by split_seed, when eval_path is null
-    split_seed: int = MISSING  # fixed apart from trainer.seed so every sweep job sees the same split
-    max_pairs: int | None = MISSING  # read only the first N pairs of each file
-    system_prompt: str | None = MISSING  # prepended as a system message to every prompt
+    eval_fraction: float = MISSING
+    split_seed: int = MISSING
+    max_pairs: int | None = MISSING
+    system_prompt: str | None = MISSING
     on_error: OnError = MISSING
-    num_proc: int | None = MISSING  # tokenizing processes; null: one per core for large sources, one for small
-    cache_dir: str | None = MISSING  # tokenized datasets' cache; null: datasets' own (~/.cache/huggingface/datasets)
-    streaming: bool = MISSING  # read and tokenize while training (needs trainer.max_steps and data.eval_path)
-    stopping_strategy: str = MISSING  # a weighted mixture ends: first_exhausted, all_exhausted (datasets' names)
-    categories: dict[str, str] = MISSING  # subset -> category: evaluations add the category-averaged accuracy
+    num_proc: int | None = MISSING
+    cache_dir: str | None = MISSING
+    streaming: bool = MISSING
+    stopping_strategy: str = MISSING
+    categories: dict[str, str] = MISSING
 
     def __post_init__(self):
         if _given(self.eval_fraction):
@@ -262,42 +261,29 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    # rmexp's own keys: how pairs become batches (see rmexp.packing)
-    batching: Batching = MISSING  # packed: prompt once, no padding; padded: TRL's collator
-    packed_row_tokens: int = MISSING  # token budget of one packed row
-    # null: start fresh, refused in a run dir that holds a run (checkpoints, an adapter, a finished metrics.json);
-    # auto: continue this run dir from its newest intact checkpoint; never: move the old run to
-    # <run dir>/previous-<time>/ and start over; or a checkpoint dir (rmexp.rundir.claim_run_dir)
+    batching: Batching = MISSING
+    packed_row_tokens: int = MISSING
     resume: str | None = MISSING
-    # null: the score head learns at learning_rate; else its own rate (it starts from random weights)
     head_learning_rate: float | None = MISSING
-    # seconds of training: the learning rate decays over the clock and training stops when it runs out
-    # (num_train_epochs / max_steps still cap it); null: train for the steps/epochs set
     time_budget_s: float | None = MISSING
-    # add each LoRA update inside one matmul, without peft's casts and copies (falls back to peft's
-    # forward wherever it does not apply); false: peft's forward throughout
     fused_lora: bool = MISSING
-    # keep the frozen 4-bit base dequantized after its first use instead of dequantizing it twice a
-    # step: auto (when the 16-bit copy fits 20% of free memory), true, false
     dequant_cache: str = MISSING
-    # RMSNorm layers (Gemma, Llama, Mistral, Qwen) with a closed-form backward (rmexp.norm): the same outputs
     fused_rms_norm: bool = MISSING
-    # Every other key keeps trl.RewardConfig / transformers.TrainingArguments names.
     learning_rate: float = MISSING
     num_train_epochs: float = MISSING
     max_steps: int = MISSING
     per_device_train_batch_size: int = MISSING
     per_device_eval_batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
-    max_length: int = MISSING  # per sequence; longer pairs lose prompt tokens from the left
+    max_length: int = MISSING
     warmup_steps: float = MISSING
     lr_scheduler_type: str = MISSING
     weight_decay: float = MISSING
     max_grad_norm: float = MISSING
     optim: str = MISSING
     center_rewards_coefficient: float | None = MISSING
-    gradient_checkpointing: str = MISSING  # auto (on only when activations would not fit), true, false
-    bf16: str = MISSING  # bf16 autocast: auto (where the hardware computes bf16), true, false
+    gradient_checkpointing: str = MISSING
+    bf16: str = MISSING
     eval_strategy: str = MISSING
     eval_steps: float = MISSING
     save_strategy: str = MISSING
@@ -306,7 +292,6 @@ class TrainerConfig:
     logging_steps: float = MISSING
     seed: int = MISSING
     dataloader_num_workers: int = MISSING
-    # any other RewardConfig field, passed through as is
     extra: dict[str, Any] = MISSING
 
     def __post_init__(self):
@@ -333,13 +318,13 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     backend: LoggerBackend = MISSING
-    mode: WandbMode | None = MISSING  # null: online when W&B credentials exist, else offline
+    mode: WandbMode | None = MISSING
     project: str = MISSING
     entity: str | None = MISSING
     group: str | None = MISSING
     name: str | None = MISSING
     tags: list[str] = MISSING
-    init_timeout: float = MISSING  # seconds before an online start falls back to offline
+    init_timeout: float = MISSING
 
 
 @dataclass
@@ -371,16 +356,16 @@ def validate(cfg: RMExpConfig) -> None:
 
 @dataclass
 class ScoringConfig:
-    packed: bool = MISSING  # pairs as [prompt][chosen][rejected] packed rows; false: the padded forward (a check)
-    row_tokens: int = MISSING  # tokens per packed row: memory follows it, not the file's size
-    chunk_pairs: int = MISSING  # pairs tokenized, scored and written at a time
+    packed: bool = MISSING
+    row_tokens: int = MISSING
+    chunk_pairs: int = MISSING
 
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = MISSING  # a training run dir or an exported model dir
-    batch_size: int = MISSING  # pairs per forward on the padded path
-    worst_pairs: int = MISSING  # rows of the W&B table of the most wrongly scored pairs
+    checkpoint: str = MISSING
+    batch_size: int = MISSING
+    worst_pairs: int = MISSING
     eval: ScoringConfig = MISSING
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
@@ -389,37 +374,37 @@ class EvaluateConfig:
 
 @dataclass
 class ServerConfig:
-    host: str = MISSING  # 0.0.0.0 to accept other machines
+    host: str = MISSING
     port: int = MISSING
-    max_batch: int = MISSING  # texts scored in one packed forward
-    batch_window_ms: float = MISSING  # how long a request waits for others to share its forward
-    max_items: int = MISSING  # texts in one request
+    max_batch: int = MISSING
+    batch_window_ms: float = MISSING
+    max_items: int = MISSING
     max_request_bytes: int = MISSING
-    row_tokens: int = MISSING  # tokens per packed row
-    normalize: bool = MISSING  # (r - mean) / std with the run's held-out reward statistics
-    api_key: str | None = MISSING  # required as 'Authorization: Bearer <key>' by every route but /health
-    read_timeout_s: float = MISSING  # a request not read whole by then: 408, connection closed
-    keep_alive_s: int = MISSING  # an idle keep-alive connection is closed after this
-    max_connections: int = MISSING  # served at once (503 beyond)
-    docs: bool = MISSING  # serve /docs, /redoc and /openapi.json
+    row_tokens: int = MISSING
+    normalize: bool = MISSING
+    api_key: str | None = MISSING
+    read_timeout_s: float = MISSING
+    keep_alive_s: int = MISSING
+    max_connections: int = MISSING
+    docs: bool = MISSING
 
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = MISSING  # a training run dir or an exported model dir
+    checkpoint: str = MISSING
     serve: ServerConfig = MISSING
 
 
 @dataclass
 class ScoreConfig:
-    checkpoint: str = MISSING  # a training run dir or an exported model dir
+    checkpoint: str = MISSING
     question: str = MISSING
     answer: str = MISSING
 
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = MISSING  # a training run dir
+    checkpoint: str = MISSING
     output_dir: str = MISSING
     dtype: str = MISSING
     eval_metrics: str | None = MISSING
@@ -429,13 +414,13 @@ class ExportConfig:
 class ReportConfig:
     sweep_dir: str = MISSING
     wandb: bool = MISSING
-    seed: int = MISSING  # of the paired bootstrap's resampling
+    seed: int = MISSING
     n_resamples: int = MISSING
 
 
 @dataclass
 class CompareConfig:
-    a: str = MISSING  # a run dir or an rmexp-evaluate dir
+    a: str = MISSING
     b: str = MISSING
     n_resamples: int = MISSING
     seed: int = MISSING
