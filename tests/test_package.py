@@ -64,3 +64,12 @@ def test_dependencies_are_ranges_around_the_tested_set():
         assert bounds[">="] == pins[name], f"{requirement}: the floor is not the tested {pins[name]}"
         assert bounds["<"] == Version(str(bounds[">="].major + 1)), f"{requirement}: the ceiling is not the next major"
         assert Version(version(requirement.name)).release == pins[name].release, f"{name} installed is not the tested one"
+
+
+def test_train_main_reads_top_to_bottom_in_under_60_lines():
+    import inspect
+
+    from rmexp.train import main
+
+    lines = inspect.getsource(main).splitlines()
+    assert len(lines) < 60, f"rmexp.train.main is {len(lines)} lines: move a step into a named function"

@@ -8,7 +8,9 @@ tests call; it returns the held-out pairwise accuracy so a Hydra sweeper can opt
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -37,57 +39,34 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     # over the run this refuses to train over (or over the old run's, when no checkpoint is intact)
     resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)
     with run_record(run_dir, write=main_process) as record:
+        # setup: the config's checks, then the data before the model (its errors in seconds, not after an 8B load)
         cfg = to_typed(cfg)  # runs the schema's checks (rmexp.config): a bad value fails here, recorded
-        # the data before the model: its errors come in seconds, not after an 8B load
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
         tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
-        train_ds, eval_ds, data_stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
-        truncation, eval_ids = data_stats.pop("truncation"), data_stats.pop("eval_identity")  # ids: scores.jsonl's
-        formats = data_stats.pop("formats")  # the format each source was read as
-        log_truncation(truncation, cfg.trainer.max_length)
-        log.info(config_summary(cfg, train_ds, eval_ds))
-
+        data = load_data(cfg, tokenizer)
         set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
         model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization, tokenizer)
-
-        # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
-        resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
-        if main_process:  # the run dir describes itself, Hydra or not (RewardModel.load reads it)
-            write_run_config(run_dir, resolved)
-        if cfg.logger.backend.value == "wandb" and main_process:
-            record.wandb_run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir),
-                                         run_id=resume.wandb_run_id)
-            record.wandb_run.config.update({"data_stats": data_stats, "truncation": truncation}, allow_val_change=True)
-        model = for_training(model, cfg.trainer, fsdp=fsdp_launched())  # build_collator says if it cannot pack
+        if main_process:
+            record.wandb_run = describe_run(cfg, run_dir, data, resume.wandb_run_id)
         stop_on_signal = StopOnSignal(run_dir)
-        trainer = PairwiseRewardTrainer(
-            model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if record.wandb_run else "none", model),
-            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, peft_config=build_lora_config(cfg.lora),
-            callbacks=[*(callbacks or []), stop_on_signal], data_collator=build_collator(cfg.trainer, model, tokenizer),
-            head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s)
-        eval_sources = [i.get("source") for i in eval_ids]  # accuracy by source at every evaluation
-        trainer.eval_sources, trainer.eval_categories = eval_sources, cfg.data.categories
-        if main_process:  # histograms, calibration and their figures at every evaluation, in the run dir and W&B
-            trainer.add_callback(EvalDiagnostics(trainer, run_dir, record.wandb_run, eval_sources, cfg.data.categories))
-        if not streamed(train_ds) and len(trainer.train_dataset) != len(train_ds):  # ours fit: TRL filters none
-            raise RuntimeError(f"{len(train_ds) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
-        # Baselines beside the accuracy: the same eval pairs before any step, and a length count.
+        trainer = build_trainer(cfg, model, tokenizer, data, run_dir, record.wandb_run,
+                                [*(callbacks or []), stop_on_signal], main_process)
+
+        # train, between two evaluations of the same held-out pairs (before: the untrained baseline)
         initial = trainer.evaluate()["eval_pairwise_accuracy"]
         with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
             train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
         stop_on_signal.raise_if_stopped(trainer.state.global_step)  # SIGTERM, or submitit's preemption
         final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
+        # save: adapter, score head, tokenizer and scores.jsonl; metrics.json when run_record ends
         with writes_to(run_dir):
             trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
             if main_process:
                 (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
-                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, eval_ids)
-        rewards = trainer.last_eval_rewards.numpy()  # ece, brier, by_source (and categories) of the final evaluation
-        record.result = run_result(trainer, final, initial, train_output, eval_ds) | {
-            "n_train_pairs": None if streamed(train_ds) else len(train_ds), "resumed_from": resume.checkpoint,
-            "resume_skipped": resume.skipped, "data": data_stats, "data_formats": formats, "truncation": truncation,
-            "model": model_path} | summary(rewards[:, 0], rewards[:, 1], eval_sources, cfg.data.categories)
+                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, data.eval_ids)
+        record.result = run_result(trainer, final, initial, train_output, data) | {
+            "resumed_from": resume.checkpoint, "resume_skipped": resume.skipped, "model": model_path}
         if record.wandb_run is not None:
             record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
                 "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}
@@ -95,6 +74,63 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     if main_process:
         print(summary_line(record.result, run_dir))
     return record.result["pairwise_accuracy"]
+
+
+@dataclass
+class Data:
+    """The run's pairs, tokenized, and what reading them counted."""
+
+    train: Any
+    eval: Any
+    stats: dict  # per source: pairs read, skipped (by reason), held out; logged to W&B and metrics.json
+    truncation: dict  # per split: pairs and tokens cut to trainer.max_length
+    eval_ids: list[dict]  # per eval pair: pair_id and source (scores.jsonl's)
+    formats: dict  # the data.format each source was read as
+
+    @property
+    def eval_sources(self) -> list[str | None]:
+        return [i.get("source") for i in self.eval_ids]
+
+
+def load_data(cfg: RMExpConfig, tokenizer) -> Data:
+    """The training and held-out datasets; truncation counted and logged, one line on the run."""
+    train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
+    data = Data(train_ds, eval_ds, stats, stats.pop("truncation"), stats.pop("eval_identity"), stats.pop("formats"))
+    log_truncation(data.truncation, cfg.trainer.max_length)
+    log.info(config_summary(cfg, train_ds, eval_ds))
+    return data
+
+
+def describe_run(cfg: RMExpConfig, run_dir: Path, data: Data, wandb_run_id: str | None):
+    """The run dir describes itself, Hydra or not (rmexp_config.yaml, which RewardModel.load reads); with W&B, the
+    job's run (a requeued job continues its own), which is returned."""
+    # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
+    resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
+    write_run_config(run_dir, resolved)
+    if cfg.logger.backend.value != "wandb":
+        return None
+    run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir), run_id=wandb_run_id)
+    run.config.update({"data_stats": data.stats, "truncation": data.truncation}, allow_val_change=True)
+    return run
+
+
+def build_trainer(cfg: RMExpConfig, model, tokenizer, data: Data, run_dir: Path, wandb_run, callbacks: list,
+                  main_process: bool) -> PairwiseRewardTrainer:
+    """The model prepared for training (rmexp.prepare) inside TRL's RewardTrainer, with rmexp's collator, head
+    learning rate, time budget and, on rank 0, the reward diagnostics at every evaluation."""
+    model = for_training(model, cfg.trainer, fsdp=fsdp_launched())  # build_collator says if it cannot pack
+    trainer = PairwiseRewardTrainer(
+        model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if wandb_run else "none", model),
+        train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        peft_config=build_lora_config(cfg.lora), callbacks=callbacks,
+        data_collator=build_collator(cfg.trainer, model, tokenizer),
+        head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s)
+    trainer.eval_sources, trainer.eval_categories = data.eval_sources, cfg.data.categories  # accuracy by source
+    if main_process:  # histograms, calibration and their figures at every evaluation, in the run dir and W&B
+        trainer.add_callback(EvalDiagnostics(trainer, run_dir, wandb_run, data.eval_sources, cfg.data.categories))
+    if not streamed(data.train) and len(trainer.train_dataset) != len(data.train):  # ours fit: TRL filters none
+        raise RuntimeError(f"{len(data.train) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
+    return trainer
 
 
 def config_summary(cfg: RMExpConfig, train_ds, eval_ds) -> str:
@@ -115,12 +151,15 @@ def streamed(ds) -> bool:
     return isinstance(ds, IterableDataset)
 
 
-def run_result(trainer, final: dict, initial: float, train_output, eval_ds) -> dict:
-    """metrics.json's figures: the final evaluation beside its baselines, and what training did."""
+def run_result(trainer, final: dict, initial: float, train_output, data: Data) -> dict:
+    """metrics.json's figures: the final evaluation beside its baselines and its diagnostics (ece, brier,
+    by_source, categories), what training did, and what reading the data counted."""
+    rewards = trainer.last_eval_rewards.numpy()
+    n_train = None if streamed(data.train) else len(data.train)
     return {
         **{k: final[f"eval_{k}"] for k in ("pairwise_accuracy", "ci_low", "ci_high")},
         "initial_pairwise_accuracy": initial,
-        "length_baseline_accuracy": length_baseline_accuracy(eval_ds["chosen_tokens"], eval_ds["rejected_tokens"]),
+        "length_baseline_accuracy": length_baseline_accuracy(data.eval["chosen_tokens"], data.eval["rejected_tokens"]),
         "n_eval_pairs": final["eval_n_pairs"],
         **{k: final[f"eval_{k}"] for k in ("n_ties", "mean_margin", "reward_mean", "reward_std")},
         "eval_loss": final["eval_loss"],
@@ -128,10 +167,10 @@ def run_result(trainer, final: dict, initial: float, train_output, eval_ds) -> d
         "train_runtime_s": round(train_output.metrics["train_runtime"], 2),
         "n_train_pairs_seen": (trainer.state.global_step * trainer.args.gradient_accumulation_steps
                                * trainer.args.train_batch_size * trainer.args.world_size
-                               if streamed(trainer.train_dataset)
-                               else round((trainer.state.epoch or 0.0) * len(trainer.train_dataset))),
+                               if n_train is None else round((trainer.state.epoch or 0.0) * n_train)),
         "global_step": trainer.state.global_step,
-    }
+        "n_train_pairs": n_train, "data": data.stats, "data_formats": data.formats, "truncation": data.truncation,
+    } | summary(rewards[:, 0], rewards[:, 1], data.eval_sources, trainer.eval_categories)
 
 
 def log_truncation(truncation: dict, max_length: int) -> None:
