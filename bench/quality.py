@@ -248,8 +248,9 @@ def over_seeds(args, held_lines: str, budget: str, runs: dict) -> dict:
     peer = np.mean([[p[k] for k in shared] for p, _ in decisions], axis=0)
     ours = np.mean([[o[k] for k in shared] for _, o in decisions], axis=0)
     low, high = paired_bootstrap(peer, ours)
-    peer_acc = [p["accuracy"] for p, _ in runs.values()]
-    ours_acc = [results[budget]["accuracy"] for _, results in runs.values()]
+    # every figure on the shared pairs (all of them, unless a run skipped one), so the means and delta agree
+    peer_acc = [float(np.mean([p[k] for k in shared])) for p, _ in decisions]
+    ours_acc = [float(np.mean([o[k] for k in shared])) for _, o in decisions]
     deltas = np.subtract(ours_acc, peer_acc)
     return {"budget": budget, "seeds": list(runs), "model": args.model, "train_lines": f"1-{args.train_lines}",
             "held_out_lines": held_lines, "shared_pairs": len(shared),

@@ -102,8 +102,8 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
 
 
 def test_every_trainer_key_reaches_reward_config_or_rmexp():
-    """A `trainer` key is a RewardConfig field (passed on under its HF name) or one of rmexp's own, which rmexp
-    reads itself: a key that is neither (a RewardConfig field renamed upstream, say) would be dropped unread."""
+    """A `trainer` key is a RewardConfig field (passed on under its HF name) or one of rmexp's own, marked in the
+    schema and read by rmexp: a RewardConfig field renamed upstream fails here instead of being dropped unread."""
     import dataclasses
     import re
 
@@ -112,9 +112,10 @@ def test_every_trainer_key_reaches_reward_config_or_rmexp():
     from conftest import ROOT
     from rmexp.config import TrainerConfig
 
-    own = own_trainer_keys()
-    assert own and own.isdisjoint(f.name for f in dataclasses.fields(RewardConfig))
-    assert own <= {f.name for f in dataclasses.fields(TrainerConfig)}
+    own, hf = own_trainer_keys(), {f.name for f in dataclasses.fields(RewardConfig)}
+    passed_on = {f.name for f in dataclasses.fields(TrainerConfig)} - own
+    assert own and own.isdisjoint(hf), own & hf
+    assert passed_on <= hf, f"trainer keys neither RewardConfig's nor marked rmexp's own: {sorted(passed_on - hf)}"
     source = "\n".join(p.read_text() for p in (ROOT / "src/rmexp").glob("*.py") if p.name != "config.py")
     unread = sorted(key for key in own if not re.search(rf"\.{key}\b|\"{key}\"", source))
-    assert not unread, f"trainer keys neither RewardConfig's nor read by rmexp: {unread}"
+    assert not unread, f"rmexp's own trainer keys that rmexp never reads: {unread}"

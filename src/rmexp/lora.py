@@ -24,6 +24,7 @@ import logging
 import torch
 
 from rmexp._compat import cpu_inference_packed, lora_is_plain
+from rmexp.config import Switch, switch
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,9 @@ def dequant_cache_fits(model, layers, setting="auto", budget: float = 0.2) -> bo
     """`trainer.dequant_cache` for the 4-bit `layers` of `model`: true, false, or auto, on when the copy takes at
     most `budget` of the memory that is free (RAM on CPU, the device's on CUDA): Gemma-3-270M's 0.2 GB on any
     machine, never an 8B base on a 24 GB GPU, where 4-bit storage is what makes it fit."""
-    setting = str(setting).lower()
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"trainer.dequant_cache must be auto, true or false, got {setting!r}")
-    if not layers or setting != "auto":
-        return bool(layers) and setting == "true"
+    setting = switch(setting, "trainer.dequant_cache")
+    if not layers or setting is not Switch.auto:
+        return bool(layers) and setting is Switch.true
     needed = dequantized_bytes(model)
     device = layers[0].weight.device
     if device.type == "cuda":

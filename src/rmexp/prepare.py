@@ -213,24 +213,26 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None):
     idempotent, so a second call changes nothing.
 
     Before the wrapping (a transformers model; rmexp.train): rewards from an fp32 head (before peft copies the
-    head), 4-bit layers kept trainable, the packed attention kernel, the dequantized base and the fused
-    RMSNorm as `options` (a TrainerConfig or TrainingOptions) ask and FSDP allows (rmexp.fsdp); what was
-    decided is kept on the model. After it (the peft model; PairwiseRewardTrainer): the fused LoRA layers,
-    which exist only from then on, as decided; the trainable parameters back in fp32 after TRL's bf16 cast;
-    and with `fsdp`, what FSDP needs before anything wraps the model (`accelerator`'s plugin).
+    head), 4-bit layers kept trainable, the packed attention kernel and the fused RMSNorm as `options` (a
+    TrainerConfig or TrainingOptions) ask; the options are kept on the model. After it (the peft model;
+    PairwiseRewardTrainer, which knows whether it shards): the dequantized base and the fused LoRA layers
+    (which exist only from then on) as the options ask and FSDP allows (rmexp.fsdp); the trainable
+    parameters back in fp32 after TRL's bf16 cast; and with `fsdp`, what FSDP needs before anything wraps
+    the model (`accelerator`'s plugin).
     """
     if not is_peft_model(model):
-        options = allowed(TrainingOptions.of(options) if options is not None else TrainingOptions(), fsdp)
+        options = TrainingOptions.of(options) if options is not None else TrainingOptions()
         upcast_reward_head(model)
         keep_4bit_layers_trainable(model)
         if options.packed and can_pack(model):  # else rmexp.packing.build_collator says why it cannot pack
             use_packed_attention(model)
-        cache_dequantized_base(model, options.dequant_cache)
         if options.fused_rms_norm:
             fuse_rms_norms(model)
         setattr(model, OPTIONS_ATTRIBUTE, options)
         return model
+    # decided here, where the trainer knows whether it shards (trainer.extra.fsdp too): FSDP cannot take either
     options = allowed(getattr(model, OPTIONS_ATTRIBUTE, None) or TrainingOptions(), fsdp)
+    cache_dequantized_base(model, options.dequant_cache)  # peft keeps each Linear4bit as its layer's base_layer
     if options.fused_lora:
         fuse_lora(model)
     keep_trainable_params_fp32(model)

@@ -21,7 +21,7 @@ from rmexp.config import CONF_PATH, RMExpConfig, to_typed
 from rmexp.dataset import build_datasets
 from rmexp.diagnostics import EvalDiagnostics, summary
 from rmexp.metrics import length_baseline_accuracy
-from rmexp.model import build_lora_config, fsdp_launched, load_reward_model, load_tokenizer
+from rmexp.model import build_lora_config, load_reward_model, load_tokenizer
 from rmexp.packing import build_collator
 from rmexp.preemption import StopOnSignal, requeue_if_preempted, resume_checkpoint
 from rmexp.prepare import for_training
@@ -118,7 +118,7 @@ def build_trainer(cfg: RMExpConfig, model, tokenizer, data: Data, run_dir: Path,
                   main_process: bool) -> PairwiseRewardTrainer:
     """The model prepared for training (rmexp.prepare) inside TRL's RewardTrainer, with rmexp's collator, head
     learning rate, time budget and, on rank 0, the reward diagnostics at every evaluation."""
-    model = for_training(model, cfg.trainer, fsdp=fsdp_launched())  # build_collator says if it cannot pack
+    model = for_training(model, cfg.trainer)  # build_collator says if it cannot pack
     trainer = PairwiseRewardTrainer(
         model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if wandb_run else "none", model),
         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,

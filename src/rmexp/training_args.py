@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rmexp.config import TrainerConfig
+from rmexp.config import Switch, TrainerConfig, switch
 from rmexp.model import compute_dtype
 
 log = logging.getLogger(__name__)
@@ -18,11 +18,9 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def own_trainer_keys() -> frozenset[str]:
-    """rmexp's own `trainer` keys (batching, resume, the speed layers, ...): the TrainerConfig fields that are not
-    RewardConfig's. `extra` is one: its entries are RewardConfig fields, passed on as they are."""
-    from trl import RewardConfig
-
-    return frozenset(f.name for f in dataclasses.fields(TrainerConfig)) - {f.name for f in dataclasses.fields(RewardConfig)}
+    """rmexp's own `trainer` keys (batching, resume, the speed layers, ...), marked in the schema
+    (config.own_key); `extra` is one: its entries are RewardConfig fields, passed on as they are."""
+    return frozenset(f.name for f in dataclasses.fields(TrainerConfig) if f.metadata.get("rmexp"))
 
 
 def activation_bytes(model_config, tokens: int) -> int:
@@ -37,11 +35,9 @@ def use_gradient_checkpointing(trainer_cfg, model) -> bool:
     """`trainer.gradient_checkpointing`: true/false as set; auto recomputes activations only when a step's
     activations would not fit comfortably (60%) in the memory left after loading the model. Recompute
     costs about a third more compute, so it is off wherever it is not needed."""
-    setting = str(trainer_cfg.gradient_checkpointing).lower()
-    if setting in ("true", "false"):
-        return setting == "true"
-    if setting != "auto":
-        raise ValueError(f"trainer.gradient_checkpointing must be auto, true or false, got {setting!r}")
+    setting = switch(trainer_cfg.gradient_checkpointing, "trainer.gradient_checkpointing")
+    if setting is not Switch.auto:
+        return setting is Switch.true
     tokens = trainer_cfg.per_device_train_batch_size * 2 * trainer_cfg.max_length  # worst case: both answers padded
     needed = activation_bytes(model.config, tokens)
     if torch.cuda.is_available():
@@ -58,12 +54,10 @@ def use_gradient_checkpointing(trainer_cfg, model) -> bool:
 
 def use_bf16(setting) -> bool:
     """`trainer.bf16`: auto is on where the hardware computes bf16 natively; true is on unless CUDA lacks bf16."""
-    setting = str(setting).lower()
-    if setting == "auto":
+    setting = switch(setting, "trainer.bf16")
+    if setting is Switch.auto:
         return compute_dtype() == torch.bfloat16
-    if setting not in ("true", "false"):
-        raise ValueError(f"trainer.bf16 must be auto, true or false, got {setting!r}")
-    return setting == "true" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+    return setting is Switch.true and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
 
 
 def build_reward_config(trainer_cfg: TrainerConfig, run_dir: Path, report_to: str, model=None):
@@ -77,7 +71,8 @@ def build_reward_config(trainer_cfg: TrainerConfig, run_dir: Path, report_to: st
     # transformers 5 calls it activation_checkpointing (gradient_checkpointing is its deprecated alias, mirrored)
     kwargs.pop("gradient_checkpointing")
     kwargs["activation_checkpointing"] = (use_gradient_checkpointing(trainer_cfg, model) if model is not None
-                                          else str(trainer_cfg.gradient_checkpointing).lower() != "false")
+                                          else switch(trainer_cfg.gradient_checkpointing, "trainer.gradient_checkpointing")
+                                          is not Switch.false)
     kwargs["remove_unused_columns"] = False  # the packed collator reads prompt_len, which no forward takes
     # rmexp.data truncates every pair to trainer.max_length when tokenizing: TRL's length filter (its only
     # use of max_length) would drop nothing and print a progress bar
