@@ -168,7 +168,7 @@ class PairwiseRewardTrainer(RewardTrainer):
                     f"non-finite loss ({loss.item()}) at step {self.state.global_step}: lower trainer.learning_rate "
                     "or check the data; no adapter is saved from this run")
         elif self._eval_rewards is not None:
-            pair = torch.stack(outputs.logits.detach().float().squeeze(-1).chunk(2), dim=1)
+            pair = torch.stack([chosen.detach().float(), rejected.detach().float()], dim=1)
             self._eval_rewards.append(self.accelerator.gather_for_metrics(pair).cpu())
         return (loss, outputs) if return_outputs else loss
 
