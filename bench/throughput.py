@@ -5,7 +5,9 @@
 Trains, on the same model, quantization, LoRA and pairs, one epoch each of:
   peer   TRL RewardTrainer with its padded collator (chosen and rejected stacked), batch B
   peer1  the same at batch 1 (no padding, prompt still run twice)
-  ours   rmexp's packed collator, batch B
+  ours   rmexp's packed collator, batch B, eager (trainer.compile=false)
+and, with `--compile`, ours_compiled: the same with the decoder layers compiled (trainer.compile=true; its
+compile time is reported, and its pairs/s both with and without it),
 each in its own process (so peak RSS is its own), and prints a table and, last, one JSON object.
 `--eval-pairs K` also scores the next K pairs after training and reports held-out accuracy.
 
@@ -21,9 +23,12 @@ segments in rows of `--row-tokens`), one process each, on the same model and see
 pairs/s, peak RSS, the largest reward difference and how many pairs the two paths decide differently
 (`--dtype float32` for the fp32 comparison).
 
-`--profile N` runs ours alone with torch.profiler over N steps (after one warm-up step) and prints
-where a step's time goes: de-quantization, matmuls, attention, LoRA dropout, casts and copies, other
-kernels, the optimizer, data collation, and Python/framework overhead (wall time no kernel accounts for).
+`--profile N` runs ours (and ours_compiled with `--compile`) with torch.profiler over N steps (after two
+warm-up steps: the compiled layers compile in the second) and prints where a step's time goes:
+de-quantization, matmuls, attention, LoRA dropout, casts and copies, other kernels, the optimizer, data
+collation, and Python/framework overhead (wall time no kernel accounts for); the JSON gains
+`ours_non_matmul_s_per_pair`: a pair's time in everything but the matmuls, what compilation can cut and
+what is left of a step where matmuls are cheap (AMX, GPUs). `cpu_flags` says which bf16 units this CPU has.
 """
 
 from __future__ import annotations
@@ -70,11 +75,13 @@ CATEGORIES = [  # (category, test on an op's name or an enclosing op's name), fi
     ("LoRA dropout", lambda chain: any(n in ("aten::dropout", "aten::native_dropout", "aten::bernoulli_")
                                        for n in chain)),
     ("4-bit de-quantization", lambda chain: any("dequantize" in n for n in chain)),
-    # forward: the packed kernel's range; backward: the block attention's softmax and batched matmuls
+    # forward: the packed kernel's range; backward: the block attention's softmax and batched matmuls; and
+    # any batched matmul: a compiled layer's attention runs them outside those ranges (the linear layers
+    # run mm and addmm), so "matmuls" are the linear layers' alone in both
     ("attention", lambda chain: any(n == "rmexp.attention" or "scaled_dot_product" in n or "flash_attention" in n
                                     or n.endswith(("SoftmaxBackward0", "BmmBackward0", "MaskedFillBackward0"))
-                                    for n in chain)),
-    ("matmuls", lambda chain: chain[0] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+                                    for n in chain) or chain[0] in ("aten::bmm", "aten::baddbmm")),
+    ("matmuls", lambda chain: chain[0] in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")),
     ("casts and copies", lambda chain: chain[0] in ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone",
                                                     "aten::contiguous")),
     ("other kernels", lambda chain: True),
@@ -113,7 +120,8 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     batch = 1 if args.worker == "peer1" else args.batch
-    batching = "packed" if args.worker == "ours" else "padded"
+    ours = args.worker.startswith("ours")
+    batching = "packed" if ours else "padded"
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[
             f"model={args.model}", f"quantization={args.quantization}", f"data.path={args.data}",
@@ -121,14 +129,14 @@ def worker(args) -> dict:
             f"trainer.per_device_eval_batch_size={args.batch}", f"trainer.max_length={args.max_length}",
             f"trainer.max_steps={math.ceil(args.pairs / batch)}", "trainer.eval_strategy=no", "trainer.logging_steps=1000",
             "trainer.warmup_steps=0", "logger=none", "paths.output_dir=/tmp/rmexp-bench",
-            *([] if args.worker == "ours" else ["trainer.optim=adamw_torch"])])  # the peers: TRL's default optimizer
+            f"trainer.compile={args.worker == 'ours_compiled'}",
+            *([] if ours else ["trainer.optim=adamw_torch"])])  # the peers: TRL's default optimizer
     cfg = to_typed(cfg)
     pairs, _ = read_pairs(args.data, max_pairs=args.pairs + args.eval_pairs, on_error="skip")
     train_pairs, eval_pairs = pairs[:args.pairs], pairs[args.pairs:]
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
     # ours: gradient_checkpointing=auto (off where activations fit); the TRL peers keep the seed's TRL default, on
-    ours = args.worker == "ours"
     # ours: everything rmexp.train does to the model (the packed kernel, the speed layers); the peers: the fp32 head
     model = for_training(model, cfg.trainer) if ours else upcast_reward_head(model)
     collator = build_collator(cfg.trainer, model, tok)
@@ -161,7 +169,8 @@ def worker(args) -> dict:
               "min_tokens_per_pair": sum(len(c) + len(r) - p for c, r, p in zip(
                   train_ds["chosen_ids"], train_ds["rejected_ids"], train_ds["prompt_len"], strict=True)) / len(train_ds),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "linear_weights": linear_weights(trainer.model), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
+              "linear_weights": linear_weights(trainer.model), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+              "compile_s": trainer.compile_s if ours else None}
     if profiler:
         result["profile_s_per_step"] = profile_table(profiler.prof, profiler.wall_s, args.profile)
     if eval_pairs:
@@ -235,8 +244,17 @@ def eval_bench(args) -> None:
                       "max_abs_reward_diff": diff, "n_decisions_differ": decisions}))
 
 
+def cpu_flags() -> dict[str, bool]:
+    """The bf16 units of this CPU (from /proc/cpuinfo): what decides its matmul rate in bf16."""
+    try:
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+    except (OSError, StopIteration):
+        flags = set()
+    return {name: name in flags for name in ("avx512f", "avx512_bf16", "amx_bf16")}
+
+
 def profile_callback(n: int):
-    """A TrainerCallback that runs torch.profiler from the end of step 1 to the end of step 1 + n, then stops."""
+    """A TrainerCallback that runs torch.profiler from the end of step 2 to the end of step 2 + n, then stops."""
     import torch
     from transformers import TrainerCallback
 
@@ -244,11 +262,11 @@ def profile_callback(n: int):
         prof, wall_s, started = None, 0.0, 0.0
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
+            if state.global_step == 2:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.prof.__enter__()
                 self.started = time.perf_counter()
-            elif state.global_step == 1 + n and self.prof is not None:
+            elif state.global_step == 2 + n and self.prof is not None:
                 self.wall_s = time.perf_counter() - self.started
                 self.prof.__exit__(None, None, None)
                 control.should_training_stop = True
@@ -257,10 +275,10 @@ def profile_callback(n: int):
     return ProfileSteps()
 
 
-def run_worker(name: str) -> dict:
-    """One worker in its own process (its peak RSS is its own), with this command's arguments."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, *sys.argv[1:]], capture_output=True, text=True,
-                          cwd=ROOT)
+def run_worker(name: str, *extra: str) -> dict:
+    """One worker in its own process (its peak RSS is its own), with this command's arguments, then `extra`."""
+    proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", name, *extra], capture_output=True,
+                          text=True, cwd=ROOT)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
@@ -277,7 +295,9 @@ def main() -> None:
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--eval-pairs", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=["peer", "peer1", "ours"])
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of ours, print where time goes")
+    parser.add_argument("--compile", action="store_true", help="also ours_compiled: trainer.compile=true")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed runs, profile N steps of ours (and ours_compiled), print where time goes")
     parser.add_argument("--mode", choices=["train", "eval"], default="train", help="time training, or scoring")
     parser.add_argument("--row-tokens", type=int, default=2048, help="--mode eval: tokens per packed row")
     parser.add_argument("--dtype", default="auto", help="--mode eval: model and 4-bit compute dtype (auto, float32)")
@@ -291,9 +311,9 @@ def main() -> None:
     if args.mode == "eval":
         eval_bench(args)
         return
-    if args.profile:
-        profile(args)
-        return
+    if args.profile and math.ceil(args.pairs / args.batch) < 2 + args.profile:
+        parser.error(f"--profile {args.profile} needs {2 + args.profile} steps (two warm-up): --pairs >= "
+                     f"{(2 + args.profile) * args.batch} at --batch {args.batch}")
 
     from rmexp.model import compute_dtype
 
@@ -301,19 +321,18 @@ def main() -> None:
     gflops = matmul_gflops(dtype)  # the same run, before the workers, with the machine otherwise idle
     print(f"matmul rate: {gflops:.0f} GFLOP/s ({str(dtype).removeprefix('torch.')}, 2048^3)", flush=True)
     results = {}
-    for name in args.only:
-        results[name] = run_worker(name)
+    for name in [*args.only, *(["ours_compiled"] if args.compile else [])]:
+        results[name] = run_worker(name, "--profile", "0")
         r = results[name]
         print(f"{name:6s} batch {r['batch']:2d}: {r['pairs_per_s']:.3f} pairs/s, {r['tokens_per_pair']:.0f} tokens/pair "
               f"(min {r['min_tokens_per_pair']:.0f}), peak RSS {r['peak_rss_mb']:.0f} MB"
               + (f", held-out accuracy {r['eval_pairwise_accuracy']:.4f} on {r['eval_pairs']}"
                  if "eval_pairwise_accuracy" in r else ""), flush=True)
-    summary = {"model": args.model, "pairs": args.pairs, "batch": args.batch}
-    for name, r in results.items():
-        prefix = {"peer": "peer", "peer1": "peer1", "ours": "ours"}[name]
+    summary = {"model": args.model, "pairs": args.pairs, "batch": args.batch, "cpu_flags": cpu_flags()}
+    for prefix, r in results.items():
         summary[f"{prefix}_pairs_per_s"] = round(r["pairs_per_s"], 4)
         summary[f"{prefix}_peak_rss_mb"] = round(r["peak_rss_mb"], 1)
-        if name != "peer1":
+        if prefix != "peer1":
             summary[f"{prefix}_tokens_per_pair"] = round(r["tokens_per_pair"], 1)
         if "eval_pairwise_accuracy" in r:
             summary[f"{prefix}_eval_pairwise_accuracy"] = r["eval_pairwise_accuracy"]
@@ -323,6 +342,17 @@ def main() -> None:
         summary["rss_ratio_vs_peer"] = round(results["ours"]["peak_rss_mb"] / results["peer"]["peak_rss_mb"], 3)
     if "ours" in results and "peer1" in results:
         summary["speedup_vs_peer1"] = round(results["ours"]["pairs_per_s"] / results["peer1"]["pairs_per_s"], 3)
+    if "ours_compiled" in results:
+        r = results["ours_compiled"]
+        steady = r["pairs"] / (r["seconds"] - r["compile_s"])  # the compile is paid once a run, not per pair
+        summary.update({"ours_compiled_compile_s": r["compile_s"], "ours_compiled_steady_pairs_per_s": round(steady, 4)})
+        if "ours" in results:
+            eager = results["ours"]["pairs_per_s"]
+            saved_per_pair = 1 / eager - 1 / steady
+            summary["compiled_steady_speedup"] = round(steady / eager, 3)
+            # pairs after which the compile has paid for itself (none where compiled steps are no faster)
+            summary["compile_break_even_pairs"] = round(r["compile_s"] / saved_per_pair) if saved_per_pair > 0 else None
+        print(f"ours_compiled: compiled in {r['compile_s']:.0f} s; {steady:.3f} pairs/s after it", flush=True)
     if "ours" in results:
         r = results["ours"]
         summary["tokens_over_min"] = round(r["tokens_per_pair"] / r["min_tokens_per_pair"], 4)
@@ -334,19 +364,28 @@ def main() -> None:
                         "ours_fraction_of_ceiling": round(r["pairs_per_s"] / ceiling, 3)})
         print(f"ceiling {ceiling:.2f} pairs/s ({flops_per_token / 1e9:.2f} GFLOP/token x {r['min_tokens_per_pair']:.0f} "
               f"tokens/pair at {gflops:.0f} GFLOP/s): ours at {r['pairs_per_s'] / ceiling:.0%} of it")
+    if args.profile:
+        for name in ["ours", *(["ours_compiled"] if args.compile else [])]:
+            summary.update(profile(args, name))
+        if args.compile:
+            summary["compiled_non_matmul_ratio"] = round(
+                summary["ours_compiled_non_matmul_s_per_pair"] / summary["ours_non_matmul_s_per_pair"], 3)
     print(json.dumps(summary))
 
 
-def profile(args) -> None:
-    """Ours alone under torch.profiler; prints seconds per step by category."""
-    rows = run_worker("ours")["profile_s_per_step"]
+def profile(args, name: str) -> dict:
+    """`name` (ours, ours_compiled) under torch.profiler: prints seconds per step by category; returns its
+    seconds per step and the non-matmul seconds per pair."""
+    rows = run_worker(name)["profile_s_per_step"]
     total = sum(s for _, s in rows)
-    print(f"packed batch {args.batch}, {args.model}, {args.profile} profiled steps: {total:.2f} s per step")
+    print(f"{name}: packed batch {args.batch}, {args.model}, {args.profile} profiled steps: {total:.2f} s per step")
     print("| where | s per step | share |\n| --- | --- | --- |")
-    for name, s in sorted(rows, key=lambda r: -r[1]):
-        print(f"| {name} | {s:.3f} | {s / total:.0%} |")
-    print(json.dumps({"model": args.model, "batch": args.batch, "s_per_step": round(total, 3),
-                      **{name: round(s, 4) for name, s in rows}}))
+    for category, s in sorted(rows, key=lambda r: -r[1]):
+        print(f"| {category} | {s:.3f} | {s / total:.0%} |")
+    matmuls = dict(rows)["matmuls"]
+    return {f"{name}_profile_s_per_step": round(total, 3),
+            f"{name}_non_matmul_s_per_pair": round((total - matmuls) / args.batch, 4),
+            f"{name}_profile": {category: round(s, 4) for category, s in rows}}
 
 
 if __name__ == "__main__":

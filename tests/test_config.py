@@ -85,6 +85,7 @@ CHECKED = [
     ("trainer.gradient_checkpointing=sometimes", "trainer.gradient_checkpointing"),
     ("trainer.bf16=maybe", "trainer.bf16"),
     ("trainer.dequant_cache=yes", "trainer.dequant_cache"),
+    ("trainer.compile=sometimes", "trainer.compile"),
     ("trainer.learning_rate=0", "trainer.learning_rate"),
     ("trainer.per_device_train_batch_size=0", "trainer.per_device_train_batch_size"),
     ("trainer.per_device_eval_batch_size=0", "trainer.per_device_eval_batch_size"),

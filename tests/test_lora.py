@@ -98,12 +98,13 @@ SPEED_KEYS = ("fused_lora", "dequant_cache", "fused_rms_norm", "optim")
 PLAIN = ("false", "false", "false", "adamw_torch")  # peft's and transformers' own layers, AdamW's per-tensor loop
 
 
-def train_tiny(out, values: tuple[str, ...], probe=None) -> tuple[dict, torch.Tensor]:
+def train_tiny(out, values: tuple[str, ...], probe=None, *extra: str) -> tuple[dict, torch.Tensor]:
     """The tiny nf4 model, 8 steps with the speed settings `values` (SPEED_KEYS order), fp32 throughout: the
     4-bit layers' compute dtype too, which `auto` makes bf16 on a CPU with AVX512-BF16 or AMX."""
     settings = [f"trainer.{k}={v}" for k, v in zip(SPEED_KEYS, values, strict=True)]
     main(compose_cfg(*tiny_overrides(out, "logger=none", "trainer.bf16=false", "model.dtype=float32",
-                                     "quantization.bnb_4bit_compute_dtype=float32", "lora.lora_dropout=0", *settings)),
+                                     "quantization.bnb_4bit_compute_dtype=float32", "lora.lora_dropout=0", *settings,
+                                     *extra)),
          callbacks=[probe] if probe else None)
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     return (json.loads((out / "metrics.json").read_text()),

@@ -276,6 +276,7 @@ class TrainerConfig:
     fused_lora: bool = own_key()
     dequant_cache: str = own_key()
     fused_rms_norm: bool = own_key()
+    compile: str = own_key()
     learning_rate: float = MISSING
     num_train_epochs: float = MISSING
     max_steps: int = MISSING
@@ -302,7 +303,7 @@ class TrainerConfig:
     extra: dict[str, Any] = own_key()
 
     def __post_init__(self):
-        for key in ("gradient_checkpointing", "bf16", "dequant_cache"):
+        for key in ("gradient_checkpointing", "bf16", "dequant_cache", "compile"):
             if _given(getattr(self, key)):
                 setattr(self, key, switch(getattr(self, key), f"trainer.{key}"))
         positive = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",

@@ -147,6 +147,13 @@ def final_norm(model):
     return next((getattr(inner, name) for name in ("norm", "final_layernorm", "ln_f") if hasattr(inner, name)), None)
 
 
+def decoder_layers(model) -> list:
+    """The decoder's repeated blocks (`model.layers` in decoder LMs, `h` in GPT-2's family), or [] where there are none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    return list(next((getattr(inner, name) for name in ("layers", "h") if hasattr(inner, name)), []))
+
+
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rmexp import lora, norm
+from rmexp import compilation, lora, norm
 from rmexp._compat import undo_cpu_inference_packing
 from rmexp.config import Batching
 from rmexp.fsdp import fsdp_speed_options, prepare_for_fsdp
-from rmexp.model import final_norm, reward_head
+from rmexp.model import decoder_layers, final_norm, reward_head
 from rmexp.packing import PACKED_ATTENTION, can_pack, register_packed_attention, uses_packed_attention
 
 # ---------------------------------------------------------------- the class swap
@@ -87,6 +87,12 @@ def fused_norm_class(cls: type) -> type | None:
     """A transformers RMSNorm class of a known family with the closed-form backward (rmexp.norm)."""
     forward = norm.fused_forward(cls)
     return subclass("Fused", cls, forward) if forward is not None else None
+
+
+def compiled_class(cls: type) -> type:
+    """A decoder layer class whose training forward is compiled, one compiled function for every layer of the
+    class (rmexp.compilation)."""
+    return subclass("Compiled", cls, compilation.compiled_forward(cls.forward))
 
 
 # ---------------------------------------------------------------- each change
@@ -162,6 +168,19 @@ def cache_dequantized_base(model, setting="auto") -> int:
     return len(layers)
 
 
+def compile_layers(model) -> list:
+    """Give every decoder layer of `model` the compiled training forward; returns the layers."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        swap_class(layer, compiled_class)
+    return layers
+
+
+def compiled_layers(model) -> list:
+    """The decoder layers of `model` with the compiled training forward (rmexp.compilation warms them up)."""
+    return [layer for layer in decoder_layers(model) if _MAKER.get(type(layer)) is compiled_class]
+
+
 def keep_trainable_params_fp32(model) -> None:
     """TRL casts the trainable parameters of a quantized base to bf16. Keep them in fp32, as mixed
     precision keeps its master weights: compute stays bf16 under autocast, but an update smaller
@@ -182,13 +201,15 @@ class TrainingOptions:
     fused_lora: bool = False
     dequant_cache: str = "false"
     fused_rms_norm: bool = False
+    compile: str = "false"
 
     @classmethod
     def of(cls, trainer_cfg) -> TrainingOptions:
         if isinstance(trainer_cfg, TrainingOptions):
             return trainer_cfg
         return cls(packed=trainer_cfg.batching is Batching.packed, fused_lora=bool(trainer_cfg.fused_lora),
-                   dequant_cache=str(trainer_cfg.dequant_cache), fused_rms_norm=bool(trainer_cfg.fused_rms_norm))
+                   dequant_cache=str(trainer_cfg.dequant_cache), fused_rms_norm=bool(trainer_cfg.fused_rms_norm),
+                   compile=str(trainer_cfg.compile))
 
 
 OPTIONS_ATTRIBUTE = "rmexp_training_options"  # what the first step decided, for the second
@@ -208,7 +229,8 @@ def allowed(options: TrainingOptions, fsdp: bool) -> TrainingOptions:
     return dataclasses.replace(options, fused_lora=fused_lora, dequant_cache=dequant_cache)
 
 
-def for_training(model, options=None, fsdp: bool = False, accelerator=None):
+def for_training(model, options=None, fsdp: bool = False, accelerator=None, planned_steps: int | None = None,
+                 batch: int = 1):
     """Every change training makes to a loaded model, in the two steps TRL's peft wrapping separates; each is
     idempotent, so a second call changes nothing.
 
@@ -216,9 +238,11 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None):
     head), 4-bit layers kept trainable, the packed attention kernel and the fused RMSNorm as `options` (a
     TrainerConfig or TrainingOptions) ask; the options are kept on the model. After it (the peft model;
     PairwiseRewardTrainer, which knows whether it shards): the dequantized base and the fused LoRA layers
-    (which exist only from then on) as the options ask and FSDP allows (rmexp.fsdp); the trainable
-    parameters back in fp32 after TRL's bf16 cast; and with `fsdp`, what FSDP needs before anything wraps
-    the model (`accelerator`'s plugin).
+    (which exist only from then on) as the options ask and FSDP allows (rmexp.fsdp); the decoder layers'
+    compiled training forward as `trainer.compile` decides for a run of `planned_steps` at `batch` pairs a
+    device (rmexp.compilation);
+    the trainable parameters back in fp32 after TRL's bf16 cast; and with `fsdp`, what FSDP needs before
+    anything wraps the model (`accelerator`'s plugin).
     """
     if not is_peft_model(model):
         options = TrainingOptions.of(options) if options is not None else TrainingOptions()
@@ -235,6 +259,10 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None):
     cache_dequantized_base(model, options.dequant_cache)  # peft keeps each Linear4bit as its layer's base_layer
     if options.fused_lora:
         fuse_lora(model)
+    device, layers = next(model.parameters()).device, bool(decoder_layers(model))
+    if compiled_layers(model) or compilation.should_compile(options.compile, planned_steps, device, fsdp, layers,
+                                                            batch if options.packed else None):
+        compile_layers(model)
     keep_trainable_params_fp32(model)
     if fsdp:
         prepare_for_fsdp(model, accelerator)

@@ -165,6 +165,7 @@ def run_result(trainer, final: dict, initial: float, train_output, data: Data) -
         "eval_loss": final["eval_loss"],
         "train_loss": train_output.training_loss,
         "train_runtime_s": round(train_output.metrics["train_runtime"], 2),
+        "compile_s": trainer.compile_s,
         "n_train_pairs_seen": (trainer.state.global_step * trainer.args.gradient_accumulation_steps
                                * trainer.args.train_batch_size * trainer.args.world_size
                                if n_train is None else round((trainer.state.epoch or 0.0) * n_train)),

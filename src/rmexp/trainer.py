@@ -14,14 +14,15 @@ from trl import RewardTrainer
 
 from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
-from rmexp._compat import count_train_tokens, log_metric
+from rmexp._compat import compile_seconds, count_train_tokens, log_metric
 from rmexp.callbacks import Budget, CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
+from rmexp.compilation import compile_after_first_step
 from rmexp.fsdp import check_fsdp_batching
 from rmexp.loss import bradley_terry
 from rmexp.metrics import pairwise_metrics
 from rmexp.model import reward_head
 from rmexp.packing import packed_rewards
-from rmexp.prepare import for_training
+from rmexp.prepare import compiled_layers, for_training
 
 
 def whole_run_loss(log_history: list[dict], start: int, session_loss: float, end: int) -> float:
@@ -42,6 +43,19 @@ def last_eval_at(trainer, step: int) -> dict | None:
         if "eval_pairwise_accuracy" in entry:
             return entry if entry.get("step") == step and trainer.last_eval_rewards is not None else None
     return None
+
+
+def planned_steps(args, train_dataset, time_budget_s: float | None) -> int | None:
+    """The optimizer steps a run plans (max_steps, else the epochs over the training pairs); None under a time
+    budget (its clock decides) or for a stream without max_steps."""
+    if time_budget_s is not None:
+        return None
+    if args.max_steps > 0:
+        return args.max_steps
+    if train_dataset is None or not hasattr(train_dataset, "__len__"):
+        return None
+    batches = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * args.world_size))
+    return math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.num_train_epochs)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,7 +94,17 @@ class PairwiseRewardTrainer(RewardTrainer):
         # Here, not before: TRL's __init__ wraps the model with peft (the LoRA layers to fuse exist only from
         # then on) and casts the trainable parameters of a quantized base to bf16 (to undo); and FSDP's
         # preparation must precede the first evaluate(), which wraps the model.
-        for_training(self.model, fsdp=self.is_fsdp_enabled, accelerator=self.accelerator)
+        for_training(self.model, fsdp=self.is_fsdp_enabled, accelerator=self.accelerator,
+                     planned_steps=planned_steps(self.args, self.train_dataset, self.time_budget_s),
+                     batch=self.args.per_device_train_batch_size)
+        if layers := compiled_layers(self.model):
+            self.add_callback(compile_after_first_step(layers))
+        self._compile_s_before = compile_seconds()  # a sweep's jobs share a process: count this run's alone
+
+    @property
+    def compile_s(self) -> float | None:
+        """Seconds spent compiling the decoder layers (trainer.compile), None where they run eagerly."""
+        return round(compile_seconds() - self._compile_s_before, 1) if compiled_layers(self.model) else None
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """Trainer.train, whose `training_loss` is the mean over the whole run after a resume as well
