@@ -33,7 +33,8 @@ from rmexp.config import ConfigError, Switch, switch
 
 log = logging.getLogger(__name__)
 
-# the break-even, measured (docs/performance.md, bench/throughput.py --compile): gemma3_270m, batch 1
+# about four times the break-even measured at batch 1: 242 steps, Gemma-3-270M on a 2-core CPU, a 25 s compile
+# (docs/performance.md, bench/throughput.py --compile); a GPU's faster steps would need more
 AUTO_MIN_STEPS = 1000
 
 
