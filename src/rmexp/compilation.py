@@ -104,8 +104,9 @@ WARM = "rmexp_compile_warm"
 
 
 def compile_after_first_step(layers: list):
-    """A TrainerCallback that marks `layers` warm at the end of the first optimizer step (eager: it fills the
-    4-bit layers' dequantized copies, so the compiled graph never traces the filling)."""
+    """A TrainerCallback that marks `layers` warm at the end of each optimizer step, so from the first one on, a
+    resumed run's too (that step runs eagerly: it fills the 4-bit layers' dequantized copies, so the compiled
+    graph never traces the filling)."""
     from transformers import TrainerCallback
 
     class CompileAfterFirstStep(TrainerCallback):

@@ -134,23 +134,32 @@ def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None) -> di
 # ---------------------------------------------------------------- the reward head
 
 
+def base_model(model):
+    """The transformers model under any peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder(model):
+    """The decoder inside a sequence-classification model (`model.model` in decoder LMs), or None."""
+    base = base_model(model)
+    return getattr(base, getattr(base, "base_model_prefix", "model"), None)
+
+
 def reward_head(model):
     """The sequence-classification head (`score`, or `classifier`) under any peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return base.score if hasattr(base, "score") else base.classifier
 
 
 def final_norm(model):
     """The norm that produces the hidden states the head reads (`model.norm` in decoder LMs), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    inner = decoder(model)
     return next((getattr(inner, name) for name in ("norm", "final_layernorm", "ln_f") if hasattr(inner, name)), None)
 
 
 def decoder_layers(model) -> list:
     """The decoder's repeated blocks (`model.layers` in decoder LMs, `h` in GPT-2's family), or [] where there are none."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    inner = decoder(model)
     return list(next((getattr(inner, name) for name in ("layers", "h") if hasattr(inner, name)), []))
 
 

@@ -168,12 +168,10 @@ def cache_dequantized_base(model, setting="auto") -> int:
     return len(layers)
 
 
-def compile_layers(model) -> list:
-    """Give every decoder layer of `model` the compiled training forward; returns the layers."""
-    layers = decoder_layers(model)
-    for layer in layers:
+def compile_layers(model) -> None:
+    """Give every decoder layer of `model` the compiled training forward."""
+    for layer in decoder_layers(model):
         swap_class(layer, compiled_class)
-    return layers
 
 
 def compiled_layers(model) -> list:
