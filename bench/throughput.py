@@ -25,10 +25,10 @@ pairs/s, peak RSS, the largest reward difference and how many pairs the two path
 
 `--profile N` runs ours (and ours_compiled with `--compile`) with torch.profiler over N steps (after two
 warm-up steps: the compiled layers compile in the second) and prints where a step's time goes:
-de-quantization, matmuls, attention, LoRA dropout, casts and copies, other kernels, the optimizer, data
-collation, and Python/framework overhead (wall time no kernel accounts for); the JSON gains
-`ours_non_matmul_s_per_pair`: a pair's time in everything but the matmuls, what compilation can cut and
-what is left of a step where matmuls are cheap (AMX, GPUs). `cpu_flags` says which bf16 units this CPU has.
+de-quantization, matmuls, attention, LoRA dropout, casts and copies, other kernels, a compiled layer's fused
+kernels, the optimizer, data collation, and Python/framework overhead (wall time no kernel accounts for); the
+JSON gains `ours_non_matmul_s_per_pair`: a pair's time in everything but the linear layers' matmuls, what
+compilation can cut and what is left of a step where matmuls are cheap (AMX, GPUs). `cpu_flags` says which bf16 units this CPU has.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def linear_weights(model) -> int:
 
 CATEGORIES = [  # (category, test on an op's name or an enclosing op's name), first match wins
     ("optimizer", lambda chain: any(n.startswith("Optimizer.step") for n in chain)),
+    # inductor's generated C++ kernels of a compiled layer (norms, rotary, activations, softmax, casts fused),
+    # named graph_<i>_cpp_fused_... when the profile run sets TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE
+    ("compiled fused kernels", lambda chain: "cpp_fused" in chain[0]),
     ("data collation", lambda chain: "rmexp.collate" in chain),
     ("LoRA dropout", lambda chain: any(n in ("aten::dropout", "aten::native_dropout", "aten::bernoulli_")
                                        for n in chain)),
@@ -96,7 +100,8 @@ def profile_table(prof, wall_s: float, steps: int) -> list[tuple[str, float]]:
         while parent is not None:
             chain.append(parent.name)
             parent = parent.cpu_parent
-        if not event.name.startswith(("aten::", "bitsandbytes::", "rmexp.", "Optimizer.")) and event.name != chain[-1]:
+        if (not event.name.startswith(("aten::", "bitsandbytes::", "rmexp.", "Optimizer.")) and "cpp_fused" not in event.name
+                and event.name != chain[-1]):
             continue  # a python-level range inside another op: its time is in its children
         category = next(c for c, test in CATEGORIES if test(chain))
         seconds[category] += event.self_cpu_time_total / 1e6
@@ -275,10 +280,10 @@ def profile_callback(n: int):
     return ProfileSteps()
 
 
-def run_worker(name: str, *extra: str) -> dict:
+def run_worker(name: str, *extra: str, env: dict[str, str] | None = None) -> dict:
     """One worker in its own process (its peak RSS is its own), with this command's arguments, then `extra`."""
     proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", name, *extra], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
@@ -376,7 +381,8 @@ def main() -> None:
 def profile(args, name: str) -> dict:
     """`name` (ours, ours_compiled) under torch.profiler: prints seconds per step by category; returns its
     seconds per step and the non-matmul seconds per pair."""
-    rows = run_worker(name)["profile_s_per_step"]
+    # inductor's kernels then record themselves (their own cache entries: the timed runs are unaffected)
+    rows = run_worker(name, env={"TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE": "1"})["profile_s_per_step"]
     total = sum(s for _, s in rows)
     print(f"{name}: packed batch {args.batch}, {args.model}, {args.profile} profiled steps: {total:.2f} s per step")
     print("| where | s per step | share |\n| --- | --- | --- |")

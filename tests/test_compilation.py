@@ -9,6 +9,7 @@ import pytest
 
 from conftest import KeepModel
 from rmexp import compilation
+from rmexp._compat import compiled_graphs
 from rmexp.compilation import AUTO_MIN_STEPS, should_compile
 from rmexp.config import ConfigError
 from rmexp.trainer import planned_steps
@@ -61,15 +62,27 @@ def test_the_planned_steps_count_optimizer_steps_and_no_budget_plans_any():
 def test_compiled_training_is_the_eager_training(tmp_path, monkeypatch):
     """The tiny nf4 model, 8 steps at packed batch 1 (the default recipe's) with every speed layer, eager and
     then with the decoder layers compiled (the first step eager, the other 7 compiled): the same training to
-    fp32 rounding, and the compiled run did compile."""
+    fp32 rounding; the compiled run compiled in its second step and never again, whatever its pairs' lengths."""
     speed = ("true", "true", "true", "sgd")  # SGD: Adam's g / sqrt(v) enlarges rounding near zero gradients
-    batch_1 = "trainer.per_device_train_batch_size=1"
-    eager = train_tiny(tmp_path / "eager", speed, None, batch_1)
+    batch = "trainer.per_device_train_batch_size=1"
+    eager = train_tiny(tmp_path / "eager", speed, None, batch)
     monkeypatch.setattr(compilation, "AUTO_MIN_STEPS", 8)  # auto, decided as a long run would be
-    probe = KeepModel()
-    compiled = train_tiny(tmp_path / "compiled", speed, probe, batch_1, "trainer.compile=auto")
+    probe = GraphsPerStep()
+    compiled = train_tiny(tmp_path / "compiled", speed, probe, batch, "trainer.compile=auto")
     kinds = [type(m).__name__ for m in probe.model.modules()]
     assert kinds.count("CompiledLlamaDecoderLayer") == probe.model.config.num_hidden_layers
     assert json.loads((tmp_path / "compiled/metrics.json").read_text())["compile_s"] > 0
     assert json.loads((tmp_path / "eager/metrics.json").read_text())["compile_s"] is None
+    graphs = probe.counts
+    assert len(graphs) == 8 and graphs[1] > graphs[0] and graphs[1:] == [graphs[1]] * 7, graphs
     assert_same_training(*compiled, *eager, "compiled", probe.model)
+
+
+class GraphsPerStep(KeepModel):
+    """KeepModel that also counts, after each step, the graphs torch.compile has built in this process."""
+
+    def __init__(self):
+        self.counts: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counts.append(compiled_graphs())

@@ -128,7 +128,7 @@ def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window):
                 {"chosen_ids": [9, 40, 41], "rejected_ids": [9, 50], "prompt_len": 1}]
     batch = PackedPairCollator(pad_token_id=0, row_tokens=14, sliding_window=window, all_sliding=True)(examples)
     rows, width = batch["input_ids"].shape
-    assert rows == 2 and batch["segments"] == [[(0, 10), (10, 14)], [(0, 3)]]
+    assert rows == 2 and batch["segments"] == [[(0, 5, 8, 10), (10, 11, 13, 14)], [(0, 2, 3, 3)]]
     torch.manual_seed(0)
     q = torch.randn(rows, 4, width, 8, requires_grad=True)
     kv = [torch.randn(rows, 2, width, 8, requires_grad=True) for _ in range(2)]

@@ -126,6 +126,13 @@ def compile_seconds() -> float:
     return sum(sum(compilation_time_metrics.get(timer, [])) for timer in COMPILE_TIMERS)
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (dynamo's `unique_graphs` counter): each recompile adds."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -268,6 +275,7 @@ def check(trainer=None) -> None:
              "compiling with Python floats as constants")
     _require(isinstance(getattr(dynamo_utils, "compilation_time_metrics", None), dict), "torch",
              "_dynamo.utils.compilation_time_metrics", "the time trainer.compile spent compiling")
+    _require(hasattr(dynamo_utils, "counters"), "torch", "_dynamo.utils.counters", "counting compiled graphs")
     from datasets import Dataset
 
     _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",
