@@ -114,26 +114,43 @@ def test_mask_keeps_answers_apart_and_positions_continue_from_the_prompt():
     assert batch["chosen_index"].tolist() == [4, 10] and batch["rejected_index"].tolist() == [5, 11]
 
 
+# (how the kernel runs, the (queries, keys) of each block it computes): three blocks a segment on CPU; one
+# block a segment under torch.compile (a compiled layer); SDPA's, as on CUDA, which CPU takes under dropout
+# (1e-12: never drops in these few scores, and rescales by 1 + 1e-12, far below fp32's rounding)
+PATHS = {"blocks": [(5, 5), (3, 8), (2, 7), (1, 1), (2, 3), (1, 2), (2, 2), (1, 3), (2, 2), (1, 1)],
+         "whole segments": [(10, 10), (4, 4), (3, 3), (3, 3)], "sdpa": []}
+
+
 @pytest.mark.numerics
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("window", [None, 3])
-def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window):
-    """The CPU block-wise kernel gives the dense mask's outputs and gradients, with grouped key/value heads,
-    a sliding window and an answer cut to nothing."""
+def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window, path, monkeypatch):
+    """The packed kernel gives the dense mask's outputs and gradients, with grouped key/value heads, a sliding
+    window, an answer cut to nothing and a pair without a prompt, each way it runs."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
 
+    from rmexp import packing
+
     examples = [{"chosen_ids": [1, 2, 3, 4, 5, 10, 11, 12], "rejected_ids": [1, 2, 3, 4, 5, 20, 21], "prompt_len": 5},
                 {"chosen_ids": [7, 8, 30], "rejected_ids": [7, 8], "prompt_len": 2},  # rejected cut to nothing
-                {"chosen_ids": [9, 40, 41], "rejected_ids": [9, 50], "prompt_len": 1}]
+                {"chosen_ids": [9, 40, 41], "rejected_ids": [9, 50], "prompt_len": 1},
+                {"chosen_ids": [60, 61], "rejected_ids": [70], "prompt_len": 0}]  # no prompt
     batch = PackedPairCollator(pad_token_id=0, row_tokens=14, sliding_window=window, all_sliding=True)(examples)
     rows, width = batch["input_ids"].shape
-    assert rows == 2 and batch["segments"] == [[(0, 5, 8, 10), (10, 11, 13, 14)], [(0, 2, 3, 3)]]
+    assert rows == 2 and batch["segments"] == [[(0, 5, 8, 10), (10, 11, 13, 14)], [(0, 2, 3, 3), (3, 3, 5, 6)]]
+    blocks, block_attention = [], packing.block_attention
+    monkeypatch.setattr(packing, "block_attention", lambda q, k, *rest: blocks.append((q.shape[2], k.shape[2]))
+                        or block_attention(q, k, *rest))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "whole segments")
     torch.manual_seed(0)
     q = torch.randn(rows, 4, width, 8, requires_grad=True)
     kv = [torch.randn(rows, 2, width, 8, requires_grad=True) for _ in range(2)]
     module = SimpleNamespace(num_key_value_groups=2, training=True)
-    out, _ = packed_sdpa(module, q, *kv, batch["attention_mask"], scaling=0.3, rmexp_segments=batch["segments"])
+    out, _ = packed_sdpa(module, q, *kv, batch["attention_mask"], scaling=0.3, rmexp_segments=batch["segments"],
+                         dropout=1e-12 if path == "sdpa" else 0.0)
+    assert blocks == PATHS[path]
     dense = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in kv),
                                            attn_mask=batch["attention_mask"], scale=0.3).transpose(1, 2)
     real = batch["input_ids"] != 0

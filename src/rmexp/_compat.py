@@ -275,7 +275,6 @@ def check(trainer=None) -> None:
              "compiling with Python floats as constants")
     _require(isinstance(getattr(dynamo_utils, "compilation_time_metrics", None), dict), "torch",
              "_dynamo.utils.compilation_time_metrics", "the time trainer.compile spent compiling")
-    _require(hasattr(dynamo_utils, "counters"), "torch", "_dynamo.utils.counters", "counting compiled graphs")
     from datasets import Dataset
 
     _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",
