@@ -177,7 +177,7 @@ def attend_segments(module, query, key, value, attention_mask, segments, dropout
     prompt, chosen x prompt+chosen, rejected x prompt+rejected), so the only scores not computed are
     masked ones (within a block the causal triangle is computed, then masked); against the segment's whole
     square this skips P(C+R) + 2CR of (P+C+R)^2 (a third at HH's mean 118/40/50 tokens, where the extra calls
-    eat the saving on CPU; 1.4x faster at 300/150/150).
+    eat the saving on CPU; on LLaMA-Factory's 698-token pairs, attention takes half the time: docs/performance.md).
     Each block takes its rows and columns of the mask as given (causal, sliding window). On CUDA each block
     goes through SDPA (its fused kernels); on CPU through a plain matmul-softmax-matmul (`block_attention`),
     faster than SDPA there (forward and backward, 4 heads of 256, bf16: 3.9 against 6.3 ms at 235 tokens,
