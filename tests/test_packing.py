@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from numerics import (
     rounding_bound,
     training_bound,
 )
+from rmexp import packing
 from rmexp.data import Pair, tokenize_pairs
 from rmexp.dataset import read_pairs
 from rmexp.model import load_reward_model
@@ -60,10 +62,12 @@ def assert_packed_equals_plain(model, tok, pairs, max_length, row_tokens):
     collator = PackedPairCollator.for_model(model, tok.pad_token_id, row_tokens=row_tokens)
     batch = collator(examples)
     assert batch["input_ids"].shape[0] < len(examples)  # several pairs share rows
-    for kernel in ("sdpa with the dense 4D block mask", "block-wise sdpa"):
-        if kernel == "block-wise sdpa":
+    # the packed kernel as it runs (three blocks or one a segment, by size), then with every segment split
+    for kernel, split_min in (("sdpa with the dense 4D block mask", packing.SPLIT_MIN_SCORES),
+                              ("packed kernel", packing.SPLIT_MIN_SCORES), ("packed kernel, every segment split", 0)):
+        if kernel.startswith("packed kernel"):
             use_packed_attention(model)
-        with torch.no_grad():
+        with torch.no_grad(), mock.patch.object(packing, "SPLIT_MIN_SCORES", split_min):
             chosen, rejected = packed_rewards(model, batch)
         assert_within(torch.cat([chosen, rejected]), exact, bound, kernel)
     # the plain path still works (and agrees) once the model uses the packed kernel
@@ -114,10 +118,13 @@ def test_mask_keeps_answers_apart_and_positions_continue_from_the_prompt():
     assert batch["chosen_index"].tolist() == [4, 10] and batch["rejected_index"].tolist() == [5, 11]
 
 
-# (how the kernel runs, the (queries, keys) of each block it computes): three blocks a segment on CPU; one
-# block a segment under torch.compile (a compiled layer); SDPA's, as on CUDA, which CPU takes under dropout
-# (1e-12: never drops in these few scores, and rescales by 1 + 1e-12, far below fp32's rounding)
-PATHS = {"blocks": [(5, 5), (3, 8), (2, 7), (1, 1), (2, 3), (1, 2), (2, 2), (1, 3), (2, 2), (1, 1)],
+# (how the kernel runs, the (queries, keys) of each block it computes): three blocks a segment on CPU; three
+# blocks for the segments that skip at least 10 scores split (the first: 5 x 5 + 2 x 3 x 2 = 37), one for the
+# others (7, 2 and 4); one block a segment under torch.compile (a compiled layer); SDPA's, as on CUDA, which
+# CPU takes under dropout (1e-12: never drops in these few scores, and rescales by 1 + 1e-12, far below fp32's
+# rounding), three blocks a segment
+BLOCKS = [(5, 5), (3, 8), (2, 7), (1, 1), (2, 3), (1, 2), (2, 2), (1, 3), (2, 2), (1, 1)]
+PATHS = {"blocks": BLOCKS, "by size": [(5, 5), (3, 8), (2, 7), (4, 4), (3, 3), (3, 3)],
          "whole segments": [(10, 10), (4, 4), (3, 3), (3, 3)], "sdpa": []}
 
 
@@ -131,8 +138,6 @@ def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window, path, monk
 
     import torch.nn.functional as F
 
-    from rmexp import packing
-
     examples = [{"chosen_ids": [1, 2, 3, 4, 5, 10, 11, 12], "rejected_ids": [1, 2, 3, 4, 5, 20, 21], "prompt_len": 5},
                 {"chosen_ids": [7, 8, 30], "rejected_ids": [7, 8], "prompt_len": 2},  # rejected cut to nothing
                 {"chosen_ids": [9, 40, 41], "rejected_ids": [9, 50], "prompt_len": 1},
@@ -144,6 +149,7 @@ def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window, path, monk
     monkeypatch.setattr(packing, "block_attention", lambda q, k, *rest: blocks.append((q.shape[2], k.shape[2]))
                         or block_attention(q, k, *rest))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "whole segments")
+    monkeypatch.setattr(packing, "SPLIT_MIN_SCORES", 10 if path == "by size" else 0)
     torch.manual_seed(0)
     q = torch.randn(rows, 4, width, 8, requires_grad=True)
     kv = [torch.randn(rows, 2, width, 8, requires_grad=True) for _ in range(2)]

@@ -168,20 +168,33 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return attend_segments(module, query, key, value, attention_mask, rmexp_segments, dropout, scaling, kwargs), None
 
 
+# A segment runs as three blocks when that skips at least this many scores a head: below it, the two extra
+# calls (forward and backward) cost more than the skipped scores. `python bench/attention.py` times both
+# ways on the CPU: the crossover lay at 15-26k for 4 heads of 16 and of 256, 3-15k for 32 heads of 128;
+# HH's mean pair (118/40/50 tokens) skips 14.6k and took 1.06-1.35x as long split.
+SPLIT_MIN_SCORES = 1 << 14
+
+
+def skipped_scores(start: int, prompt_end: int, chosen_end: int, end: int) -> int:
+    """The scores a head does not compute when the segment runs as three blocks, not one: P(C+R) + 2CR."""
+    prompt, chosen, rejected = prompt_end - start, chosen_end - prompt_end, end - chosen_end
+    return prompt * (chosen + rejected) + 2 * chosen * rejected
+
+
 def attend_segments(module, query, key, value, attention_mask, segments, dropout, scaling, kwargs):
     """Attention run block by block over packed rows (`segments`: each row's (start, prompt end, chosen end,
     end) from PackedPairCollator).
 
     Segments never attend to each other, and within a segment the prompt attends to itself only and
-    each answer to the prompt and itself, never to the other answer: three blocks per segment (prompt x
-    prompt, chosen x prompt+chosen, rejected x prompt+rejected), so the only scores not computed are
-    masked ones (within a block the causal triangle is computed, then masked); against the segment's whole
-    square this skips P(C+R) + 2CR of (P+C+R)^2 (a third at HH's mean 118/40/50 tokens, where the extra calls
-    eat the saving on CPU; on LLaMA-Factory's 698-token pairs, attention takes half the time: docs/performance.md).
-    Each block takes its rows and columns of the mask as given (causal, sliding window). On CUDA each block
-    goes through SDPA (its fused kernels); on CPU through a plain matmul-softmax-matmul (`block_attention`),
-    faster than SDPA there (forward and backward, 4 heads of 256, bf16: 3.9 against 6.3 ms at 235 tokens,
-    46 against 77 ms at 1006).
+    each answer to the prompt and itself, never to the other answer. A segment long enough
+    (`SPLIT_MIN_SCORES`) runs as three blocks (prompt x prompt, chosen x prompt+chosen, rejected x
+    prompt+rejected), skipping P(C+R) + 2CR of its (P+C+R)^2 scores, all masked (within a block the causal
+    triangle is computed, then masked); on LLaMA-Factory's 698-token pairs attention then takes half the time
+    (docs/performance.md). A shorter one runs as one block, masked: there the two extra calls cost more than
+    the scores they skip. Each block takes its rows and columns of the mask as given (causal, sliding
+    window). On CUDA each block goes through SDPA (its fused kernels); on CPU through a plain
+    matmul-softmax-matmul (`block_attention`), faster than SDPA there (forward and backward, 4 heads of 256,
+    bf16: 3.9 against 6.3 ms at 235 tokens, 46 against 77 ms at 1006).
 
     A compiled decoder layer (trainer.compile) runs each segment as one block, masked: traced, each block's
     length is a symbol, and a one-token answer would compile anew (torch 2.13's inductor then mis-strides the
@@ -212,7 +225,7 @@ def attend_segments(module, query, key, value, attention_mask, segments, dropout
         for r, spans in enumerate(segments):
             pieces = []
             for start, prompt_end, chosen_end, end in spans:
-                if whole_segments:
+                if whole_segments or skipped_scores(start, prompt_end, chosen_end, end) < SPLIT_MIN_SCORES:
                     pieces.append(attend(r, slice(start, end), [slice(start, end)]))
                     continue
                 prompt = slice(start, prompt_end)
