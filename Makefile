@@ -53,7 +53,7 @@ bench-data: $(STAMP) ## data pipeline: load+validate+tokenize PAIRS synthetic pa
 	$(PY) bench/data.py --pairs $(PAIRS) $(ARGS)
 
 # JOBS pytest-xdist workers share the cores, each with OMP_NUM_THREADS threads (1 unless set): most tests
-# wait on a process importing torch, one thread apiece. JOBS=1 runs in this process (the numerics at 2 threads).
+# wait on a process importing torch, one thread apiece. JOBS=1 runs in one process (the numerics at 2 threads).
 JOBS ?= 2
 test: $(STAMP) ## run the whole test suite (CPU, tiny model; what CI runs) in JOBS=2 workers of one thread each
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS)) $(ARGS)

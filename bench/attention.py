@@ -4,12 +4,12 @@
     python bench/attention.py --shape 4,1,256 --lengths 118/40/50,300/150/150
 
 Times `rmexp.packing.attend_segments` forward and backward on one `[prompt][chosen][rejected]` segment each
-way, on random tensors of a model's attention shape (heads, key/value heads, head dim), and prints the
+way, on random fp32 tensors of a model's attention shape (heads, key/value heads, head dim), and prints the
 median of `--repeats` runs (after 3 warm-up runs), the ratio split / whole, the scores a head skips split
 (P(C+R) + 2CR) and which way `SPLIT_MIN_SCORES` picks. The threshold sits where the ratio crosses 1.
 
 `--data FILE` times the kernel over a data set's own segments instead (the first `--pairs` pairs, tokenized
-by `--model`'s tokenizer at `--max-length`, one segment a call, at `--shape`): each segment as one block,
+by `--model`'s tokenizer at `--max-length`, one segment a call, at the first `--shape`, default 4,1,256): each segment as one block,
 each split, and as `SPLIT_MIN_SCORES` picks, summed over the pairs, so the threshold is judged on the lengths
 it will see:
 
@@ -83,8 +83,7 @@ def data_bench(args) -> None:
     for lengths in segments:
         for way, split in (("whole", False), ("split", True), ("picked", None)):
             totals[way] += time_segment(heads, kv_heads, dim, lengths, split, args.repeats)
-    picked = sum(packing.skipped_scores(0, p, p + c, p + c + r) >= packing.SPLIT_MIN_SCORES
-                 for p, c, r in segments)
+    picked = sum(packing.splits((0, p, p + c, p + c + r)) for p, c, r in segments)
     result = {"data": args.data, "pairs": len(segments), "shape": f"{heads},{kv_heads},{dim}",
               "threads": torch.get_num_threads(), "split_min_scores": packing.SPLIT_MIN_SCORES,
               "segments_split": picked, **{f"{way}_s": round(t, 4) for way, t in totals.items()},
@@ -118,8 +117,8 @@ def main() -> None:
         for spec in args.lengths.split(","):
             lengths = tuple(int(x) for x in spec.split("/"))
             whole, split = (time_segment(heads, kv_heads, dim, lengths, s, args.repeats) for s in (False, True))
-            skipped = packing.skipped_scores(0, lengths[0], lengths[0] + lengths[1], sum(lengths))
-            picks = "split" if skipped >= packing.SPLIT_MIN_SCORES else "whole"
+            segment = (0, lengths[0], lengths[0] + lengths[1], sum(lengths))
+            skipped, picks = packing.skipped_scores(*segment), "split" if packing.splits(segment) else "whole"
             rows.append({"shape": shape, "lengths": spec, "skipped_scores": skipped, "whole_ms": whole * 1e3,
                          "split_ms": split * 1e3, "ratio": split / whole, "picks": picks})
             print(f"{shape:>9} {spec:>11} {skipped:>8} {whole * 1e3:9.3f} {split * 1e3:9.3f} "

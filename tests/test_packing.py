@@ -62,7 +62,8 @@ def assert_packed_equals_plain(model, tok, pairs, max_length, row_tokens):
     collator = PackedPairCollator.for_model(model, tok.pad_token_id, row_tokens=row_tokens)
     batch = collator(examples)
     assert batch["input_ids"].shape[0] < len(examples)  # several pairs share rows
-    # the packed kernel as it runs (three blocks or one a segment, by size), then with every segment split
+    # the packed kernel at its threshold (some segments split, some one block), then every segment split
+    assert {packing.splits(s) for row in batch["segments"] for s in row} == {True, False}
     for kernel, split_min in (("sdpa with the dense 4D block mask", packing.SPLIT_MIN_SCORES),
                               ("packed kernel", packing.SPLIT_MIN_SCORES), ("packed kernel, every segment split", 0)):
         if kernel.startswith("packed kernel"):
@@ -118,13 +119,13 @@ def test_mask_keeps_answers_apart_and_positions_continue_from_the_prompt():
     assert batch["chosen_index"].tolist() == [4, 10] and batch["rejected_index"].tolist() == [5, 11]
 
 
-# (how the kernel runs, the (queries, keys) of each block it computes): three blocks a segment on CPU; three
-# blocks for the segments that skip at least 10 scores split (the first: 5 x 5 + 2 x 3 x 2 = 37), one for the
-# others (7, 2 and 4); one block a segment under torch.compile (a compiled layer); SDPA's, as on CUDA, which
-# CPU takes under dropout (1e-12: never drops in these few scores, and rescales by 1 + 1e-12, far below fp32's
-# rounding), three blocks a segment
-BLOCKS = [(5, 5), (3, 8), (2, 7), (1, 1), (2, 3), (1, 2), (2, 2), (1, 3), (2, 2), (1, 1)]
-PATHS = {"blocks": BLOCKS, "by size": [(5, 5), (3, 8), (2, 7), (4, 4), (3, 3), (3, 3)],
+# (how the kernel runs, the (queries, keys) of each block it computes): three blocks a segment on CPU; by
+# size, with SPLIT_MIN_SCORES 4: three blocks for the segments skipping at least 4 scores split (37, 7 and,
+# from 2CR alone, 4), one for the segment skipping 2; one block a segment under torch.compile (a compiled
+# layer); SDPA's, as on CUDA, which CPU takes under dropout (1e-12: never drops in these few scores, and
+# rescales by 1 + 1e-12, far below fp32's rounding), three blocks a segment
+PATHS = {"blocks": [(5, 5), (3, 8), (2, 7), (1, 1), (2, 3), (1, 2), (2, 2), (1, 3), (2, 2), (1, 1)],
+         "by size": [(5, 5), (3, 8), (2, 7), (1, 1), (2, 3), (1, 2), (3, 3), (2, 2), (1, 1)],
          "whole segments": [(10, 10), (4, 4), (3, 3), (3, 3)], "sdpa": []}
 
 
@@ -149,7 +150,8 @@ def test_block_wise_attention_equals_sdpa_over_the_whole_mask(window, path, monk
     monkeypatch.setattr(packing, "block_attention", lambda q, k, *rest: blocks.append((q.shape[2], k.shape[2]))
                         or block_attention(q, k, *rest))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "whole segments")
-    monkeypatch.setattr(packing, "SPLIT_MIN_SCORES", 10 if path == "by size" else 0)
+    assert [packing.skipped_scores(*s) for row in batch["segments"] for s in row] == [37, 7, 2, 4]
+    monkeypatch.setattr(packing, "SPLIT_MIN_SCORES", 4 if path == "by size" else 0)
     torch.manual_seed(0)
     q = torch.randn(rows, 4, width, 8, requires_grad=True)
     kv = [torch.randn(rows, 2, width, 8, requires_grad=True) for _ in range(2)]

@@ -169,9 +169,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
 
 
 # A segment runs as three blocks when that skips at least this many scores a head: below it, the two extra
-# calls (forward and backward) cost more than the skipped scores. `python bench/attention.py` times both
-# ways on the CPU: the crossover lay at 15-26k for 4 heads of 16 and of 256, 3-15k for 32 heads of 128;
-# HH's mean pair (118/40/50 tokens) skips 14.6k and took 1.06-1.35x as long split.
+# calls (forward and backward) cost more than the skipped scores. `python bench/attention.py` (fp32, 2
+# threads, 2-core AMD EPYC) put the crossover at 15-26k for 4 heads of 16 and of 256 (the tests' model and
+# Gemma-3-270M: HH's mean pair, 118/40/50 tokens, skips 14.6k and took 1.06-1.35x as long split), and at 3-15k
+# for 32 heads of 128 (Llama-3.1-8B), whose pairs in between would gain split; at one thread, at 3-15k for
+# both (the calls' overhead is not split across threads). Not timed on CUDA (SDPA blocks).
 SPLIT_MIN_SCORES = 1 << 14
 
 
@@ -179,6 +181,11 @@ def skipped_scores(start: int, prompt_end: int, chosen_end: int, end: int) -> in
     """The scores a head does not compute when the segment runs as three blocks, not one: P(C+R) + 2CR."""
     prompt, chosen, rejected = prompt_end - start, chosen_end - prompt_end, end - chosen_end
     return prompt * (chosen + rejected) + 2 * chosen * rejected
+
+
+def splits(segment: tuple[int, int, int, int]) -> bool:
+    """Whether `attend_segments` runs this (start, prompt end, chosen end, end) segment as three blocks."""
+    return skipped_scores(*segment) >= SPLIT_MIN_SCORES
 
 
 def attend_segments(module, query, key, value, attention_mask, segments, dropout, scaling, kwargs):
@@ -225,7 +232,7 @@ def attend_segments(module, query, key, value, attention_mask, segments, dropout
         for r, spans in enumerate(segments):
             pieces = []
             for start, prompt_end, chosen_end, end in spans:
-                if whole_segments or skipped_scores(start, prompt_end, chosen_end, end) < SPLIT_MIN_SCORES:
+                if whole_segments or not splits((start, prompt_end, chosen_end, end)):
                     pieces.append(attend(r, slice(start, end), [slice(start, end)]))
                     continue
                 prompt = slice(start, prompt_end)
