@@ -9,9 +9,9 @@ median of `--repeats` runs (after 3 warm-up runs), the ratio split / whole, the 
 (P(C+R) + 2CR) and which way `SPLIT_MIN_SCORES` picks. The threshold sits where the ratio crosses 1.
 
 `--data FILE` times the kernel over a data set's own segments instead (the first `--pairs` pairs, tokenized
-by `--model`'s tokenizer at `--max-length`, one segment a call, at the first `--shape`, default 4,1,256): each segment as one block,
-each split, and as `SPLIT_MIN_SCORES` picks, summed over the pairs, so the threshold is judged on the lengths
-it will see:
+by `--model`'s tokenizer at `--max-length`, one segment a call, at the first `--shape`, default 4,1,256):
+each segment as one block, each split, and as `SPLIT_MIN_SCORES` picks, summed over the pairs, so the
+threshold is judged on the lengths it will see:
 
     python bench/attention.py --data ../shared/data/hh-rlhf-harmless/pairs.jsonl --shape 4,1,256
 
