@@ -10,8 +10,8 @@ median of `--repeats` runs (after 3 warm-up runs), the ratio split / whole, the 
 
 `--data FILE` times the kernel over a data set's own segments instead (the first `--pairs` pairs, tokenized
 by `--model`'s tokenizer at `--max-length`, one segment a call, at the first `--shape`, default 4,1,256):
-each segment as one block, each split, and as `SPLIT_MIN_SCORES` picks, summed over the pairs, so the
-threshold is judged on the lengths it will see:
+each segment as one block and split, summed over the pairs, and the sum of the way `SPLIT_MIN_SCORES` picks
+for each, so the threshold is judged on the lengths it will see:
 
     python bench/attention.py --data ../shared/data/hh-rlhf-harmless/pairs.jsonl --shape 4,1,256
 
@@ -34,10 +34,15 @@ SHAPES = {"4,2,16": "the test suite's tiny model", "4,1,256": "Gemma-3-270M", "3
 LENGTHS = "10/5/5,30/10/10,60/20/20,118/40/50,140/50/50,160/60/60,200/80/80,300/150/150,400/200/200"
 
 
-def time_segment(heads: int, kv_heads: int, dim: int, lengths: tuple[int, int, int], split: bool | None,
+def segment(lengths: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(prompt, chosen, rejected) tokens as the collator's span of a segment alone in its row."""
+    prompt, chosen, rejected = lengths
+    return 0, prompt, prompt + chosen, prompt + chosen + rejected
+
+
+def time_segment(heads: int, kv_heads: int, dim: int, lengths: tuple[int, int, int], split: bool,
                  repeats: int) -> float:
-    """Median seconds of one forward and backward over a single segment, run split, as one block, or (None)
-    as `SPLIT_MIN_SCORES` picks."""
+    """Median seconds of one forward and backward over a single segment, run split or as one block."""
     prompt, chosen, rejected = lengths
     example = {"chosen_ids": list(range(1, prompt + chosen + 1)),
                "rejected_ids": list(range(1, prompt + 1)) + list(range(1, rejected + 1)), "prompt_len": prompt}
@@ -47,8 +52,7 @@ def time_segment(heads: int, kv_heads: int, dim: int, lengths: tuple[int, int, i
     k, v = (torch.randn(1, kv_heads, width, dim, requires_grad=True) for _ in range(2))
     module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=True)
     times = []
-    threshold = packing.SPLIT_MIN_SCORES if split is None else 0 if split else float("inf")
-    with mock.patch.object(packing, "SPLIT_MIN_SCORES", threshold):
+    with mock.patch.object(packing, "SPLIT_MIN_SCORES", 0 if split else float("inf")):
         for _ in range(repeats + 3):
             start = time.perf_counter()
             out, _ = packing.packed_sdpa(module, q, k, v, batch["attention_mask"], scaling=dim ** -0.5,
@@ -79,11 +83,13 @@ def data_segments(path: str, model: str, pairs: int, max_length: int) -> list[tu
 def data_bench(args) -> None:
     heads, kv_heads, dim = (int(x) for x in (args.shape or ["4,1,256"])[0].split(","))
     segments = data_segments(args.data, args.model, args.pairs, args.max_length)
-    totals = {"whole": 0.0, "split": 0.0, "picked": 0.0}
-    for lengths in segments:
-        for way, split in (("whole", False), ("split", True), ("picked", None)):
-            totals[way] += time_segment(heads, kv_heads, dim, lengths, split, args.repeats)
-    picked = sum(packing.splits((0, p, p + c, p + c + r)) for p, c, r in segments)
+    # (whole, split) seconds of each segment, the two timed back to back; the picked way is one of them
+    times = [[time_segment(heads, kv_heads, dim, lengths, s, args.repeats) for s in (False, True)]
+             for lengths in segments]
+    splits = [packing.splits(segment(lengths)) for lengths in segments]
+    totals = {"whole": sum(t[0] for t in times), "split": sum(t[1] for t in times),
+              "picked": sum(t[s] for t, s in zip(times, splits, strict=True))}
+    picked = sum(splits)
     result = {"data": args.data, "pairs": len(segments), "shape": f"{heads},{kv_heads},{dim}",
               "threads": torch.get_num_threads(), "split_min_scores": packing.SPLIT_MIN_SCORES,
               "segments_split": picked, **{f"{way}_s": round(t, 4) for way, t in totals.items()},
@@ -117,8 +123,8 @@ def main() -> None:
         for spec in args.lengths.split(","):
             lengths = tuple(int(x) for x in spec.split("/"))
             whole, split = (time_segment(heads, kv_heads, dim, lengths, s, args.repeats) for s in (False, True))
-            segment = (0, lengths[0], lengths[0] + lengths[1], sum(lengths))
-            skipped, picks = packing.skipped_scores(*segment), "split" if packing.splits(segment) else "whole"
+            span = segment(lengths)
+            skipped, picks = packing.skipped_scores(*span), "split" if packing.splits(span) else "whole"
             rows.append({"shape": shape, "lengths": spec, "skipped_scores": skipped, "whole_ms": whole * 1e3,
                          "split_ms": split * 1e3, "ratio": split / whole, "picks": picks})
             print(f"{shape:>9} {spec:>11} {skipped:>8} {whole * 1e3:9.3f} {split * 1e3:9.3f} "
