@@ -101,13 +101,14 @@ CHECKED = [
 
 @pytest.mark.parametrize("overrides,key", CHECKED)
 def test_every_checked_value_fails_naming_its_key_before_data_or_model(tmp_path, monkeypatch, overrides, key):
+    import rmexp.recipe
     import rmexp.train
 
     def not_yet(*args, **kwargs):
         raise AssertionError("read data or loaded a model before the config was checked")
 
     for name in ("resolve_model_path", "load_tokenizer", "build_datasets", "load_reward_model"):
-        monkeypatch.setattr(rmexp.train, name, not_yet)
+        monkeypatch.setattr(rmexp.recipe, name, not_yet)
     cfg = compose_cfg(*overrides.split(), f"paths.output_dir={tmp_path}", "logger=none")
     with pytest.raises(ConfigError, match=re.escape(key)):  # nothing read but the config: it fails at once
         rmexp.train.main(cfg)
@@ -135,13 +136,26 @@ def test_tri_states_take_yaml_bools_and_any_case():
     assert str(cfg.trainer.bf16) == "true" and cfg.trainer.bf16 == "true"  # the strings the HF builders read
 
 
+HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes")
+
+
 @pytest.mark.slow
-def test_cli_typo_fails_fast_naming_the_key(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rmexp.train", "lora.r=abc", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert proc.returncode != 0
-    assert "lora.r" in proc.stderr + proc.stdout
-    assert not (Path(tmp_path) / "metrics.json").exists()  # failed in composition, no model touched
+@pytest.mark.parametrize("override,key", [("lora.r=abc", "lora.r"), ("lora.rr=3", "lora.rr")])
+def test_cli_typo_fails_in_composition_before_torch_loads(tmp_path, override, key):
+    """A wrong type or an unknown key fails while Hydra composes, with only Hydra and the schema imported:
+    no torch, transformers, peft or trl (which take ~10 s to import on a 2-core machine), no run dir."""
+    probe = (f"import sys\nsys.argv = ['rmexp-train', {override!r}, 'hydra.run.dir={tmp_path}']\n"
+             "from rmexp.train import cli\ntry:\n    cli()\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+             f"print('imported', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "exit 1" in proc.stdout, proc.stdout + proc.stderr
+    assert key in proc.stderr, proc.stderr
+    assert "imported []" in proc.stdout, proc.stdout
+    assert not (Path(tmp_path) / "metrics.json").exists()  # failed in composition, no run recorded
+    # and the installed command, as a user runs it
+    run = subprocess.run([sys.executable, "-m", "rmexp.train", override, f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode != 0 and key in run.stderr + run.stdout
 
 
 FREE_TEXT = ["天空是什么颜色？", "it's", "a\\b", "end\\", "x\\'y", "${oc.env:HOME}", "\\${x}", "\\\\${x}", "\\${",

@@ -66,10 +66,10 @@ def test_dependencies_are_ranges_around_the_tested_set():
         assert Version(version(requirement.name)).release == pins[name].release, f"{name} installed is not the tested one"
 
 
-def test_train_main_reads_top_to_bottom_in_under_60_lines():
+def test_the_recipe_reads_top_to_bottom_in_under_60_lines():
     import inspect
 
-    from rmexp.train import main
+    from rmexp.recipe import train
 
-    lines = inspect.getsource(main).splitlines()
-    assert len(lines) < 60, f"rmexp.train.main is {len(lines)} lines: move a step into a named function"
+    lines = inspect.getsource(train).splitlines()
+    assert len(lines) < 60, f"rmexp.recipe.train is {len(lines)} lines: move a step into a named function"

@@ -278,8 +278,8 @@ def no_model(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded")
 
-    monkeypatch.setattr("rmexp.train.load_tokenizer", load)
-    monkeypatch.setattr("rmexp.train.load_reward_model", load)
+    monkeypatch.setattr("rmexp.recipe.load_tokenizer", load)
+    monkeypatch.setattr("rmexp.recipe.load_reward_model", load)
 
 
 def test_each_checkpoint_has_a_manifest_of_its_files_as_written(finished):

@@ -1,0 +1,191 @@
+"""The training recipe: `train(cfg)` runs one 4-bit QLoRA reward model from a composed config.
+
+One linear path: config -> data -> model -> TRL RewardTrainer -> final held-out evaluation ->
+adapter, tokenizer, scores.jsonl and metrics.json in the run dir (rmexp.rundir). It returns the held-out
+pairwise accuracy so a Hydra sweeper can optimise it. Its command line, `rmexp-train [overrides]`, is
+rmexp.train, which imports this module (torch, transformers, peft, trl) only once the config has composed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from rmexp.builtin import resolve_model_path
+from rmexp.config import RMExpConfig, to_typed
+from rmexp.dataset import build_datasets
+from rmexp.diagnostics import EvalDiagnostics, summary
+from rmexp.metrics import length_baseline_accuracy
+from rmexp.model import build_lora_config, load_reward_model, load_tokenizer
+from rmexp.packing import build_collator
+from rmexp.preemption import StopOnSignal, resume_checkpoint
+from rmexp.prepare import for_training
+from rmexp.rundir import is_main_process, run_record, write_run_config, write_scores, writes_to
+from rmexp.tracking import job_identity, scrub_secrets, start_run
+from rmexp.trainer import PairwiseRewardTrainer, last_eval_at
+from rmexp.training_args import build_reward_config
+
+log = logging.getLogger("rmexp.train")  # the command's name in train.log
+
+
+def train(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
+    run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()  # rank 0 alone writes and logs
+    # the run dir claimed and the checkpoint read back before run_record, which would write its metrics.json
+    # over the run this refuses to train over (or over the old run's, when no checkpoint is intact)
+    resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)
+    with run_record(run_dir, write=main_process) as record:
+        # setup: the config's checks, then the data before the model (its errors in seconds, not after an 8B load)
+        cfg = to_typed(cfg)  # runs the schema's checks (rmexp.config): a bad value fails here, recorded
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+        data = load_data(cfg, tokenizer)
+        set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
+        model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization, tokenizer)
+        if main_process:
+            record.wandb_run = describe_run(cfg, run_dir, data, resume.wandb_run_id)
+        stop_on_signal = StopOnSignal(run_dir)
+        trainer = build_trainer(cfg, model, tokenizer, data, run_dir, record.wandb_run,
+                                [*(callbacks or []), stop_on_signal], main_process)
+
+        # train, between two evaluations of the same held-out pairs (before: the untrained baseline)
+        initial = trainer.evaluate()["eval_pairwise_accuracy"]
+        with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
+            train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
+        stop_on_signal.raise_if_stopped(trainer.state.global_step)  # SIGTERM, or submitit's preemption
+        final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
+
+        # save: adapter, score head, tokenizer and scores.jsonl; metrics.json when run_record ends
+        with writes_to(run_dir):
+            trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
+            if main_process:
+                (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
+                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, data.eval_ids)
+        record.result = run_result(trainer, final, initial, train_output, data) | {
+            "resumed_from": resume.checkpoint, "resume_skipped": resume.skipped, "model": model_path}
+        if record.wandb_run is not None:
+            record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
+                "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}
+                | {"eval/n_pairs": record.result["n_eval_pairs"]})
+    if main_process:
+        print(summary_line(record.result, run_dir))
+    return record.result["pairwise_accuracy"]
+
+
+@dataclass
+class Data:
+    """The run's pairs, tokenized, and what reading them counted."""
+
+    train: Any
+    eval: Any
+    stats: dict  # per source: pairs read, skipped (by reason), held out; logged to W&B and metrics.json
+    truncation: dict  # per split: pairs and tokens cut to trainer.max_length
+    eval_ids: list[dict]  # per eval pair: pair_id and source (scores.jsonl's)
+    formats: dict  # the data.format each source was read as
+
+    @property
+    def eval_sources(self) -> list[str | None]:
+        return [i.get("source") for i in self.eval_ids]
+
+
+def load_data(cfg: RMExpConfig, tokenizer) -> Data:
+    """The training and held-out datasets; truncation counted and logged, one line on the run."""
+    train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
+    data = Data(train_ds, eval_ds, stats, stats.pop("truncation"), stats.pop("eval_identity"), stats.pop("formats"))
+    log_truncation(data.truncation, cfg.trainer.max_length)
+    log.info(config_summary(cfg, train_ds, eval_ds))
+    return data
+
+
+def describe_run(cfg: RMExpConfig, run_dir: Path, data: Data, wandb_run_id: str | None):
+    """The run dir describes itself, Hydra or not (rmexp_config.yaml, which RewardModel.load reads); with W&B, the
+    job's run (a requeued job continues its own), which is returned."""
+    # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
+    resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
+    write_run_config(run_dir, resolved)
+    if cfg.logger.backend.value != "wandb":
+        return None
+    run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir), run_id=wandb_run_id)
+    run.config.update({"data_stats": data.stats, "truncation": data.truncation}, allow_val_change=True)
+    return run
+
+
+def build_trainer(cfg: RMExpConfig, model, tokenizer, data: Data, run_dir: Path, wandb_run, callbacks: list,
+                  main_process: bool) -> PairwiseRewardTrainer:
+    """The model prepared for training (rmexp.prepare) inside TRL's RewardTrainer, with rmexp's collator, head
+    learning rate, time budget and, on rank 0, the reward diagnostics at every evaluation."""
+    model = for_training(model, cfg.trainer)  # build_collator says if it cannot pack
+    trainer = PairwiseRewardTrainer(
+        model=model, args=build_reward_config(cfg.trainer, run_dir, "wandb" if wandb_run else "none", model),
+        train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        peft_config=build_lora_config(cfg.lora), callbacks=callbacks,
+        data_collator=build_collator(cfg.trainer, model, tokenizer),
+        head_learning_rate=cfg.trainer.head_learning_rate, time_budget_s=cfg.trainer.time_budget_s)
+    trainer.eval_sources, trainer.eval_categories = data.eval_sources, cfg.data.categories  # accuracy by source
+    if main_process:  # histograms, calibration and their figures at every evaluation, in the run dir and W&B
+        trainer.add_callback(EvalDiagnostics(trainer, run_dir, wandb_run, data.eval_sources, cfg.data.categories))
+    if not streamed(data.train) and len(trainer.train_dataset) != len(data.train):  # ours fit: TRL filters none
+        raise RuntimeError(f"{len(data.train) - len(trainer.train_dataset)} training pairs lost in TRL preprocessing")
+    return trainer
+
+
+def config_summary(cfg: RMExpConfig, train_ds, eval_ds) -> str:
+    """One line on what this run is, before the model loads (the whole config is in rmexp_config.yaml)."""
+    q, t = cfg.quantization, cfg.trainer
+    bits = "4-bit " + q.bnb_4bit_quant_type.value if q.load_in_4bit else "8-bit" if q.load_in_8bit else "unquantized"
+    length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs:g} epoch(s)"
+    n_train = "streamed" if streamed(train_ds) else len(train_ds)
+    data = cfg.data.path or ", ".join(s.path for s in cfg.data.sources)
+    return (f"{cfg.model.name_or_path} ({bits}), LoRA r={cfg.lora.r}: {n_train} training pairs, {len(eval_ds)} held out "
+            f"({data}); lr {t.learning_rate:g}, batch {t.per_device_train_batch_size} {t.batching.value}, "
+            f"{length} -> {cfg.paths.output_dir}")
+
+
+def streamed(ds) -> bool:
+    from datasets import IterableDataset
+
+    return isinstance(ds, IterableDataset)
+
+
+def run_result(trainer, final: dict, initial: float, train_output, data: Data) -> dict:
+    """metrics.json's figures: the final evaluation beside its baselines and its diagnostics (ece, brier,
+    by_source, categories), what training did, and what reading the data counted."""
+    rewards = trainer.last_eval_rewards.numpy()
+    n_train = None if streamed(data.train) else len(data.train)
+    return {
+        **{k: final[f"eval_{k}"] for k in ("pairwise_accuracy", "ci_low", "ci_high")},
+        "initial_pairwise_accuracy": initial,
+        "length_baseline_accuracy": length_baseline_accuracy(data.eval["chosen_tokens"], data.eval["rejected_tokens"]),
+        "n_eval_pairs": final["eval_n_pairs"],
+        **{k: final[f"eval_{k}"] for k in ("n_ties", "mean_margin", "reward_mean", "reward_std")},
+        "eval_loss": final["eval_loss"],
+        "train_loss": train_output.training_loss,
+        "train_runtime_s": round(train_output.metrics["train_runtime"], 2),
+        "compile_s": trainer.compile_s,
+        "n_train_pairs_seen": (trainer.state.global_step * trainer.args.gradient_accumulation_steps
+                               * trainer.args.train_batch_size * trainer.args.world_size
+                               if n_train is None else round((trainer.state.epoch or 0.0) * n_train)),
+        "global_step": trainer.state.global_step,
+        "n_train_pairs": n_train, "data": data.stats, "data_formats": data.formats, "truncation": data.truncation,
+    } | summary(rewards[:, 0], rewards[:, 1], data.eval_sources, trainer.eval_categories)
+
+
+def log_truncation(truncation: dict, max_length: int) -> None:
+    """What fitting pairs to max_length cost, per split (counted and logged: nothing is dropped)."""
+    for split, counts in truncation.items():
+        if counts.get("n_truncated"):
+            log.warning("%s: %d pairs truncated to trainer.max_length=%d (%d lost prompt tokens, %d lost answer "
+                        "tokens); none dropped", split, counts["n_truncated"], max_length,
+                        counts.get("n_prompt_truncated", 0), counts.get("n_answer_truncated", 0))
+
+
+def summary_line(result: dict, run_dir: Path) -> str:
+    """The run's accuracy with its interval, beside what it must beat."""
+    return (f"held-out pairwise accuracy {result['pairwise_accuracy']:.3f} [{result['ci_low']:.2f}, "
+            f"{result['ci_high']:.2f}] on {result['n_eval_pairs']} pairs; before training "
+            f"{result['initial_pairwise_accuracy']:.2f}; length alone {result['length_baseline_accuracy']:.2f} "
+            f"-> {run_dir}")
