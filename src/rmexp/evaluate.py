@@ -17,19 +17,20 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rmexp import diagnostics
 from rmexp.config import CONF_PATH, EvaluateConfig, LoggerBackend, SourceConfig, to_typed
-from rmexp.data import answer_text
-from rmexp.dataset import source_pairs, sources_of
-from rmexp.metrics import accuracy_by, bucket_of, length_baseline_accuracy, pairwise_metrics
-from rmexp.rundir import pair_id, pair_identity, score_lines, write_json
+
+# torch, datasets and transformers are imported in the functions that use them, so a bad override fails in
+# composition in about a second (as rmexp-train's), not after ~10 s of imports
 
 
 def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
+    from rmexp import diagnostics
+    from rmexp.dataset import source_pairs, sources_of
+    from rmexp.metrics import accuracy_by, length_baseline_accuracy, pairwise_metrics
     from rmexp.reward_model import RewardModel
+    from rmexp.rundir import write_json
 
     cfg = to_typed(cfg)
     out_dir = Path(cfg.paths.output_dir)
@@ -69,7 +70,11 @@ def score_file(model, pairs, cfg, path: Path):
     """Score pairs a chunk at a time, appending each chunk's lines to `<path>.partial` (renamed to `path`
     at the end), so only one chunk's tokens are held at once. Returns rewards (n x 2), answer lengths in
     tokens (n x 2), each pair's prompt-length bucket and the count of truncated pairs."""
+    import torch
     from tqdm.auto import tqdm
+
+    from rmexp.metrics import bucket_of
+    from rmexp.rundir import pair_id, pair_identity, score_lines
 
     rewards, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2, dtype=torch.long)
     buckets, n_truncated = [], 0
@@ -95,6 +100,8 @@ def score_file(model, pairs, cfg, path: Path):
 def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards, images: dict) -> None:
     import wandb
 
+    from rmexp import diagnostics
+    from rmexp.data import answer_text
     from rmexp.tracking import start_run
 
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True)  # resolved already
