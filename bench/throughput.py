@@ -142,7 +142,7 @@ def worker(args) -> dict:
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
     train_ds, _ = tokenize_pairs(tok, train_pairs, cfg.trainer.max_length)
     # ours: gradient_checkpointing=auto (off where activations fit); the TRL peers keep the seed's TRL default, on
-    # ours: everything rmexp.train does to the model (the packed kernel, the speed layers); the peers: the fp32 head
+    # ours: everything rmexp.recipe does to the model (the packed kernel, the speed layers); the peers: the fp32 head
     model = for_training(model, cfg.trainer) if ours else upcast_reward_head(model)
     collator = build_collator(cfg.trainer, model, tok)
     args_ = build_reward_config(cfg.trainer, Path("/tmp/rmexp-bench"), "none", model if ours else None)

@@ -232,7 +232,7 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None, plan
     """Every change training makes to a loaded model, in the two steps TRL's peft wrapping separates; each is
     idempotent, so a second call changes nothing.
 
-    Before the wrapping (a transformers model; rmexp.train): rewards from an fp32 head (before peft copies the
+    Before the wrapping (a transformers model; rmexp.recipe): rewards from an fp32 head (before peft copies the
     head), 4-bit layers kept trainable, the packed attention kernel and the fused RMSNorm as `options` (a
     TrainerConfig or TrainingOptions) ask; the options are kept on the model. After it (the peft model;
     PairwiseRewardTrainer, which knows whether it shards): the dequantized base and the fused LoRA layers

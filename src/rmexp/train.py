@@ -45,6 +45,9 @@ def free_memory() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 def cli(cfg: DictConfig) -> float:
+    # imported here, the config composed, and outside the sweep's per-job catch: a broken install stops the
+    # command rather than failing every job
+    import rmexp.recipe  # noqa: F401
     from rmexp.preemption import requeue_if_preempted
 
     with requeue_if_preempted():  # checkpointed, metrics.json says preempted: submitit requeues the job and exits
