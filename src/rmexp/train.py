@@ -47,14 +47,14 @@ def free_memory() -> None:
 def cli(cfg: DictConfig) -> float:
     # imported here, the config composed, and outside the sweep's per-job catch: a broken install stops the
     # command rather than failing every job
-    import rmexp.recipe  # noqa: F401
     from rmexp.preemption import requeue_if_preempted
+    from rmexp.recipe import train
 
     with requeue_if_preempted():  # checkpointed, metrics.json says preempted: submitit requeues the job and exits
         if not in_multirun():
-            return main(cfg)
+            return train(cfg)
         try:  # a failed job is recorded in its metrics.json; the sweep goes on and fails at the end
-            return main(cfg)
+            return train(cfg)
         except Exception as e:  # noqa: BLE001
             log.error("job failed: %s: %s", type(e).__name__, e)
             return float("nan")
