@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep report compare serve bench bench-quality bench-serve bench-data test test-fast lint clean
+.PHONY: help install train sweep report compare serve bench bench-quality bench-serve bench-data gpu-check test test-fast lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ bench-serve: $(STAMP) ## reward server under 16 concurrent clients vs in-process
 PAIRS ?= 1000000
 bench-data: $(STAMP) ## data pipeline: load+validate+tokenize PAIRS synthetic pairs, in-memory vs datasets (num_proc 2) and its cache
 	$(PY) bench/data.py --pairs $(PAIRS) $(ARGS)
+
+gpu-check: $(STAMP) ## one CUDA GPU, under 8 minutes, no hub: placement, 4-bit layers, rewards, flex, training, export, pytest -m cuda; one JSON report
+	$(PY) bench/gpu_check.py --device cuda $(ARGS)
 
 # JOBS pytest-xdist workers share the cores, each with OMP_NUM_THREADS threads (1 unless set): most tests
 # wait on a process importing torch, one thread apiece. JOBS=1 runs in one process (the numerics at 2 threads).

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
-import os
 import re
-import subprocess
-import sys
-from importlib.metadata import entry_points
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -88,6 +84,7 @@ CHECKED = [
     ("trainer.bf16=maybe", "trainer.bf16"),
     ("trainer.dequant_cache=yes", "trainer.dequant_cache"),
     ("trainer.compile=sometimes", "trainer.compile"),
+    ("trainer.attention=flash", "trainer.attention"),
     ("trainer.learning_rate=0", "trainer.learning_rate"),
     ("trainer.per_device_train_batch_size=0", "trainer.per_device_train_batch_size"),
     ("trainer.per_device_eval_batch_size=0", "trainer.per_device_eval_batch_size"),
@@ -117,15 +114,38 @@ def test_every_checked_value_fails_naming_its_key_before_data_or_model(tmp_path,
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"  # recorded as a failed run
 
 
+# The same for the scoring apps' own keys (their configs hold no training groups): app, overrides, key.
+APP_REQUIRED = {"evaluate": "checkpoint=x data.path=y.jsonl paths.output_dir=z logger=none",
+                "score": "checkpoint=x question=q answer=a", "serve": "checkpoint=x", "export": "checkpoint=x output_dir=y"}
+APP_CHECKED = [(app, "device=gpu", "device") for app in sorted(APP_REQUIRED)]
+
+
+@pytest.mark.parametrize("app,overrides,key", APP_CHECKED)
+def test_every_checked_app_value_fails_naming_its_key(app, overrides, key):
+    from hydra import compose, initialize_config_module
+
+    from rmexp.config import CONF_MODULE
+
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        cfg = compose(config_name=app, overrides=[*APP_REQUIRED[app].split(), *overrides.split()])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        to_typed(cfg)
+
+
 def test_checked_keys_cover_every_check_in_the_schema():
-    """Each key rmexp.config names in a check, and each ConfigError message, has a case in CHECKED."""
+    """Each key rmexp.config names in a check, and each ConfigError message, has a case in CHECKED (APP_CHECKED
+    for a scoring app's own key)."""
     source = (ROOT / "src" / "rmexp" / "config.py").read_text(encoding="utf-8")
     literal_keys = set(re.findall(r'f?"((?:model|quantization|lora|data|trainer)\.[a-z_0-9]+)', source))
     loop_keys = {f"trainer.{k}" for group in re.findall(r'for key in \(([^)]*)\)', source)
                  for k in re.findall(r'"([a-z_0-9]+)"', group)}
     messages = set(re.findall(r'ConfigError\(f?"([^"<]{8,})"', source))
+    app_keys = {call.args[1].value for call in ast.walk(ast.parse(source))  # a top-level key: require(ok, "device", ...)
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "require"
+                and isinstance(call.args[1], ast.Constant) and "." not in call.args[1].value}
     cases = " ".join(key for _, key in CHECKED) + " " + " ".join(o for o, _ in CHECKED)
-    missing = sorted(k for k in literal_keys | loop_keys if k not in cases and not k.startswith("trainer.{"))
+    cases += " " + " ".join(key for _, _, key in APP_CHECKED)
+    missing = sorted(k for k in literal_keys | loop_keys | app_keys if k not in cases and not k.startswith("trainer.{"))
     assert not missing, f"checked in rmexp.config but not in CHECKED: {missing}"
     assert all(any(key in m for _, key in CHECKED) for m in messages if "{" not in m), messages
 
@@ -136,38 +156,6 @@ def test_tri_states_take_yaml_bools_and_any_case():
     assert (cfg.trainer.bf16, cfg.trainer.gradient_checkpointing, cfg.trainer.dequant_cache) == (
         Switch.true, Switch.false, Switch.auto)
     assert str(cfg.trainer.bf16) == "true" and cfg.trainer.bf16 == "true"  # the strings the HF builders read
-
-
-HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes")
-SCRIPTS = {e.name: e.value for e in entry_points(group="console_scripts") if e.value.startswith("rmexp.")}
-NO_FULL_ERROR = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # which raises, not exits 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script,override,key", [("rmexp-train", "lora.r=abc", "lora.r")]
-                         + [(script, "nosuchkey=3", "nosuchkey") for script in sorted(SCRIPTS)])
-def test_cli_typo_fails_in_composition_before_torch_loads(tmp_path, script, override, key):
-    """A wrong type or an unknown key fails while Hydra composes, with only Hydra and the schema imported:
-    no torch, transformers, peft or trl (~10 s to import on a 2-core machine), no run recorded."""
-    module, function = SCRIPTS[script].split(":")
-    probe = (f"import sys\nsys.argv = [{script!r}, {override!r}, {f'hydra.run.dir={tmp_path}'!r}]\n"
-             f"from {module} import {function}\ntry:\n    {function}()\nexcept SystemExit as e:\n"
-             f"    print('exit', e.code)\nprint('imported', sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
-                          env=NO_FULL_ERROR, timeout=60)
-    assert "exit 1" in proc.stdout, proc.stdout + proc.stderr
-    assert key in proc.stderr, proc.stderr
-    assert "imported []" in proc.stdout, proc.stdout
-    assert not list(Path(tmp_path).rglob("*metrics.json"))  # failed in composition, no run recorded
-
-
-@pytest.mark.slow
-def test_cli_typo_fails_as_a_user_runs_it(tmp_path):
-    """The module entry point the README and docs use (`python -m rmexp.train`), from the repository."""
-    run = subprocess.run([sys.executable, "-m", "rmexp.train", "lora.r=abc", f"hydra.run.dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=ROOT, env=NO_FULL_ERROR, timeout=60)
-    assert run.returncode == 1 and "lora.r" in run.stderr, run.stderr
-    assert not (Path(tmp_path) / "metrics.json").exists()
 
 
 FREE_TEXT = ["天空是什么颜色？", "it's", "a\\b", "end\\", "x\\'y", "${oc.env:HOME}", "\\${x}", "\\\\${x}", "\\${",
@@ -296,3 +284,26 @@ def test_a_run_config_with_free_keys_reads_back(tmp_path, overrides):
     back = read_run_config(tmp_path)
     assert back.trainer.extra == cfg.trainer.extra and back.data.categories == cfg.data.categories
     assert back.trainer.extra or back.data.categories
+
+
+@pytest.mark.parametrize("overrides,warned", [(["data.path=my.jsonl"], True), ([], False),
+                                              (["data=file", "data.path=my.jsonl"], False)])
+def test_a_file_under_the_sample_preset_says_which_preset_values_apply(overrides, warned, caplog):
+    """`rmexp-train data.path=my.jsonl` keeps data=sample's other values (eval_fraction 0.2, not the file preset's
+    0.1): said, not silent."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    from rmexp.train import warn_preset_values
+
+    with initialize_config_module(config_module="rmexp.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with caplog.at_level("WARNING", logger="rmexp.train"):
+            warn_preset_values(to_typed(compose_cfg(*overrides, "paths.output_dir=unused")))
+    finally:
+        HydraConfig.instance().cfg = None
+    said = [r.getMessage() for r in caplog.records if r.name == "rmexp.train"]
+    assert said == (["data.path=my.jsonl under the sample preset (data=sample): its data.eval_fraction=0.2 apply; "
+                     "add data=file for the file defaults"] if warned else [])

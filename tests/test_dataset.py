@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DPO_EN, DPO_ZH, HH_PAIRS, ROOT, compose_cfg, needs_shared
+from conftest import DPO_EN, DPO_ZH, HH_PAIRS, compose_cfg, needs_shared
 from reference_reader import load_data
-from rmexp.config import ConfigError, to_typed
+from rmexp.config import ConfigError, sample_path, to_typed
 from rmexp.data import DataError, encode_pairs, parse_record, tokenize_pairs
 from rmexp.dataset import build_datasets, read_pairs
 
-SAMPLE = ROOT / "data" / "preference.jsonl"
+SAMPLE = Path(sample_path("preference.jsonl"))  # data/preference.jsonl, as the package ships it (rmexp.sample)
 
 
 def data_cfg(tmp_path, *overrides):

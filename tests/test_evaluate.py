@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -11,9 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg, compose_evaluate, tiny_overrides
+from conftest import DPO_EN, ROOT, compose_cfg, compose_evaluate, needs_shared, tiny_overrides
 from rmexp import RewardModel
 from rmexp.config import to_typed
+from rmexp.data import DataError, encode_pair
 from rmexp.dataset import read_pairs
 from rmexp.evaluate import evaluate
 from rmexp.export import export
@@ -127,6 +129,87 @@ def test_evaluate_counts_as_training_does_on_parquet_json_and_jsonl(run):
         # None is missing in Parquet and a wrong type in JSON; the broken line is JSONL's alone
         assert metrics["data_stats"]["n_skipped"] == 5 + (kind == "jsonl"), kind
         assert metrics["data_format"] == "triple"
+
+
+def messages(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger]
+
+
+@pytest.fixture
+def transformers_logs(monkeypatch):
+    """transformers' own warnings reach caplog (its library logger does not propagate by default)."""
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+
+
+def test_evaluate_scores_a_duplicate_once_skips_a_bad_record_and_says_what_it_cut(run, caplog, transformers_logs):
+    f = run.tmp / "dup-bad-long.jsonl"
+    long_question = " ".join(f"Question word {i}, and more." for i in range(800))
+    rows = [*FORMATS["seed.jsonl"],
+            FORMATS["seed.jsonl"][0],  # line 4: the pair of line 1 again
+            {"question": "No rejected answer?", "chosen": "Yes."},  # line 5: bad
+            {"question": long_question, "chosen": "Long.", "rejected": "Longer."}]  # line 6: over-long
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    # the long prompt is over the tokenizer's own model_max_length: transformers would warn of "indexing errors"
+    fresh = RewardModel.load(run.dir).tokenizer
+    long_pair = read_pairs(f, on_error="skip")[0][-1]
+    assert encode_pair(fresh, long_pair, run.model.max_length).chosen.prompt_tokens > fresh.model_max_length
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        metrics, scores = run_evaluate(run.dir, f, run.tmp / "out-dup-bad-long", "data.on_error=skip")
+
+    # scored: each distinct pair once, in file order; the copy on line 4 is counted and named with its first copy
+    assert metrics["n_pairs"] == len(scores) == 4
+    ids = [s["pair_id"] for s in scores]
+    assert len(set(ids)) == 4 and ids[0] == pair_id(read_pairs(f, on_error="skip")[0][0])
+    assert metrics["n_duplicates"] == 1 and metrics["duplicates"] == [{"line": f"{f}:4", "first": f"{f}:1"}]
+    assert metrics["data_stats"] == {"n_records": 6, "n_pairs": 4, "n_skipped": 2,
+                                     "skipped": {"duplicate_pair": 1, "missing_field": 1}}
+    assert metrics["data_format"] == "triple" and metrics["max_length"] == run.model.max_length == 512
+    assert metrics["n_truncated"] == 1
+    assert metrics["truncation"] == {"n_truncated": 1, "n_prompt_truncated": 1, "n_answer_truncated": 0,
+                                     "n_identical_after_truncation": 0}
+    saved = json.loads((run.tmp / "out-dup-bad-long" / "eval_metrics.json").read_text())
+    assert {k: saved[k] for k in ("n_duplicates", "duplicates", "truncation", "data_stats", "max_length")} == {
+        k: metrics[k] for k in ("n_duplicates", "duplicates", "truncation", "data_stats", "max_length")}
+
+    read, *_ = messages(caplog, "rmexp.evaluate")
+    assert read.startswith(f"{f}: read as triple (data.format=auto): 4 pairs scored of 6 records")
+    assert "skipped 1 bad records (data.on_error=skip): {'missing_field': 1}" in read
+    assert "1 duplicate pairs scored once, as their first copy (line 4 repeats line 1)" in read
+    assert [m for m in messages(caplog, "rmexp.evaluate") if "truncated" in m] == [
+        f"{f}: 1 pairs truncated to max_length=512 (the run's trainer.max_length) (the prompt cut from the left in 1, "
+        "an answer cut in 0); none dropped"]
+    assert not [r for r in caplog.records if "indexing errors" in r.getMessage()]
+
+
+def test_evaluate_keeps_on_error_raise_for_bad_records_and_training_still_refuses_a_duplicate(run, tmp_path):
+    f = tmp_path / "dup.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [*FORMATS["seed.jsonl"], FORMATS["seed.jsonl"][1]]), encoding="utf-8")
+    metrics, scores = run_evaluate(run.dir, f, tmp_path / "out")  # data.on_error=raise, the default
+    assert metrics["n_pairs"] == len(scores) == 3
+    assert metrics["n_duplicates"] == 1 and metrics["duplicates"] == [{"line": f"{f}:4", "first": f"{f}:2"}]
+    with pytest.raises(DataError, match=r"dup.jsonl:4: duplicate of the pair at .*dup.jsonl:2") as e:
+        read_pairs(f)  # training's reader, on_error=raise: a duplicate in a training file still stops it
+    assert e.value.reason == "duplicate_pair"
+    with f.open("a", encoding="utf-8") as out:
+        out.write("\n" + json.dumps({"question": "q?", "chosen": "a"}))
+    with pytest.raises(DataError, match=r"dup.jsonl:5: field 'rejected' is missing") as e:
+        run_evaluate(run.dir, f, tmp_path / "out-bad")
+    assert e.value.reason == "missing_field" and "more bad records" not in str(e.value)  # the duplicate is not one
+
+
+@needs_shared
+def test_evaluate_reads_llamafactory_dpo_demo_with_its_duplicates(run, tmp_path, caplog, transformers_logs):
+    with caplog.at_level(logging.INFO):
+        metrics, scores = run_evaluate(run.dir, DPO_EN, tmp_path / "out")
+    assert metrics["n_pairs"] == len(scores) == len({s["pair_id"] for s in scores}) == 295
+    assert metrics["n_duplicates"] == 5 and metrics["data_stats"]["n_records"] == 300
+    assert metrics["data_format"] == "sharegpt" and metrics["truncation"]["n_truncated"] > 100
+    read, *_ = messages(caplog, "rmexp.evaluate")
+    assert "295 pairs scored of 300 records; 5 duplicate pairs scored once" in read
+    assert any(f"{metrics['n_truncated']} pairs truncated to max_length=512 (the run's trainer.max_length)" in m
+               for m in messages(caplog, "rmexp.evaluate"))
+    assert not [r for r in caplog.records if "indexing errors" in r.getMessage()]
 
 
 def test_pair_id_is_the_pairs_content_whatever_the_file_format(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import DPO_EN, DPO_ZH, HH_PAIRS, compose_cfg, needs_shared
 from rmexp.config import to_typed
-from rmexp.data import DataError, encode_pair, parse_record
-from rmexp.dataset import build_datasets, read_pairs
+from rmexp.data import DataError, detect_format, encode_pair, parse_record, skip_hint
+from rmexp.dataset import StreamCounts, build_datasets, read_pairs
 
 
 def user(text):
@@ -67,14 +67,38 @@ CASES = {
                                                     "margin": "pref_margin", "system": "sys"}},
                  [system("Explain simply."), user("Why is the sea salty?")],
                  "Rivers carry dissolved minerals into it.", "Fish cry a lot."),
+    # OpenAI's layout (LLaMA-Factory's sharegpt with columns.messages=messages): the prompt in `messages`
+    "openai": ({"messages": [system("You name pets."), user("Suggest a name for a cat."), assistant("Whiskers."),
+                             user("Something shorter?")],
+                "chosen": assistant("Tom."), "rejected": assistant("Sir Fluffington.")}, {},
+               [system("You name pets."), user("Suggest a name for a cat."), assistant("Whiskers."),
+                user("Something shorter?")], "Tom.", "Sir Fluffington."),
+    "openai_lists": ({"messages": [user("Is ice cold?")], "chosen": [assistant("Yes.")], "rejected": [assistant("No.")]},
+                     {}, [user("Is ice cold?")], "Yes.", "No."),
+    # LLaMA-Factory's older alpaca ranking layout: both answers in `output`, the chosen one first
+    "alpaca_pairwise": ({"instruction": "Translate to French:", "input": "cat", "output": ["chat", "chien"],
+                         "system": "You translate.", "history": [["Translate to French: dog", "chien"]]}, {},
+                        [system("You translate."), user("Translate to French: dog"), assistant("chien"),
+                         user("Translate to French:\ncat")], "chat", "chien"),
 }
 AUTO = {"triple": "triple", "trl": "trl", "trl_implicit": "trl", "hh": "hh", "sharegpt": "sharegpt", "alpaca": "alpaca",
-        "ultrafeedback": "ultrafeedback", "openrlhf": "openrlhf"}
+        "ultrafeedback": "ultrafeedback", "openrlhf": "openrlhf", "openai": "sharegpt", "openai_lists": "sharegpt",
+        "alpaca_pairwise": "alpaca"}
 
 
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def swap_answers(record: dict, columns: dict) -> dict:
+    """`record` with its chosen and rejected answers swapped."""
+    if "output" in record:  # alpaca's [chosen, rejected]
+        return record | {"output": record["output"][::-1]}
+    ck, rk = (columns.get(k, k) for k in ("chosen", "rejected"))
+    # UltraFeedback's `messages` copies the chosen dialogue (dropped: trl reads the rest); OpenAI's is the prompt
+    rest = {k: v for k, v in record.items() if k != "messages" or v != record[ck]}
+    return rest | {ck: record[rk], rk: record[ck]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -95,9 +119,7 @@ def test_each_format_reads_our_record_exactly(tmp_path, tokenizer, caplog, name)
     encoded = encode_pair(tokenizer, pair, 512)
     assert [encoded.chosen.ids, encoded.rejected.ids] == want
     # the same ids through training's datasets; held out: the record with its answers swapped
-    ck, rk = (overrides.get("columns", {}).get(k, k) for k in ("chosen", "rejected"))
-    swapped = {k: v for k, v in record.items() if k != "messages"} | {ck: record[rk], rk: record[ck]}
-    held = write_jsonl(tmp_path / f"held-{name}.jsonl", [swapped])
+    held = write_jsonl(tmp_path / f"held-{name}.jsonl", [swap_answers(record, overrides.get("columns", {}))])
     cfg = to_typed(compose_cfg("model=tiny", f"data.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path}",
                                f"data.path={f}", f"data.eval_path={held}",
                                *[f"data.{k}={v}" for k, v in overrides.items() if k == "format"],
@@ -158,15 +180,17 @@ def test_a_repeated_user_turn_is_taken_once_whatever_its_end_whitespace(tmp_path
 @pytest.mark.parametrize("record, fmt, message", [
     # LLaMA-Factory's alpaca pairwise record, read before as a prompt-less pair: now the instruction is the prompt
     ({"question": "Sky?", "prompt": "Sky?", "chosen": "Blue.", "rejected": "Red."}, "auto",
-     r"f\.jsonl:1: the record could be read as data\.format=triple \('question'\) or data\.format=trl \('prompt'\)"),
+     r"f\.jsonl:1: the record has the prompt fields of data\.format=triple \('question'\) and data\.format=trl "
+     r"\('prompt'\): data\.format=auto does not choose; no data\.format reads the record"),
     ({"conversations": [user("Hi")], "instruction": "Hi", "chosen": "a", "rejected": "b"}, "auto",
-     r"could be read as data\.format=sharegpt \('conversations'\) or data\.format=alpaca \('instruction'\)"),
+     r"prompt fields of data\.format=sharegpt \('conversations'\) and data\.format=alpaca \('instruction'\)"),
     ({"instruction": "Translate to French: cat", "input": "", "chosen": "chat", "rejected": "chien"}, "trl",
-     r"f\.jsonl:1: fields 'instruction', 'input' not read as trl \(data\.format\); data\.format=alpaca would read them"),
+     r"f\.jsonl:1: fields 'instruction', 'input' not read as trl \(data\.format\); data\.format=alpaca would read the "
+     r"record"),
     ({"question": "Sky?", "chosen": "Blue.", "rejected": "Red.", "output": "Blue."}, "auto",
-     r"field 'output' not read as triple \(data\.format=auto chose it for this source\); data\.columns \(no preference format reads it\) would"),
+     r"field 'output' not read as triple \(data\.format=auto chose it for this source\); no data\.format reads the record"),
     ({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}, "hh",
-     r"field 'prompt' not read as hh \(data\.format\); data\.format=trl would read it"),
+     r"field 'prompt' not read as hh \(data\.format\); data\.format=trl would read the record"),
     ({"conversations": [user("Hi")], "tools": '[{"name": "search"}]', "chosen": assistant("a"),
       "rejected": assistant("b")}, "sharegpt", r"f\.jsonl:1: field 'tools' is not empty"),
     ({"conversations": [system("Be kind."), user("Hi")], "system": "Be rude.", "chosen": assistant("a"),
@@ -301,7 +325,7 @@ def test_hh_dialogues_that_part_before_a_human_turn_are_read_as_messages(tmp_pat
     with pytest.raises(DataError, match=rf"{f}:1 reads as trl, {f}:2 reads as hh"):
         read_pairs(f)  # auto: the markers decide
     with pytest.raises(DataError, match=rf"{f}:2: field 'chosen' holds 'Human:'/'Assistant:' turns, which trl's "
-                                        "implicit prompt reads as plain text: data.format=hh reads such dialogues"):
+                                        "implicit prompt reads as plain text; data.format=hh would read the record"):
         read_pairs(f, format="trl")  # before: prompt user "Human: hi\n\nAssistant:"
 
 
@@ -339,3 +363,130 @@ def test_custom_keys_under_auto_are_told_how_to_name_them():
     pair = parse_record({"context": "Why?", "good": "Because.", "bad": "No."}, "f.jsonl:1", "openrlhf",
                         {"prompt": "context", "chosen": "good", "rejected": "bad"})
     assert pair.prompt == [{"role": "user", "content": "Why?"}] and (pair.chosen, pair.rejected) == ("Because.", "No.")
+
+
+# A layout, the data.format/data.columns a user set, and what rmexp does: None, it reads the record; else the setting
+# its DataError names. Every format of docs/data-formats.md as written there, the issue's layouts, each read in a
+# wrong format, and near misses (a renamed field).
+LAYOUTS = {
+    **{name: (record, overrides.get("format", "auto"), overrides.get("columns"), None)
+       for name, (record, overrides, *_) in CASES.items()},
+    "openai read as trl": (CASES["openai"][0], "trl", None, "data.format=sharegpt"),
+    "openai lists read as hh": (CASES["openai_lists"][0], "hh", None, "data.format=sharegpt"),
+    "openai read as ultrafeedback": (CASES["openai"][0], "ultrafeedback", None, "data.format=sharegpt"),
+    "alpaca pairwise read as trl": (CASES["alpaca_pairwise"][0], "trl", None, "data.format=alpaca"),
+    "alpaca pairwise without an instruction": ({"input": "Name a prime.", "output": ["7", "8"]}, "auto", None,
+                                               "data.format=alpaca"),
+    "alpaca read as trl": (CASES["alpaca"][0], "trl", None, "data.format=alpaca"),
+    "ultrafeedback read as trl": (CASES["ultrafeedback"][0], "trl", None, "data.format=ultrafeedback"),
+    "ultrafeedback read as sharegpt": (CASES["ultrafeedback"][0], "sharegpt", None, "data.format=ultrafeedback"),
+    "sharegpt read as triple": (CASES["sharegpt"][0], "triple", None, "data.format=sharegpt"),
+    "triple read as alpaca": (CASES["triple"][0], "alpaca", None, "data.format=triple"),
+    "hh read as trl": (CASES["hh"][0], "trl", None, "data.format=hh"),
+    "trl read as hh": ({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}, "hh", None, "data.format=trl"),
+    "prompt renamed": ({"query": "Why is the sky blue?", "chosen": "Scattering.", "rejected": "Paint."}, "auto", None,
+                       "data.columns.prompt=query"),
+    "rejected renamed": ({"prompt": "Why?", "chosen": "Because.", "rejected_response": "No."}, "auto", None,
+                         "data.columns.rejected=rejected_response"),
+    "chosen as response": ({"prompt": "Why?", "response": "Because.", "rejected": "No."}, "auto", None,
+                           "data.columns.chosen=response"),
+    "instruction renamed": ({"instr": "Translate to French:", "input": "cat", "chosen": "chat", "rejected": "chien"},
+                            "auto", None, "data.format=alpaca data.columns.prompt=instr"),
+    "openrlhf columns under another format": (CASES["openrlhf"][0], "triple", CASES["openrlhf"][1]["columns"], None),
+}
+
+
+def applied(setting: str, fmt: str, columns: dict | None) -> tuple[str, dict]:
+    """The data.format and data.columns after a user sets `setting` ('data.format=x data.columns.role=field')."""
+    columns = dict(columns or {})
+    for part in setting.split():
+        name, value = part.split("=")
+        if name == "data.format":
+            fmt = value
+        else:
+            columns[name.removeprefix("data.columns.")] = value
+    return fmt, columns
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_reads_or_is_refused_with_a_setting_that_reads_it(name):
+    record, fmt, columns, named = LAYOUTS[name]
+    if named is None:
+        parse_record(record, "f.jsonl:1", fmt, columns)
+        return
+    with pytest.raises(DataError) as caught:
+        parse_record(record, "f.jsonl:1", fmt, columns)
+    said = re.search(r"; (.+) would read the record", str(caught.value))
+    assert str(caught.value).startswith("f.jsonl:1: field") and said, str(caught.value)
+    assert said[1] == named
+    for setting in said[1].split(" or "):  # the advice, taken: the very record reads
+        parse_record(record, "f.jsonl:1", *applied(setting, fmt, columns))
+
+
+def test_the_issues_openai_file_reads_under_auto_and_ultrafeedback_keeps_its_name(tmp_path, caplog):
+    openai = CASES["openai_lists"][0]
+    f = write_jsonl(tmp_path / "openai.jsonl", [openai, openai | {"rejected": [assistant("Maybe.")]}])
+    with caplog.at_level(logging.INFO, logger="rmexp.dataset"):
+        pairs, _ = read_pairs(f)  # before: read as hh, refused, and the hint (ultrafeedback) failed too
+    assert f"{f}: data.format=auto reads it as sharegpt" in caplog.text and [p.rejected for p in pairs] == ["No.", "Maybe."]
+    assert [p.prompt for p in read_pairs(f, format="sharegpt")[0]] == [[user("Is ice cold?")]] * 2
+    uf = CASES["ultrafeedback"][0]  # `messages` beside `prompt` is UltraFeedback's copy of the chosen dialogue
+    assert detect_format(uf, "uf:1") == "ultrafeedback"
+    with pytest.raises(DataError, match=r"uf:1: field 'prompt' not read as sharegpt"):  # never its prompt
+        parse_record({**uf, "messages": [user("What is 2+2?")]}, "uf:1", "sharegpt", {"prompt": "messages"})
+    both = {"conversations": [user("Hi")], "messages": [user("Hi")], "chosen": assistant("a"), "rejected": assistant("b")}
+    with pytest.raises(DataError, match=r"b:1: field 'messages' not read as sharegpt"):  # not one silently dropped
+        parse_record(both, "b:1")
+
+
+@pytest.mark.parametrize("output, named", [
+    ("chat", r"field 'output' must be \[chosen, rejected\], two answers, got one text"),
+    (["chat"], r"field 'output' must be \[chosen, rejected\], two answers, got a list of 1"),
+    (["chat", "chien", "cheval"], r"field 'output' must be \[chosen, rejected\], two answers, got a list of 3"),
+    ({"chosen": "chat"}, r"field 'output' must be \[chosen, rejected\], two answers, got dict"),
+    (["chat", 3], r"field 'output\[1\]' must be a string, got int"),
+    (["chat", " "], r"field 'output\[1\]' is empty"),
+    (["chat", "chat "], r"fields 'output\[0\]' and 'output\[1\]' are identical apart from whitespace"),
+])
+def test_an_alpaca_output_that_is_not_two_answers_is_named(tmp_path, output, named):
+    record = {"instruction": "Translate to French:", "input": "cat", "output": output}
+    f = write_jsonl(tmp_path / "f.jsonl", [CASES["alpaca_pairwise"][0], record])
+    for fmt in ("auto", "alpaca"):
+        with pytest.raises(DataError, match=rf"{f}:2: {named}"):
+            read_pairs(f, format=fmt)
+    beside = {"instruction": "Hi", "chosen": "a", "rejected": "b", "output": ["a", "b"]}  # which answers? not guessed
+    with pytest.raises(DataError, match=r"a:1: field 'output' not read as alpaca \(data\.format\); no data\.format reads"):
+        parse_record(beside, "a:1", "alpaca")
+
+
+def test_skipping_is_offered_only_when_most_records_are_good(tmp_path):
+    # every record in one layout rmexp does not read as auto chose: the setting that reads it, and no offer to skip
+    same = write_jsonl(tmp_path / "same.jsonl", [{"query": f"Q{i}?", "chosen": f"a{i}", "rejected": f"b{i}"}
+                                                 for i in range(5)])
+    with pytest.raises(DataError) as caught:
+        read_pairs(same)
+    assert str(caught.value) == (f"{same}:1: field 'query' not read as trl (data.format=auto chose it for this source); "
+                                 f"data.format=trl data.columns.prompt=query would read the record (4 more bad records "
+                                 f"in {same}; 0 good pairs)")
+    assert len(read_pairs(same, format="trl", columns={"prompt": "query"})[0]) == 5  # the advice, taken
+    one = write_jsonl(tmp_path / "one.jsonl", [{"question": "Q?", "chosen": "a"}])
+    with pytest.raises(DataError) as caught:
+        read_pairs(one)
+    assert str(caught.value) == f"{one}:1: field 'rejected' is missing"
+    # a few bad records among good ones: skipping them is the offer
+    good = [{"question": f"Q{i}?", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(3)]
+    few = write_jsonl(tmp_path / "few.jsonl", [*good, {"question": "Q?", "chosen": "a"}])
+    with pytest.raises(DataError, match=rf"{few}:4: field 'rejected' is missing \(data\.on_error=skip skips and counts "
+                                        r"such records\)$"):
+        read_pairs(few)
+    assert skip_hint("f", 3, 2) == " (data.on_error=skip skips and counts such records; 1 more bad records in f)"
+    assert skip_hint("f", 2, 2) == " (1 more bad records in f; 2 good pairs)"
+    # a stream knows the records read so far: one good pair before the first bad record is no majority
+    for read_before, offered in ((1, False), (2, True)):
+        counts = StreamCounts(["s.jsonl"], "raise", set(), "eval.jsonl")
+        for line in range(read_before):
+            assert counts.keep({"source_id": 0, "reason": None, "error": None, "key": line, "line": line + 1})
+        with pytest.raises(DataError) as caught:
+            counts.keep({"source_id": 0, "reason": "missing_field", "error": "s.jsonl:9: field 'rejected' is missing",
+                         "key": 0, "line": 9})
+        assert ("data.on_error=skip" in str(caught.value)) is offered

@@ -25,6 +25,8 @@ def test_a_plain_install_trains_from_another_directory(tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     assert (target / "rmexp" / "conf" / "train.yaml").is_file() and (target / "rmexp" / "sample" / "preference.jsonl").is_file()
+    assert shipped_configs(target / "rmexp" / "conf") == shipped_configs(ROOT / "conf")  # every group's YAML
+    assert "BuildBackendWarning" not in install.stdout + install.stderr
     env = {**os.environ, "PYTHONPATH": str(target), "WANDB_SILENT": "true"}
     run = subprocess.run([str(target / "bin" / "rmexp-train"), "model=tiny", "debug=fast", "hydra.run.dir=run"],
                          capture_output=True, text=True, cwd=work, env=env, timeout=600)
@@ -73,3 +75,29 @@ def test_the_recipe_reads_top_to_bottom_in_under_60_lines():
 
     lines = inspect.getsource(train).splitlines()
     assert len(lines) < 60, f"rmexp.recipe.train is {len(lines)} lines: move a step into a named function"
+
+
+def shipped_configs(conf) -> set[str]:
+    """The YAML files under a conf dir, relative to it (conf/hydra/launcher/slurm.yaml: hydra/launcher/slurm.yaml)."""
+    return {str(p.relative_to(conf)) for p in conf.rglob("*.yaml")}
+
+
+def test_the_wheel_builds_without_warnings_and_holds_every_config(tmp_path):
+    """`pip install .` and `make install` print no setuptools BuildBackendWarning, and the wheel carries
+    conf/**/*.yaml and the sample pairs (built without isolation: the environment's setuptools, no network)."""
+    import zipfile
+
+    source = tmp_path / "source"  # pip builds in the source tree (build/, *.egg-info): a copy keeps the checkout clean
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("src", "conf", "data"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert "Warning" not in build.stdout + build.stderr, (build.stdout + build.stderr)[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("rmexp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"rmexp/conf/{c}" for c in shipped_configs(ROOT / "conf")} <= names
+    assert "rmexp/sample/preference.jsonl" in names

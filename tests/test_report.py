@@ -138,7 +138,9 @@ def test_compare_refuses_runs_with_disjoint_eval_pairs_by_name(tmp_path):
         compare(a, b)
     proc = subprocess.run([sys.executable, "-m", "rmexp.compare", f"a={a}", f"b={b}"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2 and "scored on different eval pairs: none of the 40 pairs" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith(f"error: cannot pair {a} and {b}: scored on different eval pairs: "
+                                                    "none of the 40 pairs"), proc.stderr
     ok = subprocess.run([sys.executable, "-m", "rmexp.compare", f"a={a}", f"b={a}", "n_resamples=500"],
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0 and "| all | 40 |" in ok.stdout and "cannot be told apart" in ok.stdout

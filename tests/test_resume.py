@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from transformers import TrainerCallback
 
 from conftest import ROOT, compose_cfg
-from rmexp.preemption import Preempted, StopOnSignal, resume_checkpoint
+from rmexp.preemption import Preempted, StopOnSignal
+from rmexp.resume import ResumeConflict, check_same_run, resume_argv, resume_checkpoint
 from rmexp.rundir import (
     CHECKPOINT_FILES,
     MANIFEST,
@@ -236,7 +239,8 @@ def test_sigterm_outside_submitit_stops_with_the_resume_command(tmp_path, monkey
     with StopOnSignal(tmp_path) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
-    with pytest.raises(InterruptedError, match="SIGTERM at step 3.*trainer.resume=auto"):
+    with pytest.raises(InterruptedError, match="SIGTERM at step 3.*continue with rmexp-train hydra.run.dir=.* "
+                                               "trainer.resume=auto"):
         stop.raise_if_stopped(3)
 
 
@@ -458,3 +462,123 @@ def test_the_cli_refuses_a_used_run_dir_and_never_keeps_hydras_log_of_the_old_ru
     assert "the previous run's log" not in (tmp_path / "train.log").read_text()
     assert "moved to" in (tmp_path / "train.log").read_text()  # the new run's log says where the old run went
     assert metrics(tmp_path)["status"] == "ok" and metrics(tmp_path)["global_step"] == 2
+
+
+# ---------------------------------------------------------------- a resume continues the same run, or refuses
+
+
+def settled_files_of(path: Path, timeout: float = 60) -> dict[str, tuple[int, int]]:
+    """files_of once nothing in `path` changes for a second: W&B's service process flushes its own logs there a
+    moment after the run's process has exited."""
+    deadline, last = time.time() + timeout, files_of(path)
+    while time.time() < deadline:
+        time.sleep(1)
+        now = files_of(path)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{path} kept changing for {timeout} s")
+
+
+def printed_command(stderr: str) -> list[str]:
+    """The command a stopped run's last line says continues it, as the user would paste it."""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM") and "continue with rmexp-train " in last, stderr[-2000:]
+    words = shlex.split(last.split("continue with ", 1)[1])
+    script = Path(sys.executable).with_name("rmexp-train")  # the console script, as installed
+    return [str(script) if script.is_file() else sys.executable, *([] if script.is_file() else ["-m", "rmexp.train"]),
+            *words[1:]]
+
+
+@pytest.mark.slow
+def test_the_printed_command_resumes_the_same_run_and_refuses_another_config(tmp_path):
+    own = ["lora.r=16", "lora.lora_alpha=32", "trainer.seed=7", "logger.mode=offline"]  # none of them defaults
+    args = [a for a in ARGS if a != "logger=none"] + own
+    whole = subprocess.Popen([sys.executable, "-m", "rmexp.train", *args, f"hydra.run.dir={tmp_path / 'whole'}"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "run"
+    stopped = subprocess.Popen([sys.executable, "-m", "rmexp.train", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(stopped, run_dir, 10)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=300)
+    assert stopped.returncode == 1 and "Traceback" not in err, err[-3000:]
+    command = printed_command(err)
+    first = metrics(run_dir)
+    assert first["wandb_run_id"] and first["status"] == "failed"
+
+    # an override that changes what the checkpoints were made with: refused, naming each, the run dir untouched
+    before = settled_files_of(run_dir)
+    refused = subprocess.run([*command, "lora.r=8", "model=tiny", "trainer.learning_rate=1e-3"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert last.startswith("error: trainer.resume: ") and "lora.r: 16 in the run, 8 now" in last, last
+    assert "trainer.learning_rate: 0.003 in the run, 0.001 now" in last and "model" not in last.split(": ", 2)[2].split(
+        ". Drop")[0].replace("model.cache_dir", ""), last  # model=tiny is the run's own: no difference
+    assert files_of(run_dir) == before  # sizes and mtimes of every file, .hydra/ and train.log included
+
+    # as printed: the run's own config, from its first command, and the uninterrupted run's result
+    saved_config, saved_overrides = (run_dir / "rmexp_config.yaml").read_bytes(), (
+        run_dir / ".hydra" / "overrides.yaml").read_bytes()
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)  # where it was started
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    done, reference = metrics(run_dir), metrics(tmp_path / "whole")
+    assert int(Path(done["resumed_from"]).name.split("-")[1]) >= 10
+    assert done["global_step"] == reference["global_step"] == 40
+    assert done["pairwise_accuracy"] == reference["pairwise_accuracy"]
+    for key in ("eval_loss", "train_loss"):
+        assert done[key] == pytest.approx(reference[key], abs=1e-3), key
+    # the run's record stays its first command's; this one's is beside it
+    assert (run_dir / "rmexp_config.yaml").read_bytes() == saved_config
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == saved_overrides
+    (record,) = (run_dir / ".hydra").glob("resume-*")
+    assert {"trainer.resume=auto", *own} <= set(yaml.safe_load((record / "overrides.yaml").read_text()))
+    # one W&B run: the resumed attempt logged into the first attempt's, under its name
+    assert done["wandb_run_id"] == first["wandb_run_id"] and done["wandb_run_name"] == first["wandb_run_name"]
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {p.rsplit("-", 1)[1] for p in offline} == {first["wandb_run_id"]}
+
+
+def test_a_resume_with_another_config_is_refused_before_any_model_loads(finished, tmp_path, no_model):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir, ignore=shutil.ignore_patterns("adapter_*"))
+    (run_dir / "metrics.json").write_text('{"status": "failed", "error": "killed"}')
+    before = files_of(run_dir)
+    with pytest.raises(ResumeConflict) as refused:
+        run(run_dir, "trainer.resume=auto", "lora.r=4", "trainer.max_steps=24", "data.max_pairs=100")
+    message = str(refused.value)
+    for named in ("lora.r: 8 in the run, 4 now", "trainer.max_steps: 12 in the run, 24 now",
+                  "data.max_pairs: None in the run, 100 now"):
+        assert named in message, message
+    assert files_of(run_dir) == before
+
+
+def test_what_a_resume_may_change_is_allowed_and_named(finished, tmp_path):
+    from rmexp.config import to_typed
+
+    may = to_typed(compose_cfg(*RUN, f"paths.output_dir={finished}", "trainer.resume=auto", "trainer.logging_steps=1",
+                               "trainer.eval_steps=2", "trainer.time_budget_s=60", "logger.mode=offline"))
+    assert check_same_run(may, finished) == {"trainer.logging_steps": [4.0, 1.0], "trainer.eval_steps": [1000.0, 2.0],
+                                             "trainer.time_budget_s": [None, 60.0], "logger.mode": [None, "offline"]}
+    for changed in ("trainer.seed=1", "trainer.max_length=256", "trainer.per_device_train_batch_size=2",
+                    "trainer.gradient_accumulation_steps=2", "quantization=none", "trainer.bf16=true",
+                    "data.eval_fraction=0.3", "trainer.batching=padded", "lora.lora_dropout=0.1"):
+        cfg = to_typed(compose_cfg(*RUN, f"paths.output_dir={finished}", changed))
+        with pytest.raises(ResumeConflict, match=changed.split("=")[0].split("=")[0].replace(".", r"\.")
+                           if "=" in changed and not changed.startswith("quantization") else "quantization"):
+            check_same_run(cfg, finished)
+
+
+def test_the_resume_command_line_takes_the_runs_own_overrides(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny", "lora.r=16", "+trainer.extra.x=1"]))
+    line = [f"hydra.run.dir={tmp_path}", "trainer.resume=auto"]
+    assert resume_argv(line) == line  # no checkpoint yet: nothing to continue
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    assert resume_argv(line) == [*line, "model=tiny", "lora.r=16", "+trainer.extra.x=1", "hydra.output_subdir=null"]
+    assert resume_argv([*line, "lora.r=8"]) == [*line, "model=tiny", "+trainer.extra.x=1", "hydra.output_subdir=null",
+                                                "lora.r=8"]  # the command's own value: check_same_run decides on it
+    for untouched in ([*line[:1], "trainer.resume=never"], ["-m", *line], [line[1]]):
+        assert resume_argv(untouched) == untouched

@@ -27,9 +27,11 @@ COMPLETIONS = ["4.", "蓝色。", "An apple.", "Hello!"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny reward model trained in fp32 (so server and in-process rewards compare to rounding)."""
+    """A tiny reward model trained in fp32 (so server and in-process rewards compare to rounding), with
+    checkpoints/checkpoint-8, its last step's."""
     out = tmp_path_factory.mktemp("serve_run")
-    main(compose_cfg(*tiny_overrides(out, "logger=none", "model.dtype=float32", "trainer.bf16=false")))
+    main(compose_cfg(*tiny_overrides(out, "logger=none", "model.dtype=float32", "trainer.bf16=false",
+                                     "trainer.save_steps=8")))
     return out
 
 
@@ -57,6 +59,62 @@ def test_normalize_without_recorded_stats_is_a_named_error(run, tmp_path):
             (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="normalize=True needs the reward mean and std"):
         RewardModel.load(bare, normalize=True)
+
+
+def test_normalize_means_the_same_for_every_scoring_method(run):
+    """normalize=True: score, score_batch, score_tokens, score_pairs and the TRL call all return
+    (raw - reward_mean) / reward_std of metrics.json; normalize=False: all return the raw reward."""
+    from rmexp.data import Pair
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    mean, std = metrics["reward_mean"], metrics["reward_std"]
+    items = list(zip(PROMPTS, COMPLETIONS, strict=True))
+    pairs = [Pair([{"role": "user", "content": p}], c, "No.") for p, c in items]
+    raw, norm = RewardModel.load(run), RewardModel.load(run, normalize=True)
+    rewards = [raw.score(p, c) for p, c in items]  # one text at a time: the call of that one text, exactly
+    assert rewards == [raw(prompts=[p], completions=[c])[0] for p, c in items]
+    assert raw(prompts=PROMPTS, completions=COMPLETIONS) == pytest.approx(rewards, abs=1e-6)  # packed together
+    assert raw.score_tokens([raw.tokens(p, c) for p, c in items]) == pytest.approx(rewards, abs=1e-6)
+    expected = [(r - mean) / std for r in rewards]
+    assert [norm.score(p, c) for p, c in items] == [norm(prompts=[p], completions=[c])[0] for p, c in items]
+    assert [norm.score(p, c) for p, c in items] == pytest.approx(expected, abs=1e-6)
+    assert norm(prompts=PROMPTS, completions=COMPLETIONS) == pytest.approx(expected, abs=1e-6)
+    assert norm.score_batch(items) == pytest.approx(expected, abs=1e-6)
+    assert norm.score_tokens([norm.tokens(p, c) for p, c in items]) == pytest.approx(expected, abs=1e-6)
+    raw_pairs = raw.score_pairs(pairs)
+    assert torch.allclose(norm.score_pairs(pairs), (raw_pairs - mean) / std, atol=1e-5)
+    assert raw_pairs[:, 0].tolist() == pytest.approx(rewards, abs=1e-4)  # the packed pair path: raw too
+
+
+def test_a_checkpoint_is_scored_as_the_model_at_its_step(run, tmp_path, caplog):
+    """checkpoint=<run>/checkpoints/checkpoint-8 loads that step's adapter with the run's config: here the
+    last step, so the run's own rewards. It has no reward statistics of its own: normalize=True is refused."""
+    from rmexp.reward_model import NormalizeError
+
+    checkpoint = run / "checkpoints" / "checkpoint-8"
+    items = list(zip(PROMPTS, COMPLETIONS, strict=True))
+    with caplog.at_level(logging.INFO, logger="rmexp.reward_model"):
+        scored = RewardModel.load(checkpoint).score_batch(items)
+    assert scored == pytest.approx(RewardModel.load(run).score_batch(items), abs=1e-6)
+    assert f"{checkpoint}: a checkpoint of the run {run}" in caplog.text
+    with pytest.raises(NormalizeError, match=f"a checkpoint has none .*pass normalize=False .*or the run dir {run}$"):
+        RewardModel.load(checkpoint, normalize=True)
+
+
+def test_the_server_normalizes_once(run):
+    """serve.normalize=true: the server answers what the model loaded with normalize=True returns, not that
+    standardized twice."""
+    from fastapi.testclient import TestClient
+
+    from rmexp.serve import build_app
+
+    rm = RewardModel.load(run, normalize=True)
+    expected = rm(prompts=PROMPTS, completions=COMPLETIONS)
+    with TestClient(build_app(rm, serve_config("serve.normalize=true"))) as client:
+        got = client.post("/score", json={"prompts": PROMPTS, "completions": COMPLETIONS})
+        assert client.get("/health").json()["normalize"] is True
+    assert got.status_code == 200, got.text
+    assert got.json()["rewards"] == pytest.approx(expected, abs=1e-6)
 
 
 def grpo_steps(tmp_path, reward_funcs, name: str):

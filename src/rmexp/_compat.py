@@ -133,6 +133,21 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def flex_attention_reference(query, key, value, block_mask, scale: float):
+    """torch's unfused flex_attention (its `flex_attention` operator's math implementation, with its backward),
+    called eagerly: torch 2.13's public `flex_attention` refuses CPU inputs that need a gradient ("does not
+    support backward on CPU"), though this reference computes one. Grouped query heads as flex's enable_gqa;
+    output B x H x L x D (rmexp.flex)."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
+
+    out, _, _ = flex_attention_op(query, key, value, _unchanged_score, block_mask.as_tuple(), scale, {})
+    return out
+
+
+def _unchanged_score(score, batch, head, q_idx, kv_idx):  # flex_attention's score_mod: the score as it is
+    return score
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -275,6 +290,11 @@ def check(trainer=None) -> None:
              "compiling with Python floats as constants")
     _require(isinstance(getattr(dynamo_utils, "compilation_time_metrics", None), dict), "torch",
              "_dynamo.utils.compilation_time_metrics", "the time trainer.compile spent compiling")
+    from importlib import import_module
+
+    flex_ops = import_module("torch._higher_order_ops.flex_attention")  # the module: the package's attribute is the op
+    _require(callable(getattr(flex_ops, "flex_attention", None)), "torch", "_higher_order_ops.flex_attention."
+             "flex_attention", "flex_attention's reference with a backward on CPU (trainer.attention=flex)")
     from datasets import Dataset
 
     _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",

@@ -1,5 +1,7 @@
 """Trainer callbacks: log the loss at every checkpoint, record each checkpoint's manifest and rotate old
-ones after it, stop at a time budget, show one progress bar. Stopping on a signal is rmexp.preemption's."""
+ones after it, stop at a time budget, show one progress bar; and `StopAgreement`, which makes every rank of a
+multi-process run stop at the same step for the same reason (the time budget, rmexp.trainer's non-finite loss,
+rmexp.preemption's signal). Stopping on a signal is rmexp.preemption's."""
 
 from __future__ import annotations
 
@@ -52,13 +54,23 @@ class Budget:
 
     seconds: float
     started: float | None = None
+    # Under several processes, the share spent as the ranks agreed at the last step end (StopAgreement: the
+    # largest of theirs), which the schedule reads instead of this rank's clock: every rank then applies the
+    # same learning rate (one step behind the clock) and stops at the same step. None: one process, the clock.
+    agreed: float | None = None
 
     def start(self) -> Budget:
         self.started = time.monotonic()
         return self
 
     def fraction_spent(self) -> float:
-        """The share of the budget used since `start()`, at most 1 (0 before it)."""
+        """The share of the budget used since `start()`, at most 1 (0 before it); the agreed share, if any."""
+        if self.agreed is not None:
+            return self.agreed
+        return self.clock_fraction()
+
+    def clock_fraction(self) -> float:
+        """The share of the budget this process's own clock says is used."""
         if self.started is None:
             return 0.0
         return min(1.0, (time.monotonic() - self.started) / self.seconds)
@@ -67,16 +79,78 @@ class Budget:
         return self.started is not None and time.monotonic() - self.started >= self.seconds
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training once its `Budget` is spent."""
+class StopReason(TrainerCallback):
+    """A reason to stop training that a rank may see alone: its clock, its loss, a signal it received.
+
+    Inside a PairwiseRewardTrainer, a `StopAgreement` asks every reason for this rank's value at each step
+    end (`local`: a number, 0 for none, larger for a stronger claim), takes the largest over the ranks, and
+    hands it back (`agreed`), so every rank acts on the same value at the same step. Alone, as a plain
+    callback (one process), it acts on its own value."""
+
+    def local(self, rank: int, num_processes: int) -> float:
+        raise NotImplementedError
+
+    def agreed(self, value: float, state, control, num_processes: int) -> None:
+        raise NotImplementedError
+
+    def joined(self, num_processes: int) -> None:
+        """Called once the reason belongs to an agreement among `num_processes` processes."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.agreed(self.local(0, 1), state, control, 1)
+        return control
+
+
+class StopAgreement(TrainerCallback):
+    """Every StopReason of a run, agreed across its processes at each step end.
+
+    Under DDP or FSDP every rank must leave training at the same step: a rank that stops alone leaves the
+    others waiting in their next collective until the backend's timeout. So the reasons' values of this rank
+    go into one small tensor on the process group's device (`accelerator.device`: CUDA under NCCL, the CPU
+    under gloo), one all_reduce(MAX) per step end (`accelerator.reduce`) gives every rank the same values,
+    and each reason acts on them. One process: no tensor, no collective; each reason acts on its own value.
+    """
+
+    def __init__(self, accelerator, reasons: list[StopReason] = ()):
+        self.accelerator = accelerator
+        self.reasons: list[StopReason] = []
+        for reason in reasons:
+            self.add(reason)
+
+    def add(self, reason: StopReason) -> StopReason:
+        reason.joined(self.accelerator.num_processes)
+        self.reasons.append(reason)
+        return reason
+
+    def on_step_end(self, args, state, control, **kwargs):
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        values = [reason.local(rank, n) for reason in self.reasons]
+        if n > 1 and values:
+            flags = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+            values = self.accelerator.reduce(flags, reduction="max").tolist()
+        for reason, value in zip(self.reasons, values, strict=True):
+            reason.agreed(value, state, control, n)
+        return control
+
+
+class TimeBudget(StopReason):
+    """Stops training once its `Budget` is spent: on any rank's clock, under several processes."""
 
     def __init__(self, budget: Budget):
         self.budget = budget
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.budget.spent():
+    def joined(self, num_processes: int) -> None:
+        if num_processes > 1:  # the schedule follows the agreed share from the first step on
+            self.budget.agreed = 0.0
+
+    def local(self, rank: int, num_processes: int) -> float:
+        return self.budget.clock_fraction()
+
+    def agreed(self, value: float, state, control, num_processes: int) -> None:
+        if num_processes > 1:
+            self.budget.agreed = value
+        if value >= 1.0:
             control.should_training_stop = True
-        return control
 
 
 class TrainingProgress(ProgressCallback):

@@ -11,7 +11,6 @@ reading and pairing for a sweep's jobs.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,15 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from rmexp.config import CONF_PATH, to_typed
+from rmexp import console
+from rmexp.config import CONF_PATH, CompareConfig, to_typed
+from rmexp.errors import MissingPathError, UserError
 from rmexp.stats import N_RESAMPLES, paired_comparison
 
 SCORES = "scores.jsonl"
 
 
-class PairingError(ValueError):
+class PairingError(UserError, ValueError):
     """Two runs that cannot be compared pair by pair; the message says why."""
 
 
@@ -139,17 +140,24 @@ def verdict(result: dict, alpha: float = 0.05) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="compare")
-def cli(cfg: DictConfig) -> dict | None:
-    args = to_typed(cfg)
-    try:
-        result = compare(args.a, args.b, args.n_resamples, args.seed)
-    except PairingError as e:
-        print(f"rmexp-compare: cannot pair {args.a} and {args.b}: {e}", file=sys.stderr)
-        sys.exit(2)
+def app(cfg: DictConfig) -> dict | None:
+    with console.reported():
+        args = to_typed(cfg)
+        for key in ("a", "b"):
+            if not Path(getattr(args, key)).exists():
+                raise MissingPathError(f"{key}: no such run or eval dir {getattr(args, key)}")
+        try:
+            result = compare(args.a, args.b, args.n_resamples, args.seed)
+        except PairingError as e:
+            raise PairingError(f"cannot pair {args.a} and {args.b}: {e}") from e
     print(f"a = {result['a']}\nb = {result['b']}\n")
     print(table(result))
     print("\n" + verdict(result))
     return result
+
+
+def cli() -> None:
+    console.run(app, CompareConfig)
 
 
 if __name__ == "__main__":

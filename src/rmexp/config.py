@@ -24,10 +24,13 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rmexp.errors import MissingPathError, UserError
 
 CONF_MODULE = "rmexp.conf"  # conf/ in the repository, installed as the package rmexp.conf
 CONF_PATH = f"pkg://{CONF_MODULE}"  # for @hydra.main
@@ -50,7 +53,7 @@ def to_typed(cfg):
     return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value no run could use; the message names the key."""
 
 
@@ -90,6 +93,19 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")  # bitsandbytes' storage dtypes for 4-bit codes
+DEVICES = "auto, cpu, cuda or cuda:N"  # where a model scores (rmexp.device)
+ATTENTIONS = ("auto", "sdpa_segments", "flex")  # trainer.attention: the packed batches' attention (rmexp.flex)
+
+
+def is_device(value) -> bool:
+    """Whether `value` names a device rmexp places a model on: auto, cpu, cuda or cuda:N."""
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value) is not None
+
+
+def check_device(owner) -> None:
+    """The `device` key of a scoring app's config (evaluate, score, serve, export)."""
+    if _given(owner.device):
+        require(is_device(owner.device), "device", DEVICES, owner.device)
 
 
 class QuantType(str, Enum):
@@ -277,6 +293,7 @@ class TrainerConfig:
     dequant_cache: str = own_key()
     fused_rms_norm: bool = own_key()
     compile: str = own_key()
+    attention: str = own_key()
     learning_rate: float = MISSING
     num_train_epochs: float = MISSING
     max_steps: int = MISSING
@@ -315,6 +332,8 @@ class TrainerConfig:
             if _given(getattr(self, key)):
                 require(getattr(self, key) is None or getattr(self, key) > 0, f"trainer.{key}", "positive or null",
                         getattr(self, key))
+        if _given(self.attention):
+            require(self.attention in ATTENTIONS, "trainer.attention", " or ".join(ATTENTIONS), self.attention)
         if _given(self.max_length):  # a prompt token and an answer token each side, with the template's few
             require(self.max_length >= 8, "trainer.max_length", "at least 8", self.max_length)
         for key, values in (("eval_strategy", EVAL_STRATEGIES), ("save_strategy", SAVE_STRATEGIES)):
@@ -353,6 +372,27 @@ class RMExpConfig:
         validate(self)
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def local_data_file(path: str) -> Path | None:
+    """The local file a data path names (it exists, or ends like a data file: a missing file, not a hub
+    dataset id), None for a hub id. The one rule of what is a file, for the early check and the reader."""
+    local = Path(path).expanduser()
+    return local if local.exists() or local.suffix in DATA_SUFFIXES else None
+
+
+def check_paths(data: DataConfig) -> None:
+    """The data files a config names are there, before torch loads (hub ids are fetched later); MissingPathError
+    naming the key and the absolute path looked at. (A checkpoint: rmexp.rundir.locate.)"""
+    named = [("data.path", data.path), ("data.eval_path", data.eval_path)] + [
+        (f"data.sources[{i}].path", s.path) for i, s in enumerate(data.sources or [])]
+    for key, path in named:
+        if path and (local := local_data_file(path)) is not None and not local.is_file():
+            raise MissingPathError(f"{key}: no such preference file {path}"
+                                   + ("" if local.is_absolute() else f" ({local.resolve()})"))
+
+
 def validate(cfg: RMExpConfig) -> None:
     """The checks of a training config that span groups (each group checks its own keys)."""
     if not all(_given(v) for v in (cfg.data, cfg.trainer)):  # a config built by hand, in parts
@@ -379,6 +419,10 @@ class EvaluateConfig:
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    device: str = MISSING
+
+    def __post_init__(self):
+        check_device(self)
 
 
 @dataclass
@@ -402,6 +446,10 @@ class ServerConfig:
 class ServeConfig:
     checkpoint: str = MISSING
     serve: ServerConfig = MISSING
+    device: str = MISSING
+
+    def __post_init__(self):
+        check_device(self)
 
 
 @dataclass
@@ -409,6 +457,10 @@ class ScoreConfig:
     checkpoint: str = MISSING
     question: str = MISSING
     answer: str = MISSING
+    device: str = MISSING
+
+    def __post_init__(self):
+        check_device(self)
 
 
 @dataclass
@@ -417,6 +469,10 @@ class ExportConfig:
     output_dir: str = MISSING
     dtype: str = MISSING
     eval_metrics: str | None = MISSING
+    device: str = MISSING
+
+    def __post_init__(self):
+        check_device(self)
 
 
 @dataclass

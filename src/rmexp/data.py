@@ -11,6 +11,7 @@ reader of training, evaluation and the benches); this module reads records, spli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rmexp.errors import UserError
+
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "model": "assistant", "system": "system", "bot": "assistant"}
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a text may start with its first marker, no blank line
@@ -31,7 +34,7 @@ BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors write at the 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A preference file or record that cannot be used; the message names file, line and field."""
 
     def __init__(self, message: str, reason: str = "invalid"):
@@ -116,6 +119,17 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", reason="malformed_json")
 
 
+def skip_hint(origin: str, n_good: int, n_bad: int) -> str:
+    """What follows the first bad record's error under data.on_error=raise, given the source's good pairs and bad
+    records (a stream: those read so far). data.on_error=skip is offered only while the good pairs outnumber the
+    bad records: records that mostly fail share one problem (a layout that data.format or data.columns reads, a
+    file of something else), and skipping them would train on the little left, or fail with no pairs."""
+    more = f"{n_bad - 1} more bad records in {origin}" if n_bad > 1 else ""
+    if n_good > n_bad:
+        return f" (data.on_error=skip skips and counts such records{'; ' + more if more else ''})"
+    return f" ({more}; {n_good} good pairs)" if more else ""
+
+
 def _broken_array(path: Path, line: int, what: str, lost: str = "the records after it would be unread") -> DataError:
     """A JSON array that stops parsing: skipping the bad part is impossible, and going on without it would
     drop every record after it silently."""
@@ -169,34 +183,55 @@ EXTRA_KEYS = {"alpaca": ("input",), "sharegpt": ("tools",), "ultrafeedback": ("m
 # What a message or a record can carry besides text; non-empty, it would be dropped, so it is refused.
 UNREAD_MESSAGE_KEYS = ("tool_calls", "function_call", "reasoning", "reasoning_content", "images")
 MEDIA_FIELDS = ("images", "videos", "audios")  # LLaMA-Factory's multimodal columns
-# Fields that hold text some format reads: one left unread means the record was read in the wrong format.
-TEXT_FIELDS = {"question": "data.format=triple", "prompt": "data.format=trl", "conversations": "data.format=sharegpt",
-               "tools": "data.format=sharegpt", "instruction": "data.format=alpaca", "input": "data.format=alpaca",
-               "messages": "data.format=ultrafeedback", "system": None, "history": None, "chosen": None, "rejected": None,
-               "output": "data.columns (no preference format reads it)", "response": "data.columns (no preference "
-               "format reads it)", "completion": "data.columns (no preference format reads it)",
-               "query": "data.columns (no preference format reads it)"}
+# Fields that hold text some format (or a trainer's layout) reads: one left unread means the record was read in the
+# wrong format. Which setting would read it is found by trying them (`_settings_that_read`), not from a table.
+TEXT_FIELDS = frozenset({"question", "prompt", "conversations", "messages", "tools", "instruction", "input", "system",
+                         "history", "chosen", "rejected", "output", "response", "completion", "query"})
+# The formats a suggestion names, in the order tried. Not openrlhf: without data.columns it reads any two answer texts
+# whole, with no prompt (HH dialogues with their markers), and with them any format reads the same fields.
+FORMATS = ("triple", "trl", "hh", "sharegpt", "alpaca", "ultrafeedback")
+LAYOUT_REASONS = ("unused_field", "missing_field", "ambiguous_format")  # errors a data.format or data.columns may fix
+# Fields a format reads under their own name: never offered as a renamed role (data.columns.rejected=question would
+# "read" a record that lacks its rejected answer).
+FORMAT_FIELDS = frozenset({k for k in PROMPT_KEYS.values() if k} | {k for ks in EXTRA_KEYS.values() for k in ks}
+                          | {"chosen", "rejected", "system", "history"})
 
 
-def format_keys(fmt: str, columns: dict | None = None) -> dict[str, Any]:
-    """The field each role is read from in `fmt`, `columns` (data.columns, None: the format's own) applied."""
-    keys = {"prompt": PROMPT_KEYS[fmt], "chosen": "chosen", "rejected": "rejected", "system": "system",
+def format_keys(fmt: str, columns: dict | None = None, record: dict | None = None) -> dict[str, Any]:
+    """The field each role is read from in `fmt`, `columns` (data.columns, None: the format's own) applied.
+
+    sharegpt reads its turns from `messages` in a `record` that has no prompt field of any format (OpenAI's
+    layout, which LLaMA-Factory reads as sharegpt with columns.messages=messages). Beside a `prompt`,
+    `messages` is UltraFeedback's copy of the chosen dialogue, not a prompt: that record stays ultrafeedback's."""
+    prompt = PROMPT_KEYS[fmt]
+    if fmt == "sharegpt" and record is not None and "messages" in record and not any(
+            PROMPT_KEYS[f] in record for f in ("triple", "sharegpt", "alpaca", "trl")):
+        prompt = "messages"
+    keys = {"prompt": prompt, "chosen": "chosen", "rejected": "rejected", "system": "system",
             "history": "history", "margin": "margin", "group": "group", "source": ("source", "subset")}
     return keys | {k: v for k, v in (columns or {}).items() if v is not None}
 
 
 def detect_format(record: dict, where: str, columns: dict | None = None) -> str:
-    """The one format whose prompt field `record` has (by data.columns.prompt: trl, or ultrafeedback); none:
-    an implicit prompt (hh for texts with 'Human:'/'Assistant:' turns, trl for other texts and message lists).
-    Two: a DataError, not a guess."""
+    """The one format whose prompt field `record` has (by data.columns.prompt: trl, or ultrafeedback; `messages`
+    alone: sharegpt, see format_keys); none: an implicit prompt (hh for texts with 'Human:'/'Assistant:' turns,
+    trl for other texts and message lists). Two: a DataError naming a setting that reads the record, if one does."""
+    try:
+        return _detect_format(record, where, columns)
+    except DataError as e:
+        raise _with_suggestion(e, record, where, "auto", columns) from None
+
+
+def _detect_format(record: dict, where: str, columns: dict | None = None) -> str:
     if (columns or {}).get("prompt"):
         found = {"trl": columns["prompt"]} if columns["prompt"] in record else {}
     else:
-        found = {f: PROMPT_KEYS[f] for f in ("triple", "sharegpt", "alpaca", "trl") if PROMPT_KEYS[f] in record}
+        found = {f: k for f in ("triple", "sharegpt", "alpaca", "trl")
+                 if (k := format_keys(f, columns, record)["prompt"]) in record}
     if len(found) > 1:
-        named = " or ".join(f"data.format={f} ('{k}')" for f, k in found.items())
-        raise DataError(f"{where}: the record could be read as {named}: set data.format (and data.columns for "
-                        "fields it would not read)", reason="ambiguous_format")
+        named = " and ".join(f"data.format={f} ('{k}')" for f, k in found.items())
+        raise DataError(f"{where}: the record has the prompt fields of {named}: data.format=auto does not choose",
+                        reason="ambiguous_format")
     if not found:  # an implicit prompt: HH's dialogues have its turn markers, TRL's standard texts do not
         keys = format_keys("hh", columns)
         chosen, rejected = record.get(keys["chosen"]), record.get(keys["rejected"])
@@ -358,11 +393,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
     turns = {}
     for role in ("chosen", "rejected"):
         if keys[role] not in record:
-            others = [k for k, v in record.items() if isinstance(v, (str, list, dict)) and k not in keys.values()]
-            hint = (f"; the record's fields {', '.join(map(repr, others))} are read by naming them: data.format=openrlhf "
-                    "data.columns.prompt=<field> data.columns.chosen=<field> data.columns.rejected=<field>"
-                    if others else "")
-            raise DataError(f"{where}: field '{keys[role]}' is missing{hint}", reason="missing_field")
+            raise DataError(f"{where}: field '{keys[role]}' is missing", reason="missing_field")
         turns[role] = _answer_turns(record[keys[role]], where, keys[role])
     c, r, pk = turns["chosen"], turns["rejected"], keys["prompt"]
     if fmt == "sharegpt":
@@ -411,7 +442,7 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
             for key, text in ((keys["chosen"], raw_c), (keys["rejected"], raw_r)):
                 if HH_TURN.search(text):  # its shared text would be a prompt with the markers in it
                     raise DataError(f"{where}: field '{key}' holds 'Human:'/'Assistant:' turns, which {fmt}'s implicit "
-                                    "prompt reads as plain text: data.format=hh reads such dialogues", reason="bad_field")
+                                    "prompt reads as plain text", reason="bad_field")
             prompt, chosen, rejected = _split_text_prefix(raw_c, raw_r)
         for key, text in ((keys["chosen"], chosen), (keys["rejected"], rejected)):
             if not text.strip():
@@ -424,21 +455,132 @@ def _prompt_and_answers(fmt: str, record: dict, where: str, keys: dict) -> tuple
 
 def parse_record(record: Any, where: str, fmt: str = "auto", columns: dict | None = None,
                  chosen_by: str = "data.format") -> Pair:
-    """One record read as `fmt` (auto: as `detect_format` finds it) into a Pair; a DataError names what is wrong.
+    """One record read as `fmt` (auto: as `detect_format` finds it) into a Pair; a DataError names what is wrong,
+    and for a layout error the data.format/data.columns that reads this very record, if one does.
     `chosen_by` says in messages who chose `fmt`."""
+    try:
+        return _read_record(record, where, fmt, columns, chosen_by)
+    except DataError as e:
+        raise _with_suggestion(e, record, where, fmt, columns) from None
+
+
+def _with_suggestion(e: DataError, record: Any, where: str, fmt: str, columns: dict | None) -> DataError:
+    """`e`, and for a layout error (LAYOUT_REASONS) the settings that read `record` whole: each was tried on it,
+    so the advice works on the record it is printed for. Without one, a missing answer field gets the fields
+    the record has and how to name them. A field of the wrong shape (bad_field: HH dialogues read as trl texts)
+    gets a setting only when one reads the record: most such records are wrong in any format."""
+    if e.reason not in (*LAYOUT_REASONS, "bad_field") or not isinstance(record, dict):
+        return e
+    settings = _settings_that_read(record, where, fmt, columns)
+    if settings:
+        return DataError(f"{e}; {' or '.join(settings)} would read the record", e.reason)
+    if e.reason == "bad_field":
+        return e
+    if e.reason != "missing_field":
+        return DataError(f"{e}; no data.format reads the record", e.reason)
+    others = _unread_fields(record, fmt if fmt != "auto" else _detect_format(record, where, columns), columns)
+    if not others:
+        return e
+    return DataError(f"{e}; the record's fields {', '.join(map(repr, others))} are read by naming them: "
+                     "data.format=openrlhf data.columns.prompt=<field> data.columns.chosen=<field> "
+                     "data.columns.rejected=<field>", e.reason)
+
+
+def _layout(record: dict, fmt: str, columns: dict | None) -> tuple[dict, dict]:
+    """`record` and the field each role is read from in `fmt`, alpaca's `output` pair split as _read_record does."""
+    keys = format_keys(fmt, columns, record)
+    with contextlib.suppress(DataError):  # an `output` that is no pair stays as it is, unread
+        record, keys = _output_pair(fmt, record, "", keys)
+    return record, keys
+
+
+def _unread_fields(record: dict, fmt: str, columns: dict | None) -> list[str]:
+    """Fields of `record` that could hold a role's text and that `fmt` does not read."""
+    record, keys = _layout(record, fmt, columns)
+    read = {v for v in keys.values() if isinstance(v, str)} | set(EXTRA_KEYS.get(fmt, ()))
+    return [k for k, v in record.items() if isinstance(v, (str, list, dict)) and k not in read and k not in MEDIA_FIELDS]
+
+
+def _settings_that_read(record: dict, where: str, fmt: str, columns: dict | None) -> list[str]:
+    """The data.format/data.columns settings under which `record` reads, each tried on it: every other format
+    (data.columns kept), and under each format one prompt or answer role read from a field it leaves unread (a
+    renamed field). Of those that read it, the ones that leave the fewest of its fields unread (`instr` beside
+    `input`: data.format=alpaca data.columns.prompt=instr, not alpaca alone), a format before a renaming; a renaming
+    only when one field does, as two would be a guess (which of them is the chosen answer?)."""
+    columns = columns or {}
+    ranked: dict[tuple, list[str]] = {}  # (fields left unread, renamed?) -> the settings
+    seen: set = set()  # renamings and readings named: each once
+
+    def consider(f: str, cols: dict, renamed: tuple | None) -> None:
+        if renamed in seen:  # a renaming is named under the first format that reads with it
+            return
+        try:
+            pair = _read_record(record, where, f, cols or None, "")
+        except DataError:
+            return
+        reading = renamed or pair.key()  # formats that read the record alike (trl, ultrafeedback) are named once
+        if reading in seen:
+            return
+        seen.add(reading)
+        read_as = _detect_format(record, where, cols) if f == "auto" else f
+        # a renaming names its format too: read through rmexp.dataset, `fmt` is what auto chose, and under auto the
+        # renaming could be read in another format than the one it was tried in
+        setting = ([f"data.format={f}"] if f != "auto" else []) + ([f"data.columns.{renamed[0]}={renamed[1]}"]
+                                                                   if renamed else [])
+        ranked.setdefault((len(_unread_fields(record, read_as, cols)), renamed is not None), []).append(" ".join(setting))
+
+    for f in FORMATS:
+        if f != fmt:
+            consider(f, columns, None)
+    for f in dict.fromkeys((fmt, *FORMATS)):
+        try:
+            read_as = _detect_format(record, where, columns) if f == "auto" else f
+        except DataError:  # the prompt fields of two formats: no renaming makes auto read both
+            continue
+        split, keys = _layout(record, read_as, columns)
+        missing = [role for role in ("chosen", "rejected") if keys[role] not in split]
+        if len(missing) > 1:  # one renaming cannot supply two answers
+            continue
+        for role in missing or (["prompt"] if keys["prompt"] not in split else []):
+            for k in _unread_fields(record, read_as, columns):
+                if k not in FORMAT_FIELDS:
+                    consider(f, columns | {role: k}, (role, k))
+    if not ranked:
+        return []
+    best = min(ranked)
+    return ranked[best] if not best[1] or len(ranked[best]) == 1 else []
+
+
+def _output_pair(fmt: str, record: dict, where: str, keys: dict) -> tuple[dict, dict]:
+    """LLaMA-Factory's older alpaca ranking layout keeps both answers in `output`: [chosen, rejected] (its converter
+    made the list the responses, the first one preferred). Read as two fields named by their place, so that an
+    error names `output[0]` or `output[1]`."""
+    if fmt != "alpaca" or "output" not in record or keys["chosen"] in record or keys["rejected"] in record:
+        return record, keys
+    output = record["output"]
+    if not isinstance(output, list) or len(output) != 2:
+        got = (f"a list of {len(output)}" if isinstance(output, list) else "one text (a fine-tuning record: no "
+               "rejected answer)" if isinstance(output, str) else type(output).__name__)
+        raise DataError(f"{where}: field 'output' must be [chosen, rejected], two answers, got {got}", reason="bad_field")
+    answers = {"output[0]": output[0], "output[1]": output[1]}
+    return ({k: v for k, v in record.items() if k != "output"} | answers,
+            keys | {"chosen": "output[0]", "rejected": "output[1]"})
+
+
+def _read_record(record: Any, where: str, fmt: str, columns: dict | None, chosen_by: str) -> Pair:
+    """parse_record without the suggestion, which is found by calling this."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: record is a {type(record).__name__}, expected a JSON object",
                         reason="not_an_object")
     if fmt == "auto":
-        fmt, chosen_by = detect_format(record, where, columns), "data.format=auto"
-    keys = format_keys(fmt, columns)
+        fmt, chosen_by = _detect_format(record, where, columns), "data.format=auto"
+    keys = format_keys(fmt, columns, record)
+    record, keys = _output_pair(fmt, record, where, keys)
     readable = {keys[k] for k in ROLES if isinstance(keys[k], str)} | set(EXTRA_KEYS.get(fmt, ()))
     unread = [k for k in record if k in TEXT_FIELDS and k not in readable]
     if unread:
-        readers = sorted({TEXT_FIELDS[k] for k in unread if TEXT_FIELDS[k]})
         raise DataError(f"{where}: field{'s' if len(unread) > 1 else ''} {', '.join(repr(k) for k in unread)} not read "
-                        f"as {fmt} ({chosen_by}); {' or '.join(readers) or 'data.columns'} would read "
-                        f"{'them' if len(unread) > 1 else 'it'}", reason="unused_field")
+                        f"as {fmt} ({chosen_by})", reason="unused_field")
     media = [k for k in MEDIA_FIELDS if record.get(k) not in (None, "", [], {})]
     if media:
         raise DataError(f"{where}: field{'s' if len(media) > 1 else ''} {', '.join(map(repr, media))} not read: rmexp "
@@ -574,8 +716,10 @@ def keep_last(ids: list[int], n: int, bos_token_id: int | None) -> list[int]:
 
 
 def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    """Token ids of many texts in one tokenizer call (the same ids as one call each)."""
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+    """Token ids of many texts in one tokenizer call (the same ids as one call each). verbose=False: rmexp fits
+    each sequence to max_length itself (encode_answers), so transformers' warning that a text is longer than the
+    tokenizer's model_max_length ("... will result in indexing errors") is untrue of what is trained or scored."""
+    return tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"] if texts else []
 
 
 def encode_answers(tokenizer, items: list[tuple[list[dict[str, str]], Answer]], max_length: int) -> list[Encoded]:

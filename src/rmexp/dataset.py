@@ -9,8 +9,8 @@ torchrun rank 0 builds while the other ranks wait, then they read its cache (`ma
 
 A bad record becomes a row holding its error: with data.on_error=skip it is counted by reason and
 left out; with raise the first one in file order stops the run, naming file, line and field. Then
-duplicates are found, a train pair that stands in the
-eval file is refused, and the seeded split keeps a group on one side. Sources are mixed by `weight`
+duplicates are found (a bad record to training; rmexp.evaluate keeps the first copy and counts the others),
+a train pair that stands in the eval file is refused, and the seeded split keeps a group on one side. Sources are mixed by `weight`
 (sampled in proportion, seeded by data.split_seed) or, with no weights, taken whole. With
 `data.streaming=true` the train file is read and tokenized while training consumes it.
 
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from datasets.fingerprint import Hasher
 
 from rmexp import data as data_module
 from rmexp._compat import dataset_fingerprint
-from rmexp.config import DataConfig, DataFormat, SourceConfig
+from rmexp.config import DataConfig, DataFormat, SourceConfig, local_data_file
 from rmexp.data import (
     BOM,
     DataError,
@@ -119,8 +120,8 @@ def read_source(src: SourceConfig, cache_dir: str | None, streaming: bool):
     JSON text (local JSON files) or records (Parquet, hub datasets)."""
     from datasets import Dataset, IterableDataset, load_dataset
 
-    local = Path(src.path).expanduser()
-    if local.exists() or local.suffix in (".jsonl", ".json", ".parquet"):  # a missing file is not a hub id
+    local = local_data_file(src.path)
+    if local is not None:  # a missing file is not a hub id
         if not local.is_file():
             raise DataError(f"{src.path}: no such preference file", reason="missing_file")
         if local.suffix == ".parquet":
@@ -348,9 +349,19 @@ def _columns(ds, names: list[str], chunk: int = 65_536) -> dict[str, np.ndarray]
             else np.zeros(0, dtype=np.int64) for n in names}
 
 
-def kept_rows(mapped, origin: str, on_error: str, max_pairs: int | None) -> tuple[np.ndarray, LoadStats]:
+@dataclass
+class SourceStats(LoadStats):
+    """LoadStats (its `as_dict` unchanged) with where each duplicate pair's first copy is: {line of the copy
+    left out: line of the first copy} (file lines; for Parquet and hub datasets, record numbers)."""
+
+    duplicates: dict[int, int] = field(default_factory=dict)
+
+
+def kept_rows(mapped, origin: str, on_error: str, max_pairs: int | None,
+              on_duplicate: str | None = None) -> tuple[np.ndarray, SourceStats]:
     """Row numbers of the valid, first-seen pairs (at most max_pairs), and what was read and skipped.
-    With on_error=raise the first bad or duplicate record raises, naming where."""
+    With on_error=raise the first bad or duplicate record raises, naming where. `on_duplicate="skip"` counts a
+    duplicate pair (as `duplicate_pair`) and leaves it out whatever on_error says: rmexp.evaluate scores it once."""
     reasons = _column(mapped, "reason", as_list=True)
     bad = np.fromiter((r is not None for r in reasons), dtype=bool, count=len(reasons))
     ok = np.flatnonzero(~bad)
@@ -365,17 +376,18 @@ def kept_rows(mapped, origin: str, on_error: str, max_pairs: int | None) -> tupl
         limit = int(kept[-1]) + 1
     duplicates = {int(ok[j]): int(ok[first[inverse[j]]]) for j in np.flatnonzero(~is_first) if ok[j] < limit}
     problems = sorted([int(i) for i in np.flatnonzero(bad[:limit])] + list(duplicates))
-    stats = LoadStats(n_records=limit, n_pairs=len(kept))
+    stats = SourceStats(n_records=limit, n_pairs=len(kept))
     if problems:
         lines = _column(mapped, "line")
         for i in problems:
             stats.skipped["duplicate_pair" if i in duplicates else reasons[i]] += 1
-        if on_error == "raise":
-            i = problems[0]
+        stats.duplicates = {int(lines[i]): int(lines[j]) for i, j in duplicates.items()}
+        fatal = [i for i in problems if ((on_duplicate or on_error) if i in duplicates else on_error) == "raise"]
+        if fatal:
+            i = fatal[0]
             message = (f"{origin}:{lines[i]}: duplicate of the pair at {origin}:{lines[duplicates[i]]}"
                        if i in duplicates else mapped[i]["error"])
-            more = f"; {len(problems) - 1} more bad records in {origin}" if len(problems) > 1 else ""
-            raise DataError(f"{message} (data.on_error=skip skips and counts such records{more})",
+            raise DataError(message + data_module.skip_hint(origin, len(kept), len(fatal)),
                             "duplicate_pair" if i in duplicates else reasons[i])
     if not len(kept):
         raise DataError(f"{origin}: no preference pairs (read {stats.n_records} records, "
@@ -391,6 +403,16 @@ def truncation_counts(cols: dict[str, np.ndarray]) -> dict[str, int]:
     prompt, answer = cols["prompt_truncated"], cols["answer_truncated"]
     return {"n_answer_truncated": int(answer.sum()), "n_identical_after_truncation": int(cols["identical"].sum()),
             "n_prompt_truncated": int(prompt.sum()), "n_truncated": int((prompt | answer).sum())}
+
+
+def log_truncation(truncation: dict, limit: str, logger: logging.Logger) -> None:
+    """What fitting pairs to `limit` (e.g. "trainer.max_length=512") cost, per split or file: one line each, in
+    training's and evaluation's logs alike (counted, never dropped)."""
+    for split, counts in truncation.items():
+        if counts.get("n_truncated"):
+            logger.warning("%s: %d pairs truncated to %s (the prompt cut from the left in %d, an answer cut in %d); "
+                           "none dropped", split, counts["n_truncated"], limit, counts.get("n_prompt_truncated", 0),
+                           counts.get("n_answer_truncated", 0))
 
 
 def with_margins(ds, margins: np.ndarray):
@@ -422,9 +444,9 @@ def sources_of(data_cfg: DataConfig) -> list[SourceConfig]:
     return list(data_cfg.sources) or ([SourceConfig(path=data_cfg.path, split=data_cfg.split)] if data_cfg.path else [])
 
 
-def map_first(raw, mapper, origin: str, data_cfg: DataConfig):
+def map_first(raw, mapper, origin: str, data_cfg: DataConfig, on_duplicate: str | None = None):
     """`mapper` over the source's rows, the first max_pairs alone when they hold enough good pairs; then
-    `kept_rows`: (mapped rows, kept row numbers, stats)."""
+    `kept_rows` (`on_duplicate` passed on): (mapped rows, kept row numbers, stats)."""
     max_pairs = data_cfg.max_pairs
     if max_pairs is not None and max_pairs < len(raw):  # the first max_pairs records usually suffice
         mapped = mapper(raw.select(range(max_pairs)))
@@ -436,13 +458,16 @@ def map_first(raw, mapper, origin: str, data_cfg: DataConfig):
             mapped = mapper(raw)
     else:
         mapped = mapper(raw)
-    kept, stats = kept_rows(mapped, origin, data_cfg.on_error.value, max_pairs)
+    kept, stats = kept_rows(mapped, origin, data_cfg.on_error.value, max_pairs, on_duplicate)
     return mapped, kept, stats
 
 
-def source_pairs(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[Pair], LoadStats, str, str]:
+def source_pairs(src: SourceConfig, data_cfg: DataConfig,
+                 on_duplicate: str | None = None) -> tuple[list[Pair], SourceStats, str, str]:
     """A source's valid, first-seen pairs as Pairs (what rmexp.evaluate scores), read and validated as
-    training reads it, skips counted the same: (pairs, stats, its name, its format). No system prompt added."""
+    training reads it, skips counted the same: (pairs, stats, its name, its format). No system prompt added.
+    `on_duplicate="skip"` (rmexp.evaluate's) keeps the first copy of a repeated pair whatever data.on_error
+    says; the stats' `duplicates` say where each copy and its first are."""
     raw, origin, json_text = read_source(src, data_cfg.cache_dir, streaming=False)
     fmt, columns = source_format(src, data_cfg)
     fmt, detected = choose_format(raw, origin, json_text, fmt, columns), fmt == "auto"
@@ -454,7 +479,7 @@ def source_pairs(src: SourceConfig, data_cfg: DataConfig) -> tuple[list[Pair], L
                                    features=_pair_features(), remove_columns=list(rows.column_names),
                                    num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None, fn_kwargs=kwargs,
                                    new_fingerprint=fingerprint(rows), desc=f"Validating {origin}")
-    mapped, kept, stats = map_first(raw, mapper, origin, data_cfg)
+    mapped, kept, stats = map_first(raw, mapper, origin, data_cfg, on_duplicate)
     pairs = []
     for line, text in zip(_column(mapped, "line")[kept], np.asarray(_column(mapped, "pair", as_list=True),
                                                                     dtype=object)[kept], strict=True):
@@ -616,7 +641,8 @@ class StreamCounts(dict):
             counts["n_pairs_read"] += 1
             return True
         if self.on_error == "raise":
-            raise DataError(f"{error} (data.on_error=skip skips and counts such records)", reason)
+            raise DataError(error + data_module.skip_hint(self.origins[row["source_id"]], counts["n_pairs_read"],
+                                                          counts["n_skipped"] + 1), reason)
         counts["n_skipped"] += 1
         counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
         return False
@@ -627,8 +653,18 @@ class StreamCounts(dict):
 
 def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int, tokenizer_fp: str):
     """An iterable train dataset read and tokenized as training consumes it (duplicates are not looked
-    for: that would hold every pair's key), and the eval file as usual."""
-    from datasets import Value, concatenate_datasets, interleave_datasets
+    for: that would hold every pair's key), and the eval file as usual.
+
+    Under several processes every rank reads the whole stream, in the same order, and trains on its own
+    slice of each global batch (accelerate's IterableDatasetShard; TRL's RewardTrainer turns accelerate's
+    dispatch_batches off for a stream, so each rank packs its own rows): every rank gets as many batches
+    as the others and the same bad record stops them all. accelerate does that for a stream of fewer shards
+    than processes; one of more (a hub dataset of several files) it deals out to the ranks by shard, which
+    run out at different steps: refused here, before the model loads (a ConfigError naming what works)."""
+    from accelerate import PartialState
+    from datasets import Value, interleave_datasets
+
+    from rmexp.config import ConfigError
 
     eval_mapped, eval_kept, eval_stats, eval_origin, eval_fmt = load_source(
         eval_source(data_cfg), len(sources), tokenizer, data_cfg, max_length, tokenizer_fp)
@@ -655,8 +691,18 @@ def build_streamed(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer,
         total = sum(s.weight for s in sources)
         train = interleave_datasets(streams, probabilities=[s.weight / total for s in sources],
                                     seed=data_cfg.split_seed, stopping_strategy=data_cfg.stopping_strategy)
-    else:  # no weights: every pair of every source, one source after the other (the shuffle window mixes them)
-        train = concatenate_datasets(streams) if len(streams) > 1 else streams[0]
+    else:  # no weights: every pair of every source once, the sources taken in turn (one shard, not one per source)
+        train = (interleave_datasets(streams, stopping_strategy="all_exhausted_without_replacement")
+                 if len(streams) > 1 else streams[0])
+    processes = PartialState().num_processes
+    if processes > 1 and train.n_shards >= processes:
+        shards = ", ".join(f"{o}: {s.n_shards}" for o, s in zip(counts.origins, streams, strict=True))
+        raise ConfigError(
+            f"data.streaming=true under {processes} processes: the stream has {train.n_shards} shards ({shards}), "
+            "which accelerate deals out to the ranks by shard, and ranks whose shards run out at different steps "
+            "wait on each other; every rank must read the whole stream, which needs fewer shards than processes. "
+            "Use data.streaming=false, a local file of the data (data.path=<file>.jsonl or .parquet: one shard), "
+            "or one process")
     train = (train.map(lambda b: {"margin": [0.0 if m is None else m for m in b["margin"]]}, batched=True,
                        features=features)
              .shuffle(seed=data_cfg.split_seed, buffer_size=STREAM_SHUFFLE_BUFFER))

@@ -13,27 +13,22 @@ import torch
 
 from rmexp._compat import expected_new_head
 from rmexp.builtin import resolve_model_path
+from rmexp.device import Placement, auto_dtype, place
 
 log = logging.getLogger(__name__)
 
 
-def compute_dtype() -> torch.dtype:
-    """bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.
-
-    A CPU without native bf16 runs bf16 matmuls far slower than fp32 (measured on an AVX2-only EPYC:
-    a 2048^3 bf16 matmul 58.9 s, fp32 0.13 s), so `auto` picks fp32 there.
-    """
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return torch.bfloat16 if native else torch.float32
+def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bf16 where `device` (by default training's: the current CUDA device where there is one, else the CPU)
+    computes it natively (CUDA from Ampere on, CPUs with AVX512-BF16 or AMX), else fp32: the rule is
+    rmexp.device.native_bf16's. Emulated bf16 (a T4's, a V100's, an AVX2 CPU's) is slower than fp32 there."""
+    return auto_dtype(device)
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """A dtype by name; `auto` is `compute_dtype()`."""
+def torch_dtype(name: str, auto: torch.dtype | None = None) -> torch.dtype:
+    """A dtype by name; `auto` is `auto` when given (a placement's dtype), else `compute_dtype()`."""
     if name == "auto":
-        return compute_dtype()
+        return compute_dtype() if auto is None else auto
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown torch dtype {name!r} (try auto, bfloat16, float16, float32)")
@@ -43,7 +38,7 @@ def torch_dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------- config -> HF objects
 
 
-def quant_storage_dtype(q) -> torch.dtype:
+def quant_storage_dtype(q, auto: torch.dtype | None = None) -> torch.dtype:
     """`quantization.bnb_4bit_quant_storage` as a dtype; `auto` is the compute dtype.
 
     The packed 4-bit codes take the same bytes in any of these (two a uint8, four a bfloat16); what
@@ -51,11 +46,12 @@ def quant_storage_dtype(q) -> torch.dtype:
     dtype, so under FSDP the storage must be the dtype of the weights left unquantized (`model.dtype`).
     """
     name = str(q.bnb_4bit_quant_storage)
-    return torch_dtype(q.bnb_4bit_compute_dtype) if name == "auto" else getattr(torch, name)
+    return torch_dtype(q.bnb_4bit_compute_dtype, auto) if name == "auto" else getattr(torch, name)
 
 
-def build_bnb_config(q):
-    """The `quantization` group as a BitsAndBytesConfig, or None for an unquantized base."""
+def build_bnb_config(q, auto: torch.dtype | None = None):
+    """The `quantization` group as a BitsAndBytesConfig, or None for an unquantized base; `auto` what a dtype of
+    `auto` is (a placement's dtype; by default `compute_dtype()`)."""
     from transformers import BitsAndBytesConfig
 
     if q.load_in_8bit:
@@ -66,8 +62,8 @@ def build_bnb_config(q):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type.value,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.bnb_4bit_compute_dtype),
-        bnb_4bit_quant_storage=quant_storage_dtype(q),
+        bnb_4bit_compute_dtype=torch_dtype(q.bnb_4bit_compute_dtype, auto),
+        bnb_4bit_quant_storage=quant_storage_dtype(q, auto),
     )
 
 
@@ -107,16 +103,20 @@ def device_map_for(bnb_config, fsdp: bool | None = None, cuda: bool | None = Non
     return {"": local_rank()}
 
 
-def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None) -> dict:
+def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None, placement: Placement | None = None) -> dict:
     """The keyword arguments `load_reward_model` gives `from_pretrained` (everything but the path).
 
+    For training (`placement` None) the weights go where `device_map_for` says. For scoring (a
+    `rmexp.device.Placement`) they load onto its device, and a dtype of `auto` is its dtype (bf16 where that
+    device computes it natively, else fp32); FSDP does not apply.
     Under FSDP (`fsdp`, by default `fsdp_launched()`) a 4-bit base must store its codes in the dtype of its
     unquantized weights, or FSDP cannot flatten a decoder layer's norms and 4-bit weights together: checked
     here, before anything loads.
     """
-    fsdp = fsdp_launched() if fsdp is None else fsdp
-    bnb = build_bnb_config(quant_cfg)
-    dtype = torch_dtype(model_cfg.dtype)
+    fsdp = False if placement is not None else fsdp_launched() if fsdp is None else fsdp
+    auto = placement.dtype if placement is not None else None
+    bnb = build_bnb_config(quant_cfg, auto)
+    dtype = torch_dtype(model_cfg.dtype, auto)
     if fsdp and bnb is not None and bnb.load_in_4bit and bnb.bnb_4bit_quant_storage != dtype:
         raise ValueError(
             f"FSDP needs quantization.bnb_4bit_quant_storage ({bnb.bnb_4bit_quant_storage}) equal to model.dtype "
@@ -125,7 +125,8 @@ def from_pretrained_kwargs(model_cfg, quant_cfg, fsdp: bool | None = None) -> di
     if fsdp and bnb is not None and bnb.load_in_8bit:
         raise ValueError("FSDP shards 4-bit bitsandbytes weights stored as floats, not LLM.int8(): use quantization=nf4")
     kwargs = dict(num_labels=1, dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  quantization_config=bnb, device_map=device_map_for(bnb, fsdp), use_safetensors=True)
+                  quantization_config=bnb, use_safetensors=True,
+                  device_map=device_map_for(bnb, fsdp) if placement is None else placement.device_map)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     return kwargs
@@ -172,13 +173,16 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
-def load_reward_model(model_cfg, quant_cfg, tokenizer=None):
+def load_reward_model(model_cfg, quant_cfg, tokenizer=None, device: str | Placement | None = None):
     """AutoModelForSequenceClassification(num_labels=1), quantized per config, and its tokenizer (`tokenizer`,
-    when the caller loaded it already)."""
+    when the caller loaded it already). `device` None: for training (placed as `device_map_for` says); a
+    device name (auto, cpu, cuda, cuda:N; `rmexp.device.place` decides and logs) or a Placement: for
+    scoring or export, loaded onto that device in the dtype it computes natively."""
     from transformers import AutoModelForSequenceClassification
 
-    fsdp = fsdp_launched()
-    kwargs = from_pretrained_kwargs(model_cfg, quant_cfg, fsdp)
+    placement = place(device) if isinstance(device, str) else device
+    fsdp = fsdp_launched() if placement is None else False
+    kwargs = from_pretrained_kwargs(model_cfg, quant_cfg, fsdp, placement)
     path = resolve_model_path(model_cfg.name_or_path, model_cfg.cache_dir)
     tok = tokenizer or load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     if fsdp and kwargs["quantization_config"] is not None and torch.cuda.is_available():

@@ -153,7 +153,9 @@ def model_mask(batch: dict[str, Any]):
     return batch["attention_mask"]
 
 
-PACKED_ATTENTION = "rmexp_packed_sdpa"
+PACKED_ATTENTION = "rmexp_packed_sdpa"  # trainer.attention=sdpa_segments: the segment walk below
+PACKED_FLEX_ATTENTION = "rmexp_packed_flex"  # trainer.attention=flex: one flex_attention call a layer (rmexp.flex)
+PACKED_KERNELS = (PACKED_ATTENTION, PACKED_FLEX_ATTENTION)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, rmexp_segments=None,
@@ -266,21 +268,26 @@ def block_attention(q, k, v, mask, scale: float | None):
 
 
 def register_packed_attention() -> None:
-    """Make `packed_sdpa` a kernel transformers models can be switched to (`PACKED_ATTENTION`)."""
+    """Make `packed_sdpa` and `rmexp.flex.packed_flex` kernels transformers models can be switched to
+    (`PACKED_ATTENTION`, `PACKED_FLEX_ATTENTION`); batches that are not packed get SDPA's masks under either."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    from rmexp.flex import packed_flex
+
+    for name, kernel in ((PACKED_ATTENTION, packed_sdpa), (PACKED_FLEX_ATTENTION, packed_flex)):
+        AttentionInterface.register(name, kernel)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def can_pack(model) -> bool:
     """Whether `model` can run packed batches: its attention is SDPA (switchable to `packed_sdpa`) or packed already."""
-    return attn_implementation(model) in ("sdpa", PACKED_ATTENTION)
+    return attn_implementation(model) in ("sdpa", *PACKED_KERNELS)
 
 
 def uses_packed_attention(model) -> bool:
-    return attn_implementation(model) == PACKED_ATTENTION
+    """Whether `model` runs a packed kernel (either: `trainer.attention`)."""
+    return attn_implementation(model) in PACKED_KERNELS
 
 
 def build_collator(trainer_cfg, model, tokenizer) -> PackedPairCollator | None:
@@ -294,6 +301,19 @@ def build_collator(trainer_cfg, model, tokenizer) -> PackedPairCollator | None:
     return PackedPairCollator.for_model(model, tokenizer.pad_token_id, trainer_cfg.packed_row_tokens)
 
 
+def attention_argument(model, batch: dict[str, Any]):
+    """The attention_mask a packed batch passes `model` (peft-, DDP-wrapped or not): the dense masks
+    (`model_mask`) for the segment walk; for the flex kernel, its BlockMask(s), built once per batch
+    (rmexp.flex.block_masks)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP keeps the model as .module
+        model = model.module
+    if attn_implementation(model) != PACKED_FLEX_ATTENTION:
+        return model_mask(batch)
+    from rmexp.flex import block_masks
+
+    return block_masks(batch, *attention_layout(model.config))
+
+
 def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chosen and rejected rewards of a PackedPairCollator batch from one forward of `model` (rejected
     is None for a batch of single answers).
@@ -305,8 +325,8 @@ def packed_rewards(model, batch: dict[str, Any], head=None) -> tuple[torch.Tenso
     handle = (head if head is not None else reward_head(model)).register_forward_hook(
         lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=model_mask(batch), position_ids=batch["position_ids"],
-              use_cache=False, rmexp_segments=batch["segments"])
+        model(input_ids=batch["input_ids"], attention_mask=attention_argument(model, batch),
+              position_ids=batch["position_ids"], use_cache=False, rmexp_segments=batch["segments"])
     finally:
         handle.remove()
     token_rewards = captured[-1].float().reshape(-1)

@@ -10,17 +10,21 @@ each one runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from rmexp import compilation, lora, norm
-from rmexp._compat import undo_cpu_inference_packing
+from rmexp import compilation, flex, lora, norm
+from rmexp._compat import attn_implementation, undo_cpu_inference_packing
 from rmexp.config import Batching
+from rmexp.device import training_device
 from rmexp.fsdp import fsdp_speed_options, prepare_for_fsdp
 from rmexp.model import decoder_layers, final_norm, reward_head
-from rmexp.packing import PACKED_ATTENTION, can_pack, register_packed_attention, uses_packed_attention
+from rmexp.packing import PACKED_ATTENTION, can_pack, register_packed_attention
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the class swap
 
@@ -115,11 +119,15 @@ def upcast_reward_head(model):
     return model
 
 
-def use_packed_attention(model) -> None:
-    """Switch an SDPA model to `rmexp.packing.packed_sdpa` (plain SDPA for any batch that is not packed)."""
-    if not uses_packed_attention(model):
+def use_packed_attention(model, kernel: str = PACKED_ATTENTION, why: str | None = None) -> None:
+    """Switch an SDPA model (or one on the other packed kernel) to the packed kernel `kernel`: PACKED_ATTENTION
+    (`rmexp.packing.packed_sdpa`, the segment walk) or PACKED_FLEX_ATTENTION (`rmexp.flex.packed_flex`); either
+    runs plain SDPA for any batch that is not packed. `why` (rmexp.flex.kernel_for's) is logged at the switch."""
+    if attn_implementation(model) != kernel:
         register_packed_attention()
-        model.set_attn_implementation(PACKED_ATTENTION)
+        model.set_attn_implementation(kernel)
+        if why:
+            log.info("packed attention %s (%s)", kernel, why)
 
 
 def keep_4bit_layers_trainable(model) -> int:
@@ -200,6 +208,7 @@ class TrainingOptions:
     dequant_cache: str = "false"
     fused_rms_norm: bool = False
     compile: str = "false"
+    attention: str = "auto"  # trainer.attention: the packed kernel (rmexp.flex)
 
     @classmethod
     def of(cls, trainer_cfg) -> TrainingOptions:
@@ -207,7 +216,13 @@ class TrainingOptions:
             return trainer_cfg
         return cls(packed=trainer_cfg.batching is Batching.packed, fused_lora=bool(trainer_cfg.fused_lora),
                    dequant_cache=str(trainer_cfg.dequant_cache), fused_rms_norm=bool(trainer_cfg.fused_rms_norm),
-                   compile=str(trainer_cfg.compile))
+                   compile=str(trainer_cfg.compile), attention=_attention(trainer_cfg))
+
+
+def _attention(trainer_cfg) -> str:
+    """trainer.attention, `auto` where a config built by hand left it out."""
+    value = str(getattr(trainer_cfg, "attention", "auto"))
+    return "auto" if value == "???" else value
 
 
 OPTIONS_ATTRIBUTE = "rmexp_training_options"  # what the first step decided, for the second
@@ -247,7 +262,7 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None, plan
         upcast_reward_head(model)
         keep_4bit_layers_trainable(model)
         if options.packed and can_pack(model):  # else rmexp.packing.build_collator says why it cannot pack
-            use_packed_attention(model)
+            use_packed_attention(model, *flex.kernel_for(options.attention, training_device(), model.config))
         if options.fused_rms_norm:
             fuse_rms_norms(model)
         setattr(model, OPTIONS_ATTRIBUTE, options)
@@ -267,12 +282,14 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None, plan
     return model
 
 
-def for_scoring(model, packed: bool = True):
+def for_scoring(model, packed: bool = True, attention: str = "auto"):
     """Every change scoring makes to a loaded model: rewards from an fp32 head on fp32 hidden states and, with
     `packed`, the packed attention kernel wherever the model's attention can take it (else the padded forward
-    scores). On a base whose saved adapter is still to load, before it loads: the adapter's fp32 head weights
+    scores): `attention` (auto, sdpa_segments, flex) picks it as trainer.attention does, for the device the model
+    is on. On a base whose saved adapter is still to load, before it loads: the adapter's fp32 head weights
     must land in fp32 modules."""
     upcast_reward_head(model)
     if packed and can_pack(model):
-        use_packed_attention(model)
+        device = next(model.parameters()).device
+        use_packed_attention(model, *flex.kernel_for(attention, device, model.config, key="attention"))
     return model

@@ -1,9 +1,9 @@
-"""The training recipe: `train(cfg)` runs one 4-bit QLoRA reward model from a composed config.
+"""The training recipe: `train(cfg, resume, record)` runs one 4-bit QLoRA reward model from a checked config.
 
-One linear path: config -> data -> model -> TRL RewardTrainer -> final held-out evaluation ->
-adapter, tokenizer, scores.jsonl and metrics.json in the run dir (rmexp.rundir). It returns the held-out
-pairwise accuracy so a Hydra sweeper can optimise it. Its command line, `rmexp-train [overrides]`, is
-rmexp.train, which imports this module (torch, transformers, peft, trl) only once the config has composed.
+One linear path: data -> model -> TRL RewardTrainer -> final held-out evaluation -> adapter, tokenizer,
+scores.jsonl and, through `record`, metrics.json in the run dir (rmexp.rundir). Its command, `rmexp-train
+[overrides]`, is rmexp.train, whose `main(cfg)` claims the run dir, decides where training starts and checks
+the config before it imports this module (torch, transformers, peft, trl).
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from transformers import set_seed
 
 from rmexp.builtin import resolve_model_path
-from rmexp.config import RMExpConfig, to_typed
-from rmexp.dataset import build_datasets
+from rmexp.config import RMExpConfig
+from rmexp.dataset import build_datasets, log_truncation
 from rmexp.diagnostics import EvalDiagnostics, summary
 from rmexp.metrics import length_baseline_accuracy
 from rmexp.model import build_lora_config, load_reward_model, load_tokenizer
 from rmexp.packing import build_collator
-from rmexp.preemption import StopOnSignal, resume_checkpoint
+from rmexp.preemption import StopOnSignal
 from rmexp.prepare import for_training
-from rmexp.rundir import is_main_process, run_record, write_run_config, write_scores, writes_to
+from rmexp.resume import Resume
+from rmexp.rundir import RUN_CONFIG, RunRecord, write_run_config, write_scores, writes_to
 from rmexp.tracking import job_identity, scrub_secrets, start_run
 from rmexp.trainer import PairwiseRewardTrainer, last_eval_at
 from rmexp.training_args import build_reward_config
@@ -33,47 +34,42 @@ from rmexp.training_args import build_reward_config
 log = logging.getLogger("rmexp.train")  # the command's name in train.log
 
 
-def train(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
-    run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()  # rank 0 alone writes and logs
-    # the run dir claimed and the checkpoint read back before run_record, which would write its metrics.json
-    # over the run this refuses to train over (or over the old run's, when no checkpoint is intact)
-    resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process)
-    with run_record(run_dir, write=main_process) as record:
-        # setup: the config's checks, then the data before the model (its errors in seconds, not after an 8B load)
-        cfg = to_typed(cfg)  # runs the schema's checks (rmexp.config): a bad value fails here, recorded
-        model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
-        tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
-        data = load_data(cfg, tokenizer)
-        set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
-        model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization, tokenizer)
-        if main_process:
-            record.wandb_run = describe_run(cfg, run_dir, data, resume.wandb_run_id)
-        stop_on_signal = StopOnSignal(run_dir)
-        trainer = build_trainer(cfg, model, tokenizer, data, run_dir, record.wandb_run,
-                                [*(callbacks or []), stop_on_signal], main_process)
-
-        # train, between two evaluations of the same held-out pairs (before: the untrained baseline)
-        initial = trainer.evaluate()["eval_pairwise_accuracy"]
-        with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
-            train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
-        stop_on_signal.raise_if_stopped(trainer.state.global_step)  # SIGTERM, or submitit's preemption
-        final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
-
-        # save: adapter, score head, tokenizer and scores.jsonl; metrics.json when run_record ends
-        with writes_to(run_dir):
-            trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
-            if main_process:
-                (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
-                write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, data.eval_ids)
-        record.result = run_result(trainer, final, initial, train_output, data) | {
-            "resumed_from": resume.checkpoint, "resume_skipped": resume.skipped, "model": model_path}
-        if record.wandb_run is not None:
-            record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
-                "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}
-                | {"eval/n_pairs": record.result["n_eval_pairs"]})
+def train(cfg: RMExpConfig, resume: Resume, record: RunRecord, callbacks: list | None = None) -> None:
+    """setup -> train -> save for a typed, checked config (rmexp.train.main has claimed the run dir, decided
+    where training starts, and owns `record`, whose `result` becomes metrics.json)."""
+    run_dir, main_process = Path(cfg.paths.output_dir), record.write  # rank 0 alone writes and logs
+    # setup: the data before the model (its errors in seconds, not after an 8B load)
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+    data = load_data(cfg, tokenizer)
+    set_seed(cfg.trainer.seed)  # the new score head and the LoRA weights are drawn from this seed
+    model, tokenizer, model_path = load_reward_model(cfg.model, cfg.quantization, tokenizer)
     if main_process:
-        print(summary_line(record.result, run_dir))
-    return record.result["pairwise_accuracy"]
+        record.running(describe_run(cfg, run_dir, data, resume))
+    stop_on_signal = StopOnSignal(run_dir)
+    trainer = build_trainer(cfg, model, tokenizer, data, run_dir, record.wandb_run,
+                            [*(callbacks or []), stop_on_signal], main_process)
+
+    # train, between two evaluations of the same held-out pairs (before: the untrained baseline)
+    initial = trainer.evaluate()["eval_pairwise_accuracy"]
+    with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
+        train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
+    stop_on_signal.raise_if_stopped(trainer.state.global_step)  # SIGTERM, or submitit's preemption
+    final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
+
+    # save: adapter, score head, tokenizer and scores.jsonl; metrics.json when run_record ends
+    with writes_to(run_dir):
+        trainer.save_model(str(run_dir))  # adapter + score head (modules_to_save) + tokenizer; rank 0 only
+        if main_process:
+            (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
+            write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, data.eval_ids)
+    record.result = run_result(trainer, final, initial, train_output, data) | {
+        "resumed_from": resume.checkpoint, "resume_skipped": resume.skipped, "model": model_path} | (
+        {"resume_changes": resume.changes} if resume.changes else {})
+    if record.wandb_run is not None:
+        record.wandb_run.summary.update({f"eval/{k}": record.result[k] for k in (
+            "pairwise_accuracy", "ci_low", "ci_high", "initial_pairwise_accuracy", "length_baseline_accuracy")}
+            | {"eval/n_pairs": record.result["n_eval_pairs"]})
 
 
 @dataclass
@@ -96,20 +92,23 @@ def load_data(cfg: RMExpConfig, tokenizer) -> Data:
     """The training and held-out datasets; truncation counted and logged, one line on the run."""
     train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
     data = Data(train_ds, eval_ds, stats, stats.pop("truncation"), stats.pop("eval_identity"), stats.pop("formats"))
-    log_truncation(data.truncation, cfg.trainer.max_length)
+    log_truncation(data.truncation, f"trainer.max_length={cfg.trainer.max_length}", log)
     log.info(config_summary(cfg, train_ds, eval_ds))
     return data
 
 
-def describe_run(cfg: RMExpConfig, run_dir: Path, data: Data, wandb_run_id: str | None):
-    """The run dir describes itself, Hydra or not (rmexp_config.yaml, which RewardModel.load reads); with W&B, the
-    job's run (a requeued job continues its own), which is returned."""
+def describe_run(cfg: RMExpConfig, run_dir: Path, data: Data, resume: Resume):
+    """The run dir describes itself, Hydra or not (rmexp_config.yaml, which RewardModel.load reads; a resume keeps
+    the first attempt's); with W&B, the job's run (a resumed or requeued run continues its own, by id and name),
+    which is returned."""
     # resolved by to_typed already: a `${` left in a value is text (a system prompt's), not to resolve again
     resolved = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True))
-    write_run_config(run_dir, resolved)
+    if resume.checkpoint is None or not (run_dir / RUN_CONFIG).is_file():
+        write_run_config(run_dir, resolved)
     if cfg.logger.backend.value != "wandb":
         return None
-    run = start_run(cfg.logger, resolved, run_dir, *job_identity(run_dir), run_id=wandb_run_id)
+    name, group = job_identity(run_dir)
+    run = start_run(cfg.logger, resolved, run_dir, resume.wandb_run_name or name, group, run_id=resume.wandb_run_id)
     run.config.update({"data_stats": data.stats, "truncation": data.truncation}, allow_val_change=True)
     return run
 
@@ -172,15 +171,6 @@ def run_result(trainer, final: dict, initial: float, train_output, data: Data) -
         "global_step": trainer.state.global_step,
         "n_train_pairs": n_train, "data": data.stats, "data_formats": data.formats, "truncation": data.truncation,
     } | summary(rewards[:, 0], rewards[:, 1], data.eval_sources, trainer.eval_categories)
-
-
-def log_truncation(truncation: dict, max_length: int) -> None:
-    """What fitting pairs to max_length cost, per split (counted and logged: nothing is dropped)."""
-    for split, counts in truncation.items():
-        if counts.get("n_truncated"):
-            log.warning("%s: %d pairs truncated to trainer.max_length=%d (%d lost prompt tokens, %d lost answer "
-                        "tokens); none dropped", split, counts["n_truncated"], max_length,
-                        counts.get("n_prompt_truncated", 0), counts.get("n_answer_truncated", 0))
 
 
 def summary_line(result: dict, run_dir: Path) -> str:

@@ -29,8 +29,10 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
+from rmexp import console
 from rmexp.compare import PairingError, Scores, aligned, averaged, read_scores
-from rmexp.config import CONF_PATH, to_typed
+from rmexp.config import CONF_PATH, ReportConfig, to_typed
+from rmexp.errors import MissingPathError, UserError
 from rmexp.metrics import wilson_interval
 from rmexp.stats import ALPHA, N_RESAMPLES, against_best, min_detectable_difference, paired_bootstrap
 from rmexp.sweep import Job, read_jobs, sweep_group, sweep_keys
@@ -383,9 +385,11 @@ def log_to_wandb(sweep_dir: Path, jobs: list[Job], rows: list[dict], heatmap: Pa
 
 def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise MissingPathError(f"sweep_dir: no such dir {sweep_dir} (a multirun dir, e.g. outputs/multirun/<date>/<time>)")
     jobs = read_jobs(sweep_dir)
     if not jobs:
-        raise SystemExit(f"{sweep_dir}: no sweep jobs found (no */.hydra/overrides.yaml)")
+        raise UserError(f"{sweep_dir}: no sweep jobs found (no */.hydra/overrides.yaml): sweep_dir is a multirun's dir")
     keys = swept_keys(sweep_dir, jobs)
     entries = entries_of(jobs, keys)
     verdict = pair_with_best(entries, n_resamples, seed)
@@ -418,9 +422,14 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="report")
-def cli(cfg: DictConfig) -> dict:
-    args = to_typed(cfg)
-    return report(args.sweep_dir, use_wandb=args.wandb, n_resamples=args.n_resamples, seed=args.seed)
+def app(cfg: DictConfig) -> dict:
+    with console.reported():
+        args = to_typed(cfg)
+        return report(args.sweep_dir, use_wandb=args.wandb, n_resamples=args.n_resamples, seed=args.seed)
+
+
+def cli() -> None:
+    console.run(app, ReportConfig)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,19 @@ sequences, as TRL's collator makes them. Both return rewards in input order.
 A `RewardModel` is also a reward function for TRL's GRPO/RLOO trainers:
 `GRPOTrainer(reward_funcs=RewardModel.load(run_dir, normalize=True), ...)` calls it as
 `rm(prompts=..., completions=..., **kwargs) -> list[float]`.
+
+`normalize=True` applies to every scoring method alike (`score`, `score_batch`, `score_tokens`,
+`score_pairs`, `score_encoded` and the call): each returns (r - reward_mean) / reward_std. Loaded
+without it (the default, and what rmexp-evaluate and rmexp-score do), each returns the raw reward.
+
+`load` takes a run dir, a checkpoint of one (`<run>/checkpoints/checkpoint-N`: the model as it was at
+step N) or an exported dir; any other path is a `UserError` whose message names what to pass instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -23,9 +31,16 @@ from pathlib import Path
 import torch
 
 from rmexp.data import Pair, encode_answer, encode_pair, encode_rendered, render, with_system_prompt
+from rmexp.device import Placement, place
+from rmexp.errors import UserError
 from rmexp.packing import PackedPairCollator, packed_rewards, uses_packed_attention
 from rmexp.prepare import for_scoring
-from rmexp.rundir import is_run_dir, read_run_config, reward_stats
+from rmexp.rundir import RUN_OR_EXPORT, CheckpointPathError, locate, read_run_config, reward_stats
+
+log = logging.getLogger(__name__)
+
+class NormalizeError(UserError, ValueError):
+    """`normalize=True` (serve.normalize=true) for a model without recorded reward statistics."""
 
 
 class RewardModel:
@@ -36,7 +51,7 @@ class RewardModel:
         self.system_prompt = system_prompt  # the run's data.system_prompt, put before every prompt
         self.row_tokens = row_tokens  # tokens per packed row: memory grows with it, padding never does
         self.packed = packed and uses_packed_attention(model)  # False: the padded forward (or a non-SDPA model)
-        self.normalize = False  # __call__ returns (r - reward_mean) / reward_std (set by `load`)
+        self.normalize = False  # every scoring method returns (r - reward_mean) / reward_std (set by `load`)
         self.reward_mean: float | None = None
         self.reward_std: float | None = None
         self.n_truncated = 0  # answers scored that lost tokens to max_length
@@ -44,44 +59,63 @@ class RewardModel:
         self._template: dict[str, str] | None = None
 
     @classmethod
-    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 2048, normalize: bool = False) -> RewardModel:
-        """A training run dir (4-bit base + LoRA adapter, as trained) or an exported HF dir.
+    def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 2048, normalize: bool = False,
+             device: str = "auto") -> RewardModel:
+        """A training run dir (4-bit base + LoRA adapter, as trained), a checkpoint of one
+        (`<run>/checkpoints/checkpoint-N`, the model at step N) or an exported HF dir; any other path
+        is a UserError naming what to pass instead (`locate`), raised before anything loads.
 
-        `normalize=True`: calling the model returns rewards standardized by the reward mean/std of
-        the run's held-out evaluation (`metrics.json`, or what an exported model recorded)."""
-        rm = cls._load(Path(path), packed, row_tokens)
+        `normalize=True`: every scoring method (`score`, `score_batch`, `score_tokens`, `score_pairs`,
+        `score_encoded`, the call) returns rewards standardized by the reward mean/std of the run's
+        held-out evaluation (`metrics.json`, or what an exported model recorded).
+
+        `device`: auto (the current CUDA device where there is one, else the CPU), cpu, cuda or cuda:N; the model
+        loads onto it and scores in the dtype it computes natively (bf16 or fp32; the head fp32), as
+        `rmexp.device.place` decides and logs. A device this machine lacks is a UserError, before anything loads."""
+        path = Path(path).expanduser()
+        run = locate(path)
+        if normalize and run is not None and run != path:
+            raise NormalizeError(f"{path}: normalize=True needs the reward mean and std of the model's evaluation, and "
+                                 f"a checkpoint has none (the run's metrics.json describes its final model, {run}): "
+                                 f"pass normalize=False (serve.normalize=false) or the run dir {run}")
+        rm = cls._load(path, run, packed, row_tokens, place(device))
         stats = rm.info()
         rm.reward_mean, rm.reward_std = stats.get("reward_mean"), stats.get("reward_std")
         if normalize and not (rm.reward_mean is not None and rm.reward_std):
-            raise ValueError(f"{path}: normalize=True needs the reward mean and std of the run's evaluation "
-                             f"(reward_mean/reward_std in metrics.json or the exported config); it has none")
+            raise NormalizeError(f"{path}: normalize=True needs the reward mean and std of the run's evaluation "
+                                 f"(reward_mean/reward_std in metrics.json or the exported config); it has none: "
+                                 f"pass normalize=False (serve.normalize=false)")
         rm.normalize = normalize
         return rm
 
     @classmethod
-    def _load(cls, path: Path, packed: bool, row_tokens: int) -> RewardModel:
+    def _load(cls, path: Path, run: Path | None, packed: bool, row_tokens: int, placement: Placement) -> RewardModel:
+        """`run`: the run dir whose config `path` (the run dir itself, or a checkpoint of it) was trained
+        with; None for an exported dir. `placement`: where the model loads and what a dtype of `auto` is there."""
         from rmexp.model import load_reward_model, load_tokenizer
 
-        if is_run_dir(path):
+        if run is not None:
             from peft import PeftModel
 
-            cfg = read_run_config(path)
-            base, _, _ = load_reward_model(cfg.model, cfg.quantization)
-            model = PeftModel.from_pretrained(for_scoring(base, packed), str(path))  # the head fp32 before it loads
+            if run != path:
+                log.info("%s: a checkpoint of the run %s, scored as it was at that step (the run's final model "
+                         "is the run dir)", path, run)
+            cfg = read_run_config(run)
+            base, _, _ = load_reward_model(cfg.model, cfg.quantization, device=placement)
+            # the head fp32 before it loads; the adapter read straight onto the model's device
+            model = PeftModel.from_pretrained(for_scoring(base, packed), str(path), torch_device=str(placement.device))
             return cls(model, load_tokenizer(str(path)), int(cfg.trainer.max_length), str(path),
                        cfg.data.system_prompt, packed, row_tokens)
         if (path / "config.json").is_file():
             from transformers import AutoModelForSequenceClassification
 
-            from rmexp.model import torch_dtype
-
-            # bf16 weights compute in bf16 only where the hardware does (else fp32); the head in fp32 (__init__)
-            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
-                                                                       dtype=torch_dtype("auto"))
+            # bf16 weights compute in bf16 only where the device does (else fp32); the head in fp32 (__init__)
+            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, dtype=placement.dtype,
+                                                                       device_map=placement.device_map)
             info = getattr(model.config, "rmexp", None) or {}
             return cls(model, load_tokenizer(str(path)), int(info.get("max_length", 512)), str(path),
                        info.get("system_prompt"), packed, row_tokens)
-        raise FileNotFoundError(f"{path}: neither an rmexp run dir (adapter_config.json) nor a HF model dir")
+        raise CheckpointPathError(f"{path}: neither an rmexp run dir nor a HF model dir; pass {RUN_OR_EXPORT}")
 
     def _prompt(self, question) -> list[dict[str, str]]:
         prompt = question if isinstance(question, list) else [{"role": "user", "content": question}]
@@ -156,11 +190,14 @@ class RewardModel:
         return self.score_tokens([self.tokens(q, a) for q, a in items], batch_size)
 
     def score_tokens(self, sequences: list[list[int]], batch_size: int = 8) -> list[float]:
-        """Rewards of `tokens()` outputs, in order; `batch_size` is for the padded path."""
+        """Rewards of `tokens()` outputs, in order (normalized with `normalize`); `batch_size` is for the padded
+        path. Every other scoring method of one answer goes through this one."""
         pad = self.tokenizer.pad_token_id
         if self.packed:
-            return score_sequences_packed(self.model, sequences, pad, self.row_tokens).tolist()
-        return score_sequences(self.model, sequences, pad, batch_size).tolist()
+            rewards = score_sequences_packed(self.model, sequences, pad, self.row_tokens).tolist()
+        else:
+            rewards = score_sequences(self.model, sequences, pad, batch_size).tolist()
+        return self.normalized(rewards) if self.normalize else rewards
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         """TRL's reward-function call: one reward per (prompt, completion), formatted as in training.
@@ -170,15 +207,16 @@ class RewardModel:
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        rewards = self.score_batch(list(zip(prompts, completions, strict=True)))
-        return self.normalized(rewards) if self.normalize else rewards
+        return self.score_batch(list(zip(prompts, completions, strict=True)))  # normalized with `normalize`
 
     def normalized(self, rewards: list[float]) -> list[float]:
-        """(r - reward_mean) / reward_std, the run's held-out reward statistics."""
+        """(r - reward_mean) / reward_std, the run's held-out reward statistics (what the scoring methods
+        return with `normalize`; raw rewards in, whatever `normalize` says)."""
         return [(r - self.reward_mean) / self.reward_std for r in rewards]
 
     def score_pairs(self, pairs: list[Pair], batch_size: int = 8, progress=None) -> torch.Tensor:
-        """Rewards (n x 2: chosen, rejected) of Pairs, with the run's formatting and truncation."""
+        """Rewards (n x 2: chosen, rejected) of Pairs, with the run's formatting and truncation (normalized
+        with `normalize`)."""
         return self.score_encoded(self.encode(pairs), batch_size, progress)
 
     def encode(self, pairs: list[Pair]):
@@ -187,15 +225,19 @@ class RewardModel:
                 for p in pairs]
 
     def score_encoded(self, encoded, batch_size: int = 8, progress=None) -> torch.Tensor:
-        """Rewards (n x 2) of `rmexp.data.encode_pair` outputs; `progress` a tqdm bar to advance by pairs."""
+        """Rewards (n x 2) of `rmexp.data.encode_pair` outputs (normalized with `normalize`; rmexp-evaluate
+        loads without it and scores raw rewards); `progress` a tqdm bar to advance by pairs."""
         chosen, rejected = [e.chosen.ids for e in encoded], [e.rejected.ids for e in encoded]
         pad = self.tokenizer.pad_token_id
         if self.packed:
-            return score_pairs_packed(self.model, chosen, rejected, [e.shared_len for e in encoded], pad,
-                                      self.row_tokens, progress)
-        rewards = score_pairs(self.model, chosen, rejected, pad, batch_size)
-        if progress is not None:
-            progress.update(len(encoded))
+            rewards = score_pairs_packed(self.model, chosen, rejected, [e.shared_len for e in encoded], pad,
+                                         self.row_tokens, progress)
+        else:
+            rewards = score_pairs(self.model, chosen, rejected, pad, batch_size)
+            if progress is not None:
+                progress.update(len(encoded))
+        if self.normalize:  # in float64, as `normalized` computes it
+            rewards = ((rewards.double() - self.reward_mean) / self.reward_std).float()
         return rewards
 
     def info(self) -> dict:

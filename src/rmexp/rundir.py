@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 import traceback
@@ -32,11 +33,13 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rmexp.config import RMExpConfig, group_defaults, literal
+from rmexp.errors import MissingPathError, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +48,39 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimize
 MANIFEST = "rmexp_checkpoint.json"  # in each checkpoint: the size of every file as it was saved (write_manifest)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run dir that holds another run, started without `trainer.resume` saying what to do with it."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint fit to resume from: the message names each one and what is wrong with it."""
 
 
 class Suspended(BaseException):
     """A run stopped to be continued, not failed (rmexp.preemption.Preempted): run_record writes `status`
     with `details` into metrics.json. Defined here so that run_record needs no import of rmexp.preemption,
-    which imports this module."""
+    which imports this module (and transformers)."""
 
     status: str
 
     def __init__(self, message: str, details: dict):
         super().__init__(message)
         self.details = details
+
+    def requeue(self) -> None:
+        """Hand the job back to its scheduler (Preempted: submitit's handler requeues it and exits)."""
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def requeue_if_suspended() -> Iterator[None]:
+    """Around a job's whole body: on Suspended (checkpointed, metrics.json says preempted) the job is handed back
+    to its scheduler, which requeues it; the exception goes no further."""
+    try:
+        yield
+    except Suspended as stop:
+        log.warning("%s", stop)
+        stop.requeue()
 
 
 def is_main_process() -> bool:
@@ -297,7 +315,7 @@ def claim_run_dir(run_dir: Path, resume: str | None, main_process: bool = True) 
     A fresh dir (Hydra's default: one per run) passes. A requeued submitit job's own dir is not claimed
     (rmexp.preemption.resume_checkpoint continues it whatever resume says)."""
     if resume not in (None, "", "auto", "never") and not Path(resume).is_dir():  # before run_record writes
-        raise FileNotFoundError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
+        raise MissingPathError(f"trainer.resume: no checkpoint dir {resume} (auto, never or a checkpoint-N dir)")
     found = find_previous_run(run_dir)
     if resume == "never":  # only a run is moved: a dir that holds none (say, a parent of runs) stays as it is
         return move_previous_run(run_dir) if main_process and (found or (run_dir / "metrics.json").is_file()) else None
@@ -355,7 +373,7 @@ def read_run_config(run_dir: str | Path) -> RMExpConfig:
             saved.paths = {"output_dir": str(run_dir)}  # .hydra/config.yaml keeps Hydra's interpolation
             merged = OmegaConf.merge(group_defaults(), saved)
             return OmegaConf.to_object(merged)
-    raise FileNotFoundError(f"{run_dir}: not an rmexp run dir (no {RUN_CONFIG} or .hydra/config.yaml)")
+    raise MissingPathError(f"{run_dir}: not an rmexp run dir (no {RUN_CONFIG} or .hydra/config.yaml)")
 
 
 def reward_stats(run_dir: Path) -> dict:
@@ -371,6 +389,20 @@ class RunRecord:
     run_dir: Path
     result: dict[str, Any] = field(default_factory=lambda: {"status": "running"})
     wandb_run: Any = None
+    write: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """What a later attempt of this run continues: the submitit job and the W&B run."""
+        job_id, run = submitit_job_id(), self.wandb_run
+        return ({"job_id": job_id} if job_id else {}) | (
+            {"wandb_run_id": run.id, "wandb_run_name": run.name} if run is not None else {})
+
+    def running(self, wandb_run) -> None:
+        """The W&B run has started: metrics.json says `running` and names it, so an attempt that follows a kill -9
+        still logs into the same W&B run."""
+        self.wandb_run = wandb_run
+        if self.write:
+            write_json(self.run_dir / "metrics.json", {"status": "running"} | self.identity())
 
 
 @contextlib.contextmanager
@@ -380,7 +412,7 @@ def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
     and under submitit the job id; the W&B run gets the status and is finished with a matching exit code.
     `write=False` on ranks other than 0."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    record, started = RunRecord(run_dir), time.time()
+    record, started = RunRecord(run_dir, write=write), time.time()
     try:
         yield record
         record.result["status"] = "ok"
@@ -393,10 +425,7 @@ def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
         raise
     finally:
         record.result["runtime_s"] = round(time.time() - started, 2)
-        if job_id := submitit_job_id():  # how a requeued attempt of this job knows its predecessor
-            record.result["job_id"] = job_id
-        if record.wandb_run is not None:  # a requeued attempt logs into the same W&B run
-            record.result["wandb_run_id"] = record.wandb_run.id
+        record.result |= record.identity()  # how a later attempt knows its predecessor's job and W&B run
         if write:
             write_json(run_dir / "metrics.json", record.result)
         if record.wandb_run is not None:
@@ -406,3 +435,150 @@ def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
             if status == "preempted":
                 record.wandb_run.mark_preempting()
             record.wandb_run.finish(exit_code=0 if status == "ok" else 1)
+
+
+RUN_OR_EXPORT = "a run dir rmexp-train wrote (outputs/runs/<date>/<time>) or a dir rmexp-export wrote"
+
+
+class CheckpointPathError(UserError, FileNotFoundError):
+    """A path that is there but holds no model to load as given (a run that failed or is still training, a
+    dir inside a run, a damaged checkpoint): the message names what to pass instead."""
+
+
+# ---------------------------------------------------------------- what a path holds
+
+
+def locate(path: Path) -> Path | None:
+    """The run dir whose config the model at `path` was trained with: `path` itself for a run dir, the run
+    above it for a checkpoint (`<run>/checkpoints/checkpoint-N`); None for an exported HF dir. Any other
+    path is a MissingPathError or CheckpointPathError saying what it is and what to pass instead: nothing
+    loads a model it was not asked for."""
+    if not path.exists():
+        raise MissingPathError(f"{path}: no such dir; pass {RUN_OR_EXPORT}")
+    if not path.is_dir():
+        holder = _run_above(path)
+        raise CheckpointPathError(f"{path} is a file, not a model dir: pass "
+                                  + (f"the run dir it is in, {holder}" if holder else f"the dir that holds it ({RUN_OR_EXPORT})"))
+    if is_run_dir(path):  # an adapter: a run dir, or a checkpoint of one
+        if _has_run_config(path):
+            _check_finished(path)
+            return path
+        run = path.parent.parent
+        if path.parent.name == "checkpoints" and _has_run_config(run):
+            _check_checkpoint(path, run)
+            return run
+        holder = _run_above(path)
+        raise CheckpointPathError(f"{path} holds a LoRA adapter but no {RUN_CONFIG} (the config it was trained with), "
+                                  "so it is no run dir rmexp-train wrote: pass "
+                                  + (f"the run dir it is in, {holder}" if holder else RUN_OR_EXPORT))
+    if (path / "config.json").is_file():
+        return None
+    if _has_run_config(path) or (path / "metrics.json").is_file():
+        raise CheckpointPathError(_unfinished(path))
+    if path.name == "checkpoints" and _has_run_config(path.parent):
+        raise CheckpointPathError(f"{path} holds the run's checkpoints: pass the run dir {path.parent} (its final "
+                                  f"model) or one checkpoint as it was at its step ({_names(list_checkpoints(path))})")
+    if holder := _run_above(path):
+        raise CheckpointPathError(f"{path} is a dir inside the run dir {holder}: pass {holder}")
+    runs = sorted({p.parent for pattern in (f"*/{RUN_CONFIG}", f"*/*/{RUN_CONFIG}") for p in path.glob(pattern)})
+    if runs:
+        raise CheckpointPathError(f"{path} holds runs, not one model: pass one of them ({_names(runs, path)})")
+    raise CheckpointPathError(f"{path}: neither an rmexp run dir ({RUN_CONFIG}, adapter_config.json) nor a HF model "
+                              f"dir (config.json); pass {RUN_OR_EXPORT}")
+
+
+def _has_run_config(path: Path) -> bool:
+    return (path / RUN_CONFIG).is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
+def _run_above(path: Path) -> Path | None:
+    """The nearest dir above `path` that holds a run's config."""
+    return next((p for p in path.absolute().parents if _has_run_config(p)), None)
+
+
+def _names(paths: list[Path], relative_to: Path | None = None, most: int = 5) -> str:
+    shown = [str(p.relative_to(relative_to) if relative_to else p.name) for p in paths[-most:]]
+    return ", ".join(shown) + (f" and {len(paths) - most} more" if len(paths) > most else "") if paths else "none"
+
+
+def _metrics(run: Path) -> dict | str | None:
+    """The run's metrics.json; None when there is none, a string saying why when it does not read."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"metrics.json does not read ({type(e).__name__}: {e})"
+    return metrics if isinstance(metrics, dict) else "metrics.json holds no object"
+
+
+def _resume_command(run: Path) -> str:
+    """The command that continues the run in its own dir (rmexp.resume adds the run's own overrides)."""
+    return f"rmexp-train hydra.run.dir={shlex.quote(str(run))} trainer.resume=auto"
+
+
+def _unfinished(run: Path) -> str:
+    """What a run dir without an adapter is (failed, preempted, still training) and what to pass or do instead."""
+    metrics = _metrics(run)
+    checkpoints = [c for c in list_checkpoints(run / "checkpoints") if is_run_dir(c)]
+    last = checkpoints[-1] if checkpoints else None
+    resume = f"continue it with `{_resume_command(run)}`"
+    as_is = f"; to score its newest checkpoint as it is, pass {last}" if last else ""
+    retrain = (f"{resume}{as_is}" if last else "train it again (in a new run dir, or in this one with trainer.resume=never, "
+               f"which moves this run to {run}/previous-<time>/)")
+    if isinstance(metrics, str) or metrics is None or metrics.get("status") == "running":
+        what = metrics if isinstance(metrics, str) else "no metrics.json" if metrics is None else "metrics.json: status running"
+        return (f"{run}: this run holds no trained model yet ({what}, no adapter_config.json): it is still training, "
+                f"or was killed before it ended. Wait for it to finish, or {retrain}")
+    status, error = metrics.get("status"), metrics.get("error")
+    if status == "failed":
+        then = ("It was stopped, not broken: " if str(error).startswith(("StoppedBySignal", "InterruptedError"))
+                else "Once its cause is fixed, ")
+        return (f"{run}: this run failed, so it holds no trained model (metrics.json: status failed, error: {error}). "
+                f"{then}{retrain}")
+    if status == "preempted":
+        ckpt = metrics.get("checkpoint") or last
+        at = f" at step {metrics['step']}" if metrics.get("step") is not None else ""
+        return (f"{run}: this run was preempted{at} (metrics.json: status preempted) and holds no trained model yet; "
+                f"a requeued job continues it from its checkpoint. Wait for it to finish, or {resume}"
+                + (f"; to score the checkpoint as it is, pass {ckpt}" if ckpt else ""))
+    if status == "ok":
+        return (f"{run}: metrics.json says the run finished (status ok) but its adapter (adapter_config.json, "
+                f"adapter_model.safetensors) is not there: copy the whole run dir, or pass a dir rmexp-export wrote")
+    return f"{run}: this run holds no trained model (metrics.json: status {status}, error: {error}); {retrain}"
+
+
+def _check_finished(run: Path) -> None:
+    """A run dir's adapter is the run's result only when metrics.json (if any) says the run ended ok: an
+    adapter beside a failed or preempted metrics.json is an earlier attempt's."""
+    metrics = _metrics(run)
+    if metrics is None or (isinstance(metrics, dict) and metrics.get("status") == "ok"):
+        return
+    raise CheckpointPathError(_unfinished(run) + " (the adapter in it is an earlier attempt's, not this run's result)")
+
+
+def _check_checkpoint(ckpt: Path, run: Path) -> None:
+    """A checkpoint is scored as it is only when it is one a resume would trust with its adapter: not one a
+    resume set aside, its adapter the size rmexp_checkpoint.json says was written."""
+    others = _names([c for c in list_checkpoints(ckpt.parent) if c != ckpt])
+    if ckpt.name.startswith("skipped-"):
+        raise CheckpointPathError(f"{ckpt} is a damaged checkpoint a resume set aside (metrics.json's resume_skipped "
+                                  f"says what is wrong with it): pass the run dir {run} or another checkpoint ({others})")
+    if not (ckpt.name.startswith("checkpoint-") and ckpt.name[len("checkpoint-"):].isdigit()):
+        raise CheckpointPathError(f"{ckpt} is no checkpoint-N the trainer finished saving: pass the run dir {run} or "
+                                  f"a checkpoint ({others})")
+    try:
+        written = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:  # an older rmexp's checkpoint
+        written = {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        written = {MANIFEST: f"unreadable ({type(e).__name__}: {e})"}
+    problems = [f"{name} is missing" for name in ("adapter_config.json", "adapter_model.safetensors")
+                if not (ckpt / name).is_file()]
+    problems += [f"{name} is {(ckpt / name).stat().st_size} bytes, {size} were written" for name, size in written.items()
+                 if name.startswith("adapter_") and (ckpt / name).is_file() and (ckpt / name).stat().st_size != size]
+    if MANIFEST in written:
+        problems.append(f"{MANIFEST} is {written[MANIFEST]}")
+    if problems:
+        raise CheckpointPathError(f"{ckpt}: a damaged checkpoint ({'; '.join(problems)}): pass the run dir {run} "
+                                  f"or another checkpoint ({others})")

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import re
-import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from rmexp import console
 from rmexp.config import CONF_PATH, ScoreConfig, literal, to_typed
+from rmexp.rundir import locate
 
 FREE_TEXT = ("question", "answer")
 
@@ -35,19 +37,21 @@ def quote_free_text(argv: list[str]) -> list[str]:
 def score(cfg: ScoreConfig) -> float:
     from rmexp.reward_model import RewardModel
 
-    reward = RewardModel.load(cfg.checkpoint).score(cfg.question, cfg.answer)
+    reward = RewardModel.load(cfg.checkpoint, device=cfg.device).score(cfg.question, cfg.answer)
     print(f"{reward:.6f}")
     return reward
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="score")
-def _hydra_cli(cfg: DictConfig) -> float:
-    return score(to_typed(cfg))
+def app(cfg: DictConfig) -> float:
+    with console.reported():
+        cfg = to_typed(cfg)
+        locate(Path(cfg.checkpoint).expanduser())  # what the path holds, before torch loads
+        return score(cfg)
 
 
 def cli() -> None:
-    sys.argv[1:] = quote_free_text(sys.argv[1:])
-    _hydra_cli()
+    console.run(app, ScoreConfig, argv_rewrite=quote_free_text)
 
 
 if __name__ == "__main__":

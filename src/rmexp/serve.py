@@ -34,6 +34,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -47,7 +48,10 @@ try:
 except ImportError as e:  # rmexp installed without its `serve` extra
     raise ImportError(f"the reward server needs rmexp's serve extra: pip install 'rmexp[serve]' ({e})") from e
 
-from rmexp.config import CONF_PATH, to_typed
+from rmexp import console
+from rmexp.config import CONF_PATH, ServeConfig, to_typed
+from rmexp.errors import UserError
+from rmexp.rundir import locate
 
 log = logging.getLogger("rmexp.serve")
 
@@ -323,9 +327,7 @@ def build_app(model, serve_cfg):
     async def rewards_for(request: Request, parse, field: str) -> JSONResponse:
         raw = await request.body()
         items, sequences = await asyncio.get_running_loop().run_in_executor(None, prepare, raw, parse, field)
-        rewards = await batcher.submit(sequences)
-        if model.normalize:
-            rewards = model.normalized(rewards)
+        rewards = await batcher.submit(sequences)  # normalized by score_tokens under serve.normalize
         stats["requests"] += 1
         stats["texts"] += len(items)
         return JSONResponse({"rewards": rewards})
@@ -371,18 +373,48 @@ def server_config(serve_cfg) -> dict:
             "timeout_keep_alive": int(serve_cfg.keep_alive_s)}
 
 
+def check_port(host: str, port: int) -> None:
+    """The address is free to listen on, before the model loads (minutes for an 8B model) rather than after."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServerStartError(f"serve.host={host}: not an address this machine can listen on ({e})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT socket is no use
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ServerStartError(f"serve.port={port}: cannot listen on {host}:{port} ({e.strerror}); another "
+                                   "server may hold it: pick another with serve.port=<port>") from None
+
+
+class ServerStartError(UserError):
+    """The server cannot start where the config says (an address in use, a host that is not this machine's)."""
+
+
 @hydra.main(config_path=CONF_PATH, config_name="serve", version_base="1.3")
-def cli(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
     import uvicorn
 
-    from rmexp.reward_model import RewardModel
+    with console.reported():
+        cfg = to_typed(cfg)
+        locate(Path(cfg.checkpoint).expanduser())  # what the path holds, before torch loads
+        check_port(cfg.serve.host, int(cfg.serve.port))
+        from rmexp.reward_model import RewardModel
 
-    cfg = to_typed(cfg)
-    model = RewardModel.load(cfg.checkpoint, row_tokens=cfg.serve.row_tokens, normalize=cfg.serve.normalize)
+        model = RewardModel.load(cfg.checkpoint, row_tokens=cfg.serve.row_tokens, normalize=cfg.serve.normalize,
+                                 device=cfg.device)
     log.info("serving %s on http://%s:%d (POST /get_reward, POST /score, GET /health)%s",
              cfg.checkpoint, cfg.serve.host, cfg.serve.port, "; API key required" if api_key(cfg.serve) else "")
     warn_if_exposed(cfg.serve)
     uvicorn.run(build_app(model, cfg.serve), **server_config(cfg.serve))
+
+
+def cli() -> None:
+    console.run(app, ServeConfig)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""TRL's RewardTrainer, plus exact pairwise accuracy over the whole eval set, a finite-loss guard and
-the packed, prefix-shared forward (rmexp.packing)."""
+"""TRL's RewardTrainer, plus exact pairwise accuracy over the whole eval set, a finite-loss guard, stops
+agreed across processes (rmexp.callbacks.StopAgreement) and the packed, prefix-shared forward (rmexp.packing)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,17 @@ from trl import RewardTrainer
 from rmexp import diagnostics
 from rmexp._compat import check as check_private_names
 from rmexp._compat import compile_seconds, count_train_tokens, log_metric
-from rmexp.callbacks import Budget, CheckpointManifest, LogAtCheckpoint, TimeBudget, TrainingProgress
+from rmexp.callbacks import (
+    Budget,
+    CheckpointManifest,
+    LogAtCheckpoint,
+    StopAgreement,
+    StopReason,
+    TimeBudget,
+    TrainingProgress,
+)
 from rmexp.compilation import compile_after_first_step
+from rmexp.errors import UserError
 from rmexp.fsdp import check_fsdp_batching
 from rmexp.loss import bradley_terry
 from rmexp.metrics import pairwise_metrics
@@ -58,8 +67,35 @@ def planned_steps(args, train_dataset, time_budget_s: float | None) -> int | Non
     return math.ceil(math.ceil(batches / args.gradient_accumulation_steps) * args.num_train_epochs)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """A training loss that is NaN or infinite (the message says what to change); under several processes every
+    rank raises it, naming the step and the rank that saw it (the lowest, if several did)."""
+
+
+class NonFiniteLoss(StopReason):
+    """A non-finite training loss, found by `compute_loss` on this rank and raised at the end of its step, on every
+    rank at once (StopAgreement), before anything of that step is logged or saved."""
+
+    KINDS = ("nan", "inf", "-inf")
+    seen: str | None = None  # this rank's first non-finite loss since the last step end: nan, inf or -inf
+
+    def record(self, value: float) -> None:
+        if self.seen is None:
+            self.seen = "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+
+    def local(self, rank: int, num_processes: int) -> float:
+        # the lowest rank that saw one has the largest value; the kind rides along in the low bits
+        return 0.0 if self.seen is None else float((num_processes - rank) * 4 + 1 + self.KINDS.index(self.seen))
+
+    def agreed(self, value: float, state, control, num_processes: int) -> None:
+        self.seen = None
+        if not value:
+            return
+        code = int(value)
+        rank, kind = num_processes - code // 4, self.KINDS[code % 4 - 1]
+        where = f" on rank {rank} of {num_processes}" if num_processes > 1 else ""
+        raise NonFiniteLossError(f"non-finite loss ({kind}) at step {state.global_step}{where}: lower "
+                                 "trainer.learning_rate or check the data; no adapter is saved from this run")
 
 
 class PairwiseRewardTrainer(RewardTrainer):
@@ -88,6 +124,16 @@ class PairwiseRewardTrainer(RewardTrainer):
         # rotation after the manifest, not inside Trainer's save (CheckpointManifest says why)
         self.add_callback(CheckpointManifest(self.args.save_total_limit))
         self.args.save_total_limit = None
+        # every reason to stop that one rank may see alone (a signal: rmexp.preemption's StopOnSignal among the
+        # callbacks; a non-finite loss; the time budget, added by create_scheduler), agreed across the ranks
+        # at each step end, so that all leave training at the same step
+        self.non_finite_loss = NonFiniteLoss()
+        self.stops = StopAgreement(self.accelerator, [self.non_finite_loss])
+        for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, StopReason):
+                self.callback_handler.remove_callback(callback)
+                self.stops.add(callback)
+        self.add_callback(self.stops)
         self.add_callback(LogAtCheckpoint)  # last: it sees every callback's should_save
         if self.is_fsdp_enabled:  # what cannot run sharded (rmexp.fsdp)
             check_fsdp_batching(self.data_collator)
@@ -140,13 +186,16 @@ class PairwiseRewardTrainer(RewardTrainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """With `time_budget_s`, the learning rate follows the clock, not the step count: linear warmup over
         `warmup_steps` (a fraction of the budget, or a number of steps), then linear decay to zero when the
-        budget is spent, and training stops there (`TimeBudget`). The run sees as many pairs as fit."""
+        budget is spent, and training stops there (`TimeBudget`). The run sees as many pairs as fit. Under
+        several processes the rate follows the share spent that the ranks agreed at the last step end (the
+        furthest clock's; StopAgreement), so every rank applies the same rate and stops at the same step."""
         if self.time_budget_s is None:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             warmup = self.args.warmup_steps
             warm_time, warm_steps = (warmup, 0) if warmup < 1 else (0.0, int(warmup))
             budget = Budget(self.time_budget_s).start()  # one clock: this schedule's and TimeBudget's
+            self.stops.add(TimeBudget(budget))  # before the schedule's first rate: several processes read the agreed share
 
             def factor(step: int) -> float:
                 done = budget.fraction_spent()
@@ -155,7 +204,6 @@ class PairwiseRewardTrainer(RewardTrainer):
                 return max(0.0, min(by_time, by_step))
 
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-            self.add_callback(TimeBudget(budget))
         return self.lr_scheduler
 
     _flop_parameters: int | None = None
@@ -187,10 +235,9 @@ class PairwiseRewardTrainer(RewardTrainer):
         if outputs is None:
             outputs = SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
         if self.model.training:
-            if not math.isfinite(loss.detach().float().item()):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {self.state.global_step}: lower trainer.learning_rate "
-                    "or check the data; no adapter is saved from this run")
+            value = loss.detach().float().item()
+            if not math.isfinite(value):  # raised at the step's end, on every rank (NonFiniteLoss)
+                self.non_finite_loss.record(value)
         elif self._eval_rewards is not None:
             pair = torch.stack([chosen.detach().float(), rejected.detach().float()], dim=1)
             self._eval_rewards.append(self.accelerator.gather_for_metrics(pair).cpu())

@@ -53,7 +53,9 @@ def use_gradient_checkpointing(trainer_cfg, model) -> bool:
 
 
 def use_bf16(setting) -> bool:
-    """`trainer.bf16`: auto is on where the hardware computes bf16 natively; true is on unless CUDA lacks bf16."""
+    """`trainer.bf16`: auto is on where the training device computes bf16 natively (`compute_dtype`, whose rule is
+    rmexp.device.native_bf16: a T4's or V100's emulated bf16 does not count); true is on unless CUDA lacks bf16
+    (emulated or not: it is asked for)."""
     setting = switch(setting, "trainer.bf16")
     if setting is Switch.auto:
         return compute_dtype() == torch.bfloat16
