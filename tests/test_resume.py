@@ -467,17 +467,10 @@ def test_the_cli_refuses_a_used_run_dir_and_never_keeps_hydras_log_of_the_old_ru
 # ---------------------------------------------------------------- a resume continues the same run, or refuses
 
 
-def settled_files_of(path: Path, timeout: float = 60) -> dict[str, tuple[int, int]]:
-    """files_of once nothing in `path` changes for a second: W&B's service process flushes its own logs there a
-    moment after the run's process has exited."""
-    deadline, last = time.time() + timeout, files_of(path)
-    while time.time() < deadline:
-        time.sleep(1)
-        now = files_of(path)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"{path} kept changing for {timeout} s")
+def run_files(path: Path) -> dict[str, tuple[int, int]]:
+    """files_of but W&B's service logs: its service process flushes them into the run's wandb dir on its own clock,
+    after the attempt that started it has exited (a refused resume starts no W&B: only its own files count)."""
+    return {k: v for k, v in files_of(path).items() if not (k.startswith("wandb/") and "/logs/" in k)}
 
 
 def printed_command(stderr: str) -> list[str]:
@@ -508,7 +501,7 @@ def test_the_printed_command_resumes_the_same_run_and_refuses_another_config(tmp
     assert first["wandb_run_id"] and first["status"] == "failed"
 
     # an override that changes what the checkpoints were made with: refused, naming each, the run dir untouched
-    before = settled_files_of(run_dir)
+    before = run_files(run_dir)
     refused = subprocess.run([*command, "lora.r=8", "model=tiny", "trainer.learning_rate=1e-3"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     last = refused.stderr.strip().splitlines()[-1]
@@ -516,7 +509,7 @@ def test_the_printed_command_resumes_the_same_run_and_refuses_another_config(tmp
     assert last.startswith("error: trainer.resume: ") and "lora.r: 16 in the run, 8 now" in last, last
     assert "trainer.learning_rate: 0.003 in the run, 0.001 now" in last and "model" not in last.split(": ", 2)[2].split(
         ". Drop")[0].replace("model.cache_dir", ""), last  # model=tiny is the run's own: no difference
-    assert files_of(run_dir) == before  # sizes and mtimes of every file, .hydra/ and train.log included
+    assert run_files(run_dir) == before  # sizes and mtimes of every file, .hydra/ and train.log included
 
     # as printed: the run's own config, from its first command, and the uninterrupted run's result
     saved_config, saved_overrides = (run_dir / "rmexp_config.yaml").read_bytes(), (
@@ -577,8 +570,25 @@ def test_the_resume_command_line_takes_the_runs_own_overrides(tmp_path):
     line = [f"hydra.run.dir={tmp_path}", "trainer.resume=auto"]
     assert resume_argv(line) == line  # no checkpoint yet: nothing to continue
     (tmp_path / "checkpoints" / "checkpoint-5").mkdir(parents=True)
-    assert resume_argv(line) == [*line, "model=tiny", "lora.r=16", "+trainer.extra.x=1", "hydra.output_subdir=null"]
-    assert resume_argv([*line, "lora.r=8"]) == [*line, "model=tiny", "+trainer.extra.x=1", "hydra.output_subdir=null",
+    own = ["hydra.output_subdir=null", "hydra.mode=RUN"]  # Hydra's record beside the first; one run, not a sweep's
+    assert resume_argv(line) == [*line, "model=tiny", "lora.r=16", "+trainer.extra.x=1", *own]
+    assert resume_argv([*line, "lora.r=8"]) == [*line, "model=tiny", "+trainer.extra.x=1", *own,
                                                 "lora.r=8"]  # the command's own value: check_same_run decides on it
+    assert resume_argv([line[0], "+trainer.resume=auto", "~lora.r"]) == [
+        line[0], "+trainer.resume=auto", "model=tiny", "+trainer.extra.x=1", *own, "~lora.r"]
+    ckpt = [line[0], f"trainer.resume={tmp_path}/checkpoints/checkpoint-5"]  # a checkpoint of the run, in its dir
+    assert resume_argv(ckpt) == [*ckpt, "model=tiny", "lora.r=16", "+trainer.extra.x=1", *own]
     for untouched in ([*line[:1], "trainer.resume=never"], ["-m", *line], [line[1]]):
         assert resume_argv(untouched) == untouched
+
+
+def test_a_path_to_the_same_file_and_a_redacted_secret_are_no_change(tmp_path):
+    from rmexp.resume import same_value
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "linked").symlink_to(tmp_path / "data")  # the shipped sample, reached through src/rmexp/sample
+    assert same_value("data.path", str(tmp_path / "data/pairs.jsonl"), str(tmp_path / "linked/pairs.jsonl"))
+    assert not same_value("data.path", str(tmp_path / "data/pairs.jsonl"), str(tmp_path / "missing.jsonl"))
+    assert same_value("trainer.extra.hub_token", "<redacted>", "hf_secret")  # saved redacted: never printed
+    assert not same_value("lora.r", 8, 16)

@@ -83,6 +83,18 @@ def lora_is_plain(layer, adapter: str) -> bool:
     return not layer.merged and adapter not in layer.lora_variant
 
 
+# ---------------------------------------------------------------- torch
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has AVX512-BF16 or AMX tiles, as torch's own probes say (`torch.cpu._is_*`; a torch without
+    them: no)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 # ---------------------------------------------------------------- bitsandbytes
 
 

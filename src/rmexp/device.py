@@ -51,8 +51,9 @@ def cpu_native_bf16() -> bool:
     A CPU without them runs bf16 matmuls far slower than fp32 (measured on an AVX2-only EPYC: a 2048^3 bf16
     matmul 58.9 s, fp32 0.13 s).
     """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    from rmexp._compat import cpu_has_bf16_units
+
+    return cpu_has_bf16_units()
 
 
 def native_bf16(device: torch.device | str) -> bool:

@@ -18,6 +18,7 @@ A requeued submitit job (`requeued_attempt`) resumes its own dir from the newest
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from rmexp.rundir import (
     read_run_config,
     submitit_job_id,
 )
+from rmexp.tracking import SECRET_NAME
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ ON_RESUME = ("trainer.resume", "trainer.logging_steps", "trainer.eval_strategy",
              "trainer.per_device_eval_batch_size", "trainer.save_strategy", "trainer.save_steps",
              "trainer.save_total_limit", "trainer.time_budget_s", "trainer.dataloader_num_workers", "trainer.compile",
              "trainer.gradient_checkpointing", "trainer.dequant_cache", "trainer.fused_lora", "trainer.fused_rms_norm",
+             "trainer.attention",
              "data.num_proc", "data.cache_dir", "model.cache_dir", "logger.", "paths.")
 
 
@@ -70,10 +73,21 @@ def as_tree(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True)
 
 
+def same_value(key: str, a: Any, b: Any) -> bool:
+    """Two values of `key` that mean the same: equal, or two paths to one file (the shipped sample pairs resolve to
+    wherever rmexp is installed); a secret is saved redacted (tracking.scrub_secrets), so it is never compared."""
+    if a == b or SECRET_NAME.search(key.rsplit(".", 1)[-1]):
+        return True
+    if key.endswith("path") and isinstance(a, str) and isinstance(b, str):
+        with contextlib.suppress(OSError):
+            return os.path.samefile(a, b)
+    return False
+
+
 def config_changes(saved, new) -> dict[str, tuple[Any, Any]]:
     """{key: (the run's value, this command's)} for every key whose value differs (typed configs)."""
     a, b = flat(as_tree(saved)), flat(as_tree(new))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not same_value(k, a.get(k), b.get(k))}
 
 
 def check_same_run(cfg, run_dir: Path) -> dict[str, list]:
@@ -184,15 +198,16 @@ def override_key(override: str) -> str:
 
 
 def resume_argv(argv: list[str]) -> list[str]:
-    """`rmexp-train hydra.run.dir=<run dir> trainer.resume=auto [overrides]`, for a run dir whose first command
-    left `.hydra/overrides.yaml` and a checkpoint: the run's own overrides added (those this command sets
+    """`rmexp-train hydra.run.dir=<run dir> trainer.resume=auto [overrides]` (or a checkpoint dir for auto), for a
+    run dir whose first command left `.hydra/overrides.yaml` and a checkpoint: the run's own overrides added (those this command sets
     itself are this command's; check_same_run then refuses what may not change), and Hydra's own record of the
     command turned off (`record_command` writes it beside the first once the resume is accepted, so a refused
     one writes nothing). Any other command line (a multirun's jobs compose their own overrides) is returned as
     it is."""
-    values = {override_key(a): a.split("=", 1)[1] for a in argv if "=" in a and not a.startswith("-")}
+    values = {override_key(a): a.split("=", 1)[1] if "=" in a else None for a in argv
+              if not a.startswith("-") and ("=" in a or a.startswith("~"))}
     run_dir = values.get("hydra.run.dir")
-    if (values.get("trainer.resume") != "auto" or not run_dir or "${" in run_dir
+    if (values.get("trainer.resume") in (None, "", "null", "never") or not run_dir or "${" in run_dir
             or any(a in ("-m", "--multirun") or a.startswith("--multirun") for a in argv)):
         return argv
     run_dir = Path(run_dir.strip("'\"")).expanduser()
@@ -205,7 +220,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     added = [o for o in saved if override_key(o) not in values]
     if "hydra.output_subdir" not in values:  # Hydra would write over the first command's .hydra/: record_command does
         added.append("hydra.output_subdir=null")
-    at = argv.index(next(a for a in argv if a.startswith("trainer.resume=")))
+    if "hydra.mode" not in values:  # a sweep job's own overrides name its preset (sweep=...), which asks for a multirun
+        added.append("hydra.mode=RUN")
+    at = next(i for i, a in enumerate(argv) if override_key(a) == "trainer.resume")
     return argv[:at + 1] + added + argv[at + 1:]
 
 

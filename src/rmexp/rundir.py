@@ -390,12 +390,14 @@ class RunRecord:
     result: dict[str, Any] = field(default_factory=lambda: {"status": "running"})
     wandb_run: Any = None
     write: bool = True
+    carried: dict[str, Any] = field(default_factory=dict)  # an earlier attempt's W&B run, until this one starts W&B
 
     def identity(self) -> dict[str, Any]:
-        """What a later attempt of this run continues: the submitit job and the W&B run."""
+        """What a later attempt of this run continues: the submitit job and the W&B run (an earlier attempt's while
+        this one has not started W&B yet: an attempt that fails before it must not lose the run's W&B id)."""
         job_id, run = submitit_job_id(), self.wandb_run
         return ({"job_id": job_id} if job_id else {}) | (
-            {"wandb_run_id": run.id, "wandb_run_name": run.name} if run is not None else {})
+            {"wandb_run_id": run.id, "wandb_run_name": run.name} if run is not None else self.carried)
 
     def running(self, wandb_run) -> None:
         """The W&B run has started: metrics.json says `running` and names it, so an attempt that follows a kill -9
@@ -406,13 +408,14 @@ class RunRecord:
 
 
 @contextlib.contextmanager
-def run_record(run_dir: Path, write: bool = True) -> Iterator[RunRecord]:
+def run_record(run_dir: Path, write: bool = True, carried: dict | None = None) -> Iterator[RunRecord]:
     """Own a run's end, whatever happens inside: metrics.json gets `status` ok (the body set `result`),
     failed (with the error and traceback) or preempted (Suspended: the step and checkpoint), the runtime,
     and under submitit the job id; the W&B run gets the status and is finished with a matching exit code.
-    `write=False` on ranks other than 0."""
+    `write=False` on ranks other than 0; `carried`: the W&B run an earlier attempt named, kept until this one
+    starts W&B."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    record, started = RunRecord(run_dir, write=write), time.time()
+    record, started = RunRecord(run_dir, write=write, carried=carried or {}), time.time()
     try:
         yield record
         record.result["status"] = "ok"

@@ -30,12 +30,17 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
     """One run of the recipe (rmexp.recipe.train): setup, train, save; the held-out pairwise accuracy."""
     run_dir, main_process = Path(cfg.paths.output_dir), is_main_process()
     # the run dir claimed and the checkpoint read back before run_record, which would write its metrics.json over
-    # the run this refuses to train over; continuing a run is first checked against the config it was trained with
-    continuing = cfg.trainer.resume not in (None, "", "never")
-    resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process, config=to_typed(cfg) if continuing else None)
+    # the run this refuses to train over; continuing a run is first checked against the config it was trained with,
+    # and its values and paths before that, so a refused or broken resume leaves the run dir as it was
+    typed = None
+    if cfg.trainer.resume not in (None, "", "never"):
+        typed = to_typed(cfg)
+        check_paths(typed.data)
+    resume = resume_checkpoint(cfg.trainer.resume, run_dir, main_process, config=typed)
     if resume.checkpoint is not None and main_process:
         record_command(cfg, run_dir)  # beside the first command's .hydra/, not over it
-    with run_record(run_dir, write=main_process) as record:
+    carried = {"wandb_run_id": resume.wandb_run_id, "wandb_run_name": resume.wandb_run_name} if resume.wandb_run_id else {}
+    with run_record(run_dir, write=main_process, carried=carried) as record:
         cfg = to_typed(cfg)  # the schema's checks (rmexp.config): a bad value fails here, recorded
         check_paths(cfg.data)
         warn_preset_values(cfg)
