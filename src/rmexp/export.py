@@ -129,7 +129,7 @@ def load_base(cfg, device: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    from rmexp._compat import expected_new_head
+    from rmexp._compat import expected_new_head, from_lazy_state_dict
     from rmexp.builtin import resolve_model_path
     from rmexp.device import place
     from rmexp.model import from_pretrained_kwargs, load_reward_model
@@ -150,7 +150,7 @@ def load_base(cfg, device: str):
     for key in ("num_labels", "revision", "trust_remote_code", "use_safetensors"):  # the config's, or the path's
         kwargs.pop(key, None)
     with expected_new_head():
-        model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
+        model = from_lazy_state_dict(cls, config, state, **kwargs)
     filled = {id(t) for t in model.state_dict(keep_vars=True).values()}  # not computed buffers (rotary tables)
     loaded_in = {t.quant_state.dtype if type(t).__name__ == "Params4bit" else t.dtype
                  for t in (*model.parameters(), *model.buffers())
