@@ -41,8 +41,10 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         record_command(cfg, run_dir)  # beside the first command's .hydra/, not over it
     carried = {"wandb_run_id": resume.wandb_run_id, "wandb_run_name": resume.wandb_run_name} if resume.wandb_run_id else {}
     with run_record(run_dir, write=main_process, carried=carried) as record:
-        cfg = to_typed(cfg)  # the schema's checks (rmexp.config): a bad value fails here, recorded
-        check_paths(cfg.data)
+        if typed is None:  # checked here, recorded, when no resume checked it before the claim
+            typed = to_typed(cfg)  # the schema's checks (rmexp.config): a bad value fails here
+            check_paths(typed.data)
+        cfg = typed
         warn_preset_values(cfg)
         from rmexp.recipe import summary_line, train
 
