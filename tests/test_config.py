@@ -95,6 +95,13 @@ CHECKED = [
     ("trainer.max_length=4", "trainer.max_length"),
     ("trainer.eval_strategy=sometimes", "trainer.eval_strategy"),
     ("trainer.save_strategy=sometimes", "trainer.save_strategy"),
+    ("data.rung_fraction=1.0", "data.rung_fraction"),
+    ("trainer.rungs=[0.5,1.0]", "data.rung_path"),
+    ("data.rung_fraction=0.1 trainer.rungs=[0.5,0.25]", "trainer.rungs"),
+    ("data.rung_fraction=0.1 trainer.rungs=[0.5,1.0] trainer.stop_at_rung=2", "trainer.stop_at_rung"),
+    ("data.rung_fraction=0.1 trainer.rungs=[1.0] trainer.time_budget_s=10", "trainer.time_budget_s plans none"),
+    ("data.rung_fraction=0.1 data.streaming=true data.eval_path=e.jsonl trainer.max_steps=10",
+     "a rung split needs the training pairs' count"),
 ]
 
 

@@ -55,6 +55,9 @@ def used_run_dir(root: Path) -> Path:
     (root / "failed").mkdir()
     (root / "failed" / "rmexp_config.yaml").write_text("lora: {r: 8}\n")
     (root / "failed" / "metrics.json").write_text('{"status": "failed", "error": "DataError: x.jsonl:3: bad"}')
+    (root / "stopped").mkdir()
+    (root / "stopped" / "rmexp_config.yaml").write_text("lora: {r: 8}\n")
+    (root / "stopped" / "metrics.json").write_text('{"status": "stopped", "stopped_at_rung": 0}')
     (root / "exported").mkdir()
     (root / "exported" / "config.json").write_text("{}")
     return run
@@ -73,6 +76,15 @@ FAST = [
     ("rmexp-train", ["--lora_r=16"], ["write lora.r=16"]),
     ("rmexp-train", ["hydra.run.dir={tmp}/used"], ["holds a previous run", "trainer.resume=auto"]),
     ("rmexp-train", ["trainer.resume={tmp}/nothing-here"], ["trainer.resume: no checkpoint dir"]),
+    ("rmexp-train", ["trainer.rungs=[0.5,1.0]"], ["trainer.rungs scores the rung split", "data.rung_path"]),
+    ("rmexp-train", ["data.rung_fraction=0.1", "trainer.rungs=[0.5,0.25]"], ["trainer.rungs must be increasing"]),
+    ("rmexp-train", ["data.rung_fraction=0.1", "trainer.rungs=[0.5,1.0]", "trainer.stop_at_rung=2"],
+     ["trainer.stop_at_rung must be an index into trainer.rungs (0..1)"]),
+    ("rmexp-train", ["data.rung_fraction=1.5"], ["data.rung_fraction must be in [0, 1)"]),
+    ("rmexp-train", ["-m", "hydra/sweeper=halving", "lora.r=4,8", "hydra.sweep.dir={tmp}/halving"],
+     ["a halving sweep decides on a rung split", "data.rung_path"]),
+    ("rmexp-train", ["-m", "hydra/sweeper=halving", "hydra.sweeper.eta=1", "data.rung_fraction=0.1", "lora.r=4,8",
+                     "hydra.sweep.dir={tmp}/halving"], ["hydra.sweeper.eta must be an integer >= 2"]),
     ("rmexp-evaluate", ["checkpoint={tmp}/missing", f"data.path={SAMPLE}"], ["missing: no such dir; pass a run dir"]),
     ("rmexp-evaluate", ["checkpoint={tmp}/exported", "data.path={tmp}/missing.jsonl"],
      ["data.path: no such preference file"]),
@@ -80,6 +92,7 @@ FAST = [
      ["this run failed", "DataError: x.jsonl:3: bad", "train it again"]),
     ("rmexp-score", ["checkpoint={tmp}/used/checkpoints", "question=q", "answer=a"], ["holds the run's checkpoints: pass the run dir", "or one checkpoint"]),
     ("rmexp-score", ["checkpoint={tmp}/missing", "question=q", "answer=a"], ["missing: no such dir; pass a run dir"]),
+    ("rmexp-score", ["checkpoint={tmp}/stopped", "question=q", "answer=a"], ["a halving sweep stopped it at rung 0"]),
     ("rmexp-score", ["checkpoint={tmp}", "--question", "q"], ["write question=q"]),
     ("rmexp-export", ["checkpoint={tmp}/missing", "output_dir={tmp}/out"], ["missing: no such dir; pass a run dir"]),
     ("rmexp-serve", ["checkpoint={tmp}/missing"], ["missing: no such dir; pass a run dir"]),

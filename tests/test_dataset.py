@@ -232,3 +232,33 @@ def test_small_holes_bom_margin_whitespace_and_a_bad_byte(tmp_path, tokenizer):
         build_datasets(data_cfg(tmp_path, f"data.path={spaced}"), tokenizer, 64)
     _, _, stats = build_datasets(data_cfg(tmp_path, f"data.path={spaced}", "data.on_error=skip"), tokenizer, 64)
     assert stats["train_file"]["skipped"] == {"identical_pair": 1}
+
+
+def test_the_rung_split_stands_apart_from_training_and_evaluation_pairs(tmp_path, tokenizer):
+    """data.rung_path: a pair it shares with the training file is leakage (named, or skipped and counted), one it
+    shares with the eval file is refused; data.rung_fraction holds a seeded share out of the training pairs."""
+    rows = [{"question": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows[:12])
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", rows[12:16])
+    rung_file = write_jsonl(tmp_path / "rung.jsonl", [rows[3], *rows[16:]])
+    common = [f"data.path={train_file}", f"data.eval_path={eval_file}", f"data.rung_path={rung_file}"]
+    with pytest.raises(DataError, match=rf"{train_file}:4: the same pair is in the rung file {rung_file}"):
+        build_datasets(data_cfg(tmp_path, *common), tokenizer, 64)
+    train, held, stats = build_datasets(data_cfg(tmp_path, *common, "data.on_error=skip"), tokenizer, 64)
+    assert stats["train_file"]["skipped"] == {"in_rung_file": 1} and len(train) == 11 and len(held) == 4
+    assert len(stats["rung"]) == 5 and stats["rung_file"]["n_pairs"] == 5
+    assert len({i["pair_id"] for i in stats["rung_identity"]}) == 5
+    shared = write_jsonl(tmp_path / "shared.jsonl", [rows[13], rows[17]])
+    with pytest.raises(DataError, match=rf"{shared}:1: the same pair is in the eval file {eval_file}"):
+        build_datasets(data_cfg(tmp_path, f"data.path={train_file}", f"data.eval_path={eval_file}",
+                                f"data.rung_path={shared}"), tokenizer, 64)
+
+    whole = write_jsonl(tmp_path / "whole.jsonl", rows)
+    split = [f"data.path={whole}", "data.eval_fraction=0.2", "data.rung_fraction=0.25"]
+    train, held, stats = build_datasets(data_cfg(tmp_path, *split), tokenizer, 64)
+    keys = {name: {tuple(ids) for ids in ds["chosen_ids"]}  # every chosen answer differs: one per pair
+            for name, ds in (("train", train), ("eval", held), ("rung", stats["rung"]))}
+    assert (len(keys["eval"]), len(keys["rung"]), len(keys["train"])) == (4, 4, 12)  # 0.25 of the 16 left
+    assert not (keys["train"] & keys["eval"] or keys["train"] & keys["rung"] or keys["eval"] & keys["rung"])
+    again = build_datasets(data_cfg(tmp_path, *split), tokenizer, 64)[2]["rung"]
+    assert {tuple(ids) for ids in again["chosen_ids"]} == keys["rung"]  # seeded by data.split_seed

@@ -171,6 +171,14 @@ def _unchanged_score(score, batch, head, q_idx, kv_idx):  # flex_attention's sco
 # ---------------------------------------------------------------- datasets
 
 
+def grid_cells(overrides) -> list[list[str]]:
+    """Every cell of a multirun grid, as Hydra's basic sweeper expands parsed overrides (`lora.r=4,8` x ...): one
+    list of `key=value` strings per cell, in the basic sweeper's order (hydra._internal's BasicSweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return [list(cell) for cell in BasicSweeper.split_arguments(overrides, None)[0]]
+
+
 def dataset_fingerprint(ds) -> str:
     """The fingerprint datasets keys a dataset's cache files by (`Dataset._fingerprint`): rmexp passes its
     own `new_fingerprint` to map, built from it, instead of letting datasets hash a tokenizer (15 s for Gemma's)."""
@@ -319,6 +327,10 @@ def check(trainer=None) -> None:
 
     _require(isinstance(getattr(Dataset.from_dict({"a": [1]}), "_fingerprint", None), str), "datasets",
              "Dataset._fingerprint", "the cache key of a dataset")
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    _require(callable(getattr(BasicSweeper, "split_arguments", None)), "hydra-core",
+             "_internal.core_plugins.basic_sweeper.BasicSweeper.split_arguments", "a halving sweep's grid of cells")
     if find_spec("submitit"):  # the `sweep` extra
         from submitit import JobEnvironment
 

@@ -1,10 +1,12 @@
 """Trainer callbacks: log the loss at every checkpoint, record each checkpoint's manifest and rotate old
-ones after it, stop at a time budget, show one progress bar; and `StopAgreement`, which makes every rank of a
-multi-process run stop at the same step for the same reason (the time budget, rmexp.trainer's non-finite loss,
+ones after it, stop at a time budget, show one progress bar, score a halving sweep's rung split (`RungScoring`);
+and `StopAgreement`, which makes every rank of a multi-process run stop at the same step for the same reason (the time budget, rmexp.trainer's non-finite loss,
 rmexp.preemption's signal). Stopping on a signal is rmexp.preemption's."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from rmexp.rundir import write_manifest
+from rmexp.rungs import RUNGS_FILE, keep_until, read_rungs, rung_record, rung_steps, summary
 
 
 class LogAtCheckpoint(TrainerCallback):
@@ -159,3 +162,72 @@ class TrainingProgress(ProgressCallback):
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         return
+
+
+def own_rng():
+    """Random draws inside (an evaluation's dataloader draws a seed) that leave training's random stream as it was:
+    the CPU generator's state and this process's CUDA device's are restored on the way out."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+
+
+class RungScoring(TrainerCallback):
+    """At each rung's step, score the rung split (every rank; rank 0 writes rungs.jsonl and logs `rung/loss`,
+    `rung/accuracy` to W&B); at `stop_at` (an index into the rungs, not the last), save a checkpoint and stop
+    training there: the run is `paused` (rmexp.recipe). The checkpoint and the rung split's rewards are of the same
+    weights, those after the rung's step."""
+
+    def __init__(self, dataset, identity: list[dict], fractions: list[float], stop_at: int | None, run_dir: Path,
+                 write: bool, wandb_run=None):
+        self.dataset, self.pair_ids, self.fractions = dataset, [i["pair_id"] for i in identity], list(fractions)
+        self.stop_at = stop_at if stop_at is not None and stop_at < len(fractions) - 1 else None
+        self.run_dir, self.write, self.wandb_run = run_dir, write, wandb_run
+        self.trainer = None  # set by rmexp.recipe once the trainer exists: it scores the pairs
+        self.steps: list[int] = []
+        self.scored: list[dict] = []  # this run's rungs so far, summaries (earlier attempts' included)
+        self.paused: dict | None = None
+
+    def reached(self, checkpoint: str | None) -> dict | None:
+        """The rung this launch is to pause at (or a later one), when the checkpoint it resumes from is already past
+        it (a launch killed after its rung's checkpoint, before metrics.json said paused): that rung's summary."""
+        if self.stop_at is None or checkpoint is None:
+            return None
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        done = [r for r in read_rungs(self.run_dir) if r["step"] <= step and r["rung"] >= self.stop_at]
+        return summary(done[-1]) if done else None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = rung_steps(self.fractions, state.max_steps)
+        kept = keep_until(self.run_dir, state.global_step) if self.write else []
+        self.scored = [summary(r) for r in kept]
+        self._train_s = kept[-1]["train_s"] if kept else 0.0
+        self._since, self._score_s = time.monotonic(), 0.0
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # rungs close together on a short run can share a step: scored once, recorded for each
+        indices = [i for i, step in enumerate(self.steps) if step == state.global_step]
+        if not indices:
+            return control
+        started = time.monotonic()
+        with own_rng():
+            rewards = self.trainer.score_pairs(self.dataset).tolist()
+        score_s = time.monotonic() - started
+        train_s = self._train_s + (started - self._since) - self._score_s
+        self._score_s += score_s
+        for index in indices:
+            record = rung_record(index, self.fractions[index], state.global_step, state.max_steps, rewards,
+                                 self.pair_ids, train_s, score_s if index == indices[0] else 0.0)
+            self.scored.append(summary(record))
+            if self.write:
+                with open(self.run_dir / RUNGS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        if self.stop_at in indices:  # paused at the furthest rung of this step: a later launch starts past them all
+            self.paused = self.scored[-1]
+            control.should_save = True
+            control.should_training_stop = True
+        if self.write and self.wandb_run is not None:
+            self.wandb_run.log({"rung/loss": self.scored[-1]["loss"], "rung/accuracy": self.scored[-1]["accuracy"],
+                                "train/global_step": state.global_step})
+        return control

@@ -243,6 +243,8 @@ class DataConfig:
     format: DataFormat = MISSING
     columns: ColumnsConfig = MISSING
     eval_fraction: float = MISSING
+    rung_path: str | None = MISSING
+    rung_fraction: float = MISSING
     split_seed: int = MISSING
     max_pairs: int | None = MISSING
     system_prompt: str | None = MISSING
@@ -256,6 +258,8 @@ class DataConfig:
     def __post_init__(self):
         if _given(self.eval_fraction) and _given(self.eval_path) and not self.eval_path:  # used only then
             require(0.0 < self.eval_fraction < 1.0, "data.eval_fraction", "in (0, 1)", self.eval_fraction)
+        if _given(self.rung_fraction):
+            require(0.0 <= self.rung_fraction < 1.0, "data.rung_fraction", "in [0, 1)", self.rung_fraction)
         if _given(self.max_pairs):
             require(self.max_pairs is None or self.max_pairs > 0, "data.max_pairs", "positive", self.max_pairs)
         if _given(self.stopping_strategy):
@@ -294,6 +298,8 @@ class TrainerConfig:
     fused_rms_norm: bool = own_key()
     compile: str = own_key()
     attention: str = own_key()
+    rungs: list[float] = own_key()
+    stop_at_rung: int | None = own_key()
     learning_rate: float = MISSING
     num_train_epochs: float = MISSING
     max_steps: int = MISSING
@@ -336,6 +342,13 @@ class TrainerConfig:
             require(self.attention in ATTENTIONS, "trainer.attention", " or ".join(ATTENTIONS), self.attention)
         if _given(self.max_length):  # a prompt token and an answer token each side, with the template's few
             require(self.max_length >= 8, "trainer.max_length", "at least 8", self.max_length)
+        if _given(self.rungs):
+            rungs = list(self.rungs)
+            if not all(0.0 < f <= 1.0 for f in rungs) or rungs != sorted(set(rungs)):
+                raise ConfigError(f"trainer.rungs must be increasing fractions of the planned steps in (0, 1], got {rungs}")
+            if _given(self.stop_at_rung) and self.stop_at_rung is not None:
+                require(0 <= self.stop_at_rung < len(rungs), "trainer.stop_at_rung",
+                        f"an index into trainer.rungs (0..{len(rungs) - 1})", self.stop_at_rung)
         for key, values in (("eval_strategy", EVAL_STRATEGIES), ("save_strategy", SAVE_STRATEGIES)):
             if _given(getattr(self, key)):
                 require(getattr(self, key) in values, f"trainer.{key}", " or ".join(values), getattr(self, key))
@@ -385,7 +398,7 @@ def local_data_file(path: str) -> Path | None:
 def check_paths(data: DataConfig) -> None:
     """The data files a config names are there, before torch loads (hub ids are fetched later); MissingPathError
     naming the key and the absolute path looked at. (A checkpoint: rmexp.rundir.locate.)"""
-    named = [("data.path", data.path), ("data.eval_path", data.eval_path)] + [
+    named = [("data.path", data.path), ("data.eval_path", data.eval_path), ("data.rung_path", data.rung_path)] + [
         (f"data.sources[{i}].path", s.path) for i, s in enumerate(data.sources or [])]
     for key, path in named:
         if path and (local := local_data_file(path)) is not None and not local.is_file():
@@ -401,6 +414,14 @@ def validate(cfg: RMExpConfig) -> None:
         raise ConfigError("data: no data; set data.path=<file> or data.sources=[{path: ...}, ...]")
     if cfg.data.streaming and cfg.trainer.max_steps <= 0:
         raise ConfigError("data.streaming=true needs trainer.max_steps: a stream has no length to count epochs in")
+    has_rung_split = bool(cfg.data.rung_path) or cfg.data.rung_fraction > 0
+    if cfg.trainer.rungs and not has_rung_split:
+        raise ConfigError("trainer.rungs scores the rung split: set data.rung_path=<file> or data.rung_fraction "
+                          "(pairs held out of the training file, apart from the evaluation pairs)")
+    if (cfg.trainer.rungs or has_rung_split) and cfg.data.streaming:
+        raise ConfigError("data.streaming=true: a rung split needs the training pairs' count; train from files")
+    if cfg.trainer.rungs and cfg.trainer.time_budget_s is not None:
+        raise ConfigError("trainer.rungs are fractions of the planned steps; trainer.time_budget_s plans none")
 
 
 @dataclass

@@ -544,22 +544,52 @@ def build_datasets(data_cfg: DataConfig, tokenizer, max_length: int):
         return build_mapped(sources, data_cfg, tokenizer, max_length, tokenizer_fp)
 
 
-def drop_leaked(mapped, kept: np.ndarray, eval_keys: np.ndarray, stats: LoadStats, origin: str,
-                data_cfg: DataConfig) -> np.ndarray:
-    """`kept` without the pairs that also stand in the eval file: a DataError naming the first, or counted."""
-    in_eval = np.isin(_column(mapped, "key")[kept], eval_keys)
-    if in_eval.any():
+def drop_leaked(mapped, kept: np.ndarray, held_keys: np.ndarray, stats: LoadStats, origin: str,
+                data_cfg: DataConfig, held_path: str | None = None, reason: str = "in_eval_file") -> np.ndarray:
+    """`kept` without the pairs that also stand in a held-out file (the eval file; the rung file): a DataError
+    naming the first, or counted under `reason`."""
+    held_path, what = held_path or data_cfg.eval_path, reason.removeprefix("in_").replace("_", " ")
+    in_held = np.isin(_column(mapped, "key")[kept], held_keys)
+    if in_held.any():
         if data_cfg.on_error.value == "raise":
-            line = _column(mapped, "line")[int(kept[np.argmax(in_eval)])]
-            raise DataError(f"{origin}:{line}: the same pair is in the eval file {data_cfg.eval_path} "
-                            f"({int(in_eval.sum())} such pairs): train/eval leakage (data.on_error=skip drops "
-                            "them from training and counts them)", reason="in_eval_file")
-        stats.skipped["in_eval_file"] += int(in_eval.sum())
-        stats.n_pairs -= int(in_eval.sum())
-        kept = kept[~in_eval]
+            line = _column(mapped, "line")[int(kept[np.argmax(in_held)])]
+            raise DataError(f"{origin}:{line}: the same pair is in the {what} {held_path} "
+                            f"({int(in_held.sum())} such pairs): train/{what.split()[0]} leakage (data.on_error=skip "
+                            "drops them from training and counts them)", reason=reason)
+        stats.skipped[reason] += int(in_held.sum())
+        stats.n_pairs -= int(in_held.sum())
+        kept = kept[~in_held]
         if not len(kept):
-            raise DataError(f"{origin}: every pair is in the eval file {data_cfg.eval_path}", reason="no_pairs")
+            raise DataError(f"{origin}: every pair is in the {what} {held_path}", reason="no_pairs")
     return kept
+
+
+def load_rung_file(data_cfg: DataConfig, index: int, eval_keys: np.ndarray | None, tokenizer, max_length: int,
+                   tokenizer_fp: str, stats: dict):
+    """data.rung_path validated and tokenized: (its pairs, their keys); a pair it shares with the eval file is a
+    DataError (the rung split decides a sweep, the eval pairs report on its winner: never the same pairs)."""
+    mapped, kept, st, origin, fmt = load_source(SourceConfig(path=data_cfg.rung_path, split=data_cfg.split), index,
+                                                tokenizer, data_cfg, max_length, tokenizer_fp)
+    stats["formats"][origin], stats["rung_file"] = fmt, st.as_dict()
+    keys = _column(mapped, "key")[kept]
+    if eval_keys is not None and (shared := np.isin(keys, eval_keys)).any():
+        line = _column(mapped, "line")[int(kept[np.argmax(shared)])]
+        raise DataError(f"{origin}:{line}: the same pair is in the eval file {data_cfg.eval_path} ({int(shared.sum())} "
+                        "such pairs): the rung split and the evaluation pairs must be apart", reason="in_eval_file")
+    return mapped.select(kept), keys
+
+
+def split_rung(train, data_cfg: DataConfig):
+    """data.rung_fraction of the training pairs held out as the rung split (grouped and seeded as the eval split,
+    by a seed of its own): (train, rung)."""
+    # an ungrouped pair is its own group by its content (key): two copies of it (two sources, oversampling) stay
+    # on one side
+    groups = [g if g is not None else f"\0{k}" for g, k in zip(_column(train, "group", as_list=True),
+                                                               _column(train, "key"), strict=True)]
+    out = held_out(groups, data_cfg.rung_fraction, data_cfg.split_seed + 1, "data.rung_fraction")
+    mask = np.zeros(len(train), dtype=bool)
+    mask[list(out)] = True
+    return train.select(np.flatnonzero(~mask)), train.select(np.flatnonzero(mask))
 
 
 def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, max_length: int, tokenizer_fp: str):
@@ -574,12 +604,18 @@ def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, m
         eval_keys = _column(eval_mapped, "key")[eval_kept]
         held = eval_mapped.select(eval_kept)
         stats["eval_file"] = eval_stats.as_dict()
+    rung = rung_keys = None
+    if data_cfg.rung_path:
+        rung, rung_keys = load_rung_file(data_cfg, len(sources) + 1, eval_keys, tokenizer, max_length, tokenizer_fp,
+                                         stats)
     parts, origins = [], []
     for k, src in enumerate(sources):
         mapped, kept, st, origin, fmt = load_source(src, k, tokenizer, data_cfg, max_length, tokenizer_fp)
         stats["formats"][origin] = fmt
         if eval_keys is not None:
             kept = drop_leaked(mapped, kept, eval_keys, st, origin, data_cfg)
+        if rung_keys is not None:
+            kept = drop_leaked(mapped, kept, rung_keys, st, origin, data_cfg, data_cfg.rung_path, "in_rung_file")
         parts.append((mapped, kept))
         origins.append(origin)
         stats["sources"][origin] = st.as_dict() | {"fraction": src.fraction, "weight": src.weight}
@@ -609,17 +645,25 @@ def build_mapped(sources: list[SourceConfig], data_cfg: DataConfig, tokenizer, m
                                     seed=data_cfg.split_seed, stopping_strategy=data_cfg.stopping_strategy)
     else:
         train = concatenate_datasets([t for t, _ in mix])
+    if data_cfg.rung_fraction > 0 and rung is None:
+        train, rung = split_rung(train, data_cfg)
+    elif data_cfg.rung_fraction > 0:
+        log.info("data.rung_path=%s is the rung split; data.rung_fraction=%g is not used", data_cfg.rung_path,
+                 data_cfg.rung_fraction)
     truncation, margins = {}, {}
-    for split, ds in (("train", train), ("eval", held)):
+    for split, ds in (("train", train), ("eval", held), ("rung", rung)):
+        if ds is None:
+            continue
         cols = _columns(ds, STAT_COLUMNS)
-        counts = np.bincount(cols["source_id"], minlength=len(sources) + 1)
+        counts = np.bincount(cols["source_id"], minlength=len(sources) + 2)
         for k, origin in enumerate(origins):
             stats["sources"][origin][f"n_{split}"] = int(counts[k])
         truncation[split], margins[split] = truncation_counts(cols), cols["margin"]
     if data_cfg.path:  # the one-file shorthand keeps its name
         stats["train_file"] = stats["sources"][origins[0]]
+    extra = {} if rung is None else {"rung": with_margins(rung, margins["rung"]), "rung_identity": eval_identity(rung)}
     return (with_margins(train, margins["train"]), with_margins(held, margins["eval"]),
-            stats | {"truncation": truncation, "eval_identity": eval_identity(held)})
+            stats | {"truncation": truncation, "eval_identity": eval_identity(held)} | extra)
 
 
 class StreamCounts(dict):

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from transformers import set_seed
 
 from rmexp.builtin import resolve_model_path
+from rmexp.callbacks import RungScoring, own_rng
 from rmexp.config import RMExpConfig
 from rmexp.dataset import build_datasets, log_truncation
 from rmexp.diagnostics import EvalDiagnostics, summary
@@ -47,14 +48,34 @@ def train(cfg: RMExpConfig, resume: Resume, record: RunRecord, callbacks: list |
     if main_process:
         record.running(describe_run(cfg, run_dir, data, resume))
     stop_on_signal = StopOnSignal(run_dir)
+    rungs = rung_scoring(cfg, data, run_dir, main_process, record.wandb_run)
     trainer = build_trainer(cfg, model, tokenizer, data, run_dir, record.wandb_run,
-                            [*(callbacks or []), stop_on_signal], main_process)
+                            [*(callbacks or []), stop_on_signal, *([rungs] if rungs else [])], main_process)
+    if rungs:
+        rungs.trainer = trainer
 
-    # train, between two evaluations of the same held-out pairs (before: the untrained baseline)
-    initial = trainer.evaluate()["eval_pairwise_accuracy"]
+    # train, between two evaluations of the same held-out pairs (before: the untrained baseline, which a resumed
+    # launch scores too: trainer.train loads the checkpoint); a launch that pauses at a rung (a halving sweep's)
+    # evaluates neither: the launch that finishes the run does. Scoring draws no random number training would
+    # (own_rng), so a run that pauses and resumes draws the dropout masks of one that does not.
+    pausing = rungs is not None and rungs.stop_at is not None
+    if pausing and (reached := rungs.reached(resume.checkpoint)) is not None:  # killed after the rung's checkpoint
+        record.result = paused_result(reached, rungs, resume, 0.0)
+        return
+    if pausing:
+        initial = None
+    else:
+        with own_rng():
+            initial = trainer.evaluate()["eval_pairwise_accuracy"]
     with stop_on_signal, writes_to(run_dir):  # checkpoints are saved while training
         train_output = trainer.train(resume_from_checkpoint=resume.checkpoint)
     stop_on_signal.raise_if_stopped(trainer.state.global_step)  # SIGTERM, or submitit's preemption
+    if rungs is not None and rungs.paused is not None:
+        record.result = paused_result(rungs.paused, rungs, resume, train_output.metrics["train_runtime"])
+        if record.wandb_run is not None:
+            record.wandb_run.summary.update({"halving/rung": rungs.paused["rung"],
+                                             "halving/rung_loss": rungs.paused["loss"]})
+        return
     final = last_eval_at(trainer, trainer.state.global_step) or trainer.evaluate()
 
     # save: adapter, score head, tokenizer and scores.jsonl; metrics.json when run_record ends
@@ -63,7 +84,7 @@ def train(cfg: RMExpConfig, resume: Resume, record: RunRecord, callbacks: list |
         if main_process:
             (run_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in rmexp_config.yaml
             write_scores(run_dir / "scores.jsonl", trainer.last_eval_rewards, data.eval_ids)
-    record.result = run_result(trainer, final, initial, train_output, data) | {
+    record.result = run_result(trainer, final, initial, train_output, data) | ({"rungs": rungs.scored} if rungs else {}) | {
         "resumed_from": resume.checkpoint, "resume_skipped": resume.skipped, "model": model_path} | (
         {"resume_changes": resume.changes} if resume.changes else {})
     if record.wandb_run is not None:
@@ -82,6 +103,8 @@ class Data:
     truncation: dict  # per split: pairs and tokens cut to trainer.max_length
     eval_ids: list[dict]  # per eval pair: pair_id and source (scores.jsonl's)
     formats: dict  # the data.format each source was read as
+    rung: Any = None  # the rung split (data.rung_*), scored at trainer.rungs
+    rung_ids: list[dict] | None = None
 
     @property
     def eval_sources(self) -> list[str | None]:
@@ -91,10 +114,28 @@ class Data:
 def load_data(cfg: RMExpConfig, tokenizer) -> Data:
     """The training and held-out datasets; truncation counted and logged, one line on the run."""
     train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.trainer.max_length)
-    data = Data(train_ds, eval_ds, stats, stats.pop("truncation"), stats.pop("eval_identity"), stats.pop("formats"))
+    data = Data(train_ds, eval_ds, stats, stats.pop("truncation"), stats.pop("eval_identity"), stats.pop("formats"),
+                stats.pop("rung", None), stats.pop("rung_identity", None))
     log_truncation(data.truncation, f"trainer.max_length={cfg.trainer.max_length}", log)
-    log.info(config_summary(cfg, train_ds, eval_ds))
+    log.info(config_summary(cfg, train_ds, eval_ds, data.rung))
     return data
+
+
+def paused_result(rung: dict, rungs: RungScoring, resume: Resume, runtime_s: float) -> dict:
+    """metrics.json of a launch that paused at a rung: the rung (its statistics), every rung so far, the step."""
+    return {"status": "paused", "rung": rung, "rungs": rungs.scored or [rung], "global_step": rung["step"],
+            "train_runtime_s": round(runtime_s, 2), "resumed_from": resume.checkpoint}
+
+
+def rung_scoring(cfg: RMExpConfig, data: Data, run_dir: Path, main_process: bool, wandb_run) -> RungScoring | None:
+    """The rung split scored at trainer.rungs (rmexp.rungs), None without rungs."""
+    if not cfg.trainer.rungs:
+        if data.rung is not None:
+            log.warning("data.rung_*: %d pairs held out of training as a rung split, scored nowhere: trainer.rungs "
+                        "is empty", len(data.rung))
+        return None
+    return RungScoring(data.rung, data.rung_ids, list(cfg.trainer.rungs), cfg.trainer.stop_at_rung, run_dir,
+                       main_process, wandb_run)
 
 
 def describe_run(cfg: RMExpConfig, run_dir: Path, data: Data, resume: Resume):
@@ -132,14 +173,15 @@ def build_trainer(cfg: RMExpConfig, model, tokenizer, data: Data, run_dir: Path,
     return trainer
 
 
-def config_summary(cfg: RMExpConfig, train_ds, eval_ds) -> str:
+def config_summary(cfg: RMExpConfig, train_ds, eval_ds, data_rung=None) -> str:
     """One line on what this run is, before the model loads (the whole config is in rmexp_config.yaml)."""
     q, t = cfg.quantization, cfg.trainer
     bits = "4-bit " + q.bnb_4bit_quant_type.value if q.load_in_4bit else "8-bit" if q.load_in_8bit else "unquantized"
     length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs:g} epoch(s)"
     n_train = "streamed" if streamed(train_ds) else len(train_ds)
     data = cfg.data.path or ", ".join(s.path for s in cfg.data.sources)
-    return (f"{cfg.model.name_or_path} ({bits}), LoRA r={cfg.lora.r}: {n_train} training pairs, {len(eval_ds)} held out "
+    rung = "" if data_rung is None else f", {len(data_rung)} in the rung split"
+    return (f"{cfg.model.name_or_path} ({bits}), LoRA r={cfg.lora.r}: {n_train} training pairs, {len(eval_ds)} held out{rung} "
             f"({data}); lr {t.learning_rate:g}, batch {t.per_device_train_batch_size} {t.batching.value}, "
             f"{length} -> {cfg.paths.output_dir}")
 

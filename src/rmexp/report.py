@@ -33,7 +33,9 @@ from rmexp import console
 from rmexp.compare import PairingError, Scores, aligned, averaged, read_scores
 from rmexp.config import CONF_PATH, ReportConfig, to_typed
 from rmexp.errors import MissingPathError, UserError
+from rmexp.halving import State
 from rmexp.metrics import wilson_interval
+from rmexp.rungs import planned_steps, read_rungs
 from rmexp.stats import ALPHA, N_RESAMPLES, against_best, min_detectable_difference, paired_bootstrap
 from rmexp.sweep import Job, read_jobs, sweep_group, sweep_keys
 
@@ -301,8 +303,10 @@ def write_heatmap(jobs: list[Job], path: Path, row_key: str = ROW_KEY, col_key: 
     for i in range(len(rows)):
         for k in range(len(cols)):
             v = grid[i, k]
-            text = f"{v:.3f}" if np.isfinite(v) else "failed" if any(
-                j.status == "failed" for rr, cc, j in cells if rr == rows[i] and cc == cols[k]) else "–"
+            here = [j for rr, cc, j in cells if rr == rows[i] and cc == cols[k]]
+            stopped = [j.metrics.get("stopped_at_rung") for j in here if j.status == "stopped"]
+            text = f"{v:.3f}" if np.isfinite(v) else "failed" if any(j.status == "failed" for j in here) else (
+                f"stopped\nrung {stopped[0]}" if stopped else "–")
             bright = np.isfinite(v) and image.norm(v) > 0.6
             ax.text(k, i, text, ha="center", va="center", color="black" if bright or not np.isfinite(v) else "white")
             if any(j.dir.name in tied for rr, cc, j in cells if rr == rows[i] and cc == cols[k]):
@@ -394,12 +398,15 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
     entries = entries_of(jobs, keys)
     verdict = pair_with_best(entries, n_resamples, seed)
     rows = rows_of(entries, keys)
+    add_rung_history(rows, jobs)
     write_tables(rows, sweep_dir)
     heatmap = sweep_dir / "heatmap.png"
     tied = {j.dir.name for e in verdict.tied for j in e.jobs}
     has_heatmap = write_heatmap(jobs, heatmap, other_keys=keys, tied=tied)
-    counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "failed", "running")}
-    print(f"{sweep_dir}: {len(jobs)} jobs ({counts['ok']} ok, {counts['failed']} failed, {counts['running']} running)")
+    counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "failed", "running", "paused", "stopped")}
+    shown = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("ok", "failed", "running"))
+    print(f"{sweep_dir}: {len(jobs)} jobs ({shown})")
+    halving = halving_report(sweep_dir, jobs)
     print(f"wrote {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}" + (f", {heatmap}" if has_heatmap else ""))
     best = verdict.best
     if best is None:
@@ -416,9 +423,59 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
         top = max(best.done, key=lambda j: j.metrics["pairwise_accuracy"])
         print(f"reproduce: {top.command()}")
     run_id = log_to_wandb(sweep_dir, jobs, rows, heatmap if has_heatmap else None, verdict) if use_wandb else None
-    return {"jobs": len(jobs), **counts, "best": best.name if best else None,
+    return {"jobs": len(jobs), **counts, "best": best.name if best else None, "halving": halving,
             "tied_with_best": [e.name for e in verdict.tied], "n_eval_pairs": verdict.n_pairs,
             "min_detectable_gap": verdict.min_detectable, "wandb_run": run_id}
+
+
+def add_rung_history(rows: list[dict], jobs: list[Job]) -> None:
+    """A halving sweep's cells (rows of one job): the rung each reached, its rung-split loss at every rung it
+    scored, and why it stopped."""
+    by_name = {j.dir.name: j for j in jobs}
+    for row in rows:
+        job = by_name.get(row["job"])
+        scored = read_rungs(job.dir) if job is not None else []
+        if not scored:
+            continue
+        row["rung_reached"] = scored[-1]["rung"]
+        row["rung_losses"] = " / ".join(f"{r['loss']:.4f}" for r in scored)
+        if job.status == "stopped":
+            row["stop_reason"] = job.metrics.get("stop_reason", "")
+
+
+def halving_report(sweep_dir: Path, jobs: list[Job]) -> dict | None:
+    """A halving sweep's cost beside the full grid's, printed: pair-steps trained and training seconds, measured,
+    and for the full grid projected from each cell's own measured seconds per step (rmexp.rungs' train_s: the
+    training alone, rung scoring apart); the sweep's launch wall time, and what the cells it stopped would have
+    added at their measured step time. None for another sweep."""
+    state = State.read(sweep_dir)
+    if state is None:
+        return None
+    cost = {"pair_steps": 0, "full_pair_steps": 0, "train_s": 0.0, "full_train_s": 0.0, "rung_score_s": 0.0}
+    for job in jobs:
+        scored = read_rungs(job.dir)
+        if not scored:
+            continue
+        last, planned = scored[-1], planned_steps(scored[-1])
+        batch = int(job.setting("trainer.per_device_train_batch_size") or 1) * int(
+            job.setting("trainer.gradient_accumulation_steps") or 1)
+        cost["pair_steps"] += last["step"] * batch
+        cost["full_pair_steps"] += planned * batch
+        cost["train_s"] += last["train_s"]
+        cost["full_train_s"] += last["train_s"] / last["step"] * planned
+        cost["rung_score_s"] += sum(r["score_s"] for r in scored)
+    wall = sum(launch["ended"] - launch["started"] for launch in state.launches)
+    cost |= {"wall_s": round(wall, 1), "full_wall_s": round(wall + cost["full_train_s"] - cost["train_s"], 1),
+             "winner": state.winner, "rungs": state.rungs, "eta": state.eta, "rule": state.rule}
+    if cost["full_pair_steps"]:
+        print(f"halving (eta {state.eta}, rule {state.rule}, rungs {state.rungs}): winner cell {state.winner} "
+              f"({state.label(state.winner) if state.winner else 'none yet'}); trained {cost['pair_steps']} pair-steps "
+              f"of the full grid's {cost['full_pair_steps']} ({cost['pair_steps'] / cost['full_pair_steps']:.2f}x); "
+              f"training {cost['train_s']:.0f} s of a projected {cost['full_train_s']:.0f} s "
+              f"({cost['train_s'] / cost['full_train_s']:.2f}x); launches {wall:.0f} s wall, the full grid projected "
+              f"{cost['full_wall_s']:.0f} s ({wall / cost['full_wall_s']:.2f}x; rung scoring {cost['rung_score_s']:.0f} s "
+              "of it)")
+    return cost
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="report")

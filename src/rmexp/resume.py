@@ -48,7 +48,7 @@ ON_RESUME = ("trainer.resume", "trainer.logging_steps", "trainer.eval_strategy",
              "trainer.per_device_eval_batch_size", "trainer.save_strategy", "trainer.save_steps",
              "trainer.save_total_limit", "trainer.time_budget_s", "trainer.dataloader_num_workers", "trainer.compile",
              "trainer.gradient_checkpointing", "trainer.dequant_cache", "trainer.fused_lora", "trainer.fused_rms_norm",
-             "trainer.attention",
+             "trainer.attention", "trainer.stop_at_rung",
              "data.num_proc", "data.cache_dir", "model.cache_dir", "logger.", "paths.")
 
 

@@ -418,7 +418,8 @@ def run_record(run_dir: Path, write: bool = True, carried: dict | None = None) -
     record, started = RunRecord(run_dir, write=write, carried=carried or {}), time.time()
     try:
         yield record
-        record.result["status"] = "ok"
+        if record.result.get("status") != "paused":  # paused: at a halving sweep's rung (rmexp.rungs), checkpointed
+            record.result["status"] = "ok"
     except Suspended as e:  # not a failure: the job is requeued and resumes from its checkpoint
         record.result = {"status": e.status, **e.details}
         raise
@@ -437,7 +438,7 @@ def run_record(run_dir: Path, write: bool = True, carried: dict | None = None) -
                                             | ({"error": record.result["error"]} if status == "failed" else {}))
             if status == "preempted":
                 record.wandb_run.mark_preempting()
-            record.wandb_run.finish(exit_code=0 if status == "ok" else 1)
+            record.wandb_run.finish(exit_code=0 if status in ("ok", "paused") else 1)
 
 
 RUN_OR_EXPORT = "a run dir rmexp-train wrote (outputs/runs/<date>/<time>) or a dir rmexp-export wrote"
@@ -545,6 +546,12 @@ def _unfinished(run: Path) -> str:
         return (f"{run}: this run was preempted{at} (metrics.json: status preempted) and holds no trained model yet; "
                 f"a requeued job continues it from its checkpoint. Wait for it to finish, or {resume}"
                 + (f"; to score the checkpoint as it is, pass {ckpt}" if ckpt else ""))
+    if status in ("stopped", "paused"):
+        rung = metrics.get("stopped_at_rung", (metrics.get("rung") or {}).get("rung"))
+        what = ("a halving sweep stopped it at rung" if status == "stopped" else "it paused at rung")
+        return (f"{run}: {what} {rung} (metrics.json: status {status}), before the end of its training, so it holds "
+                f"no trained model" + (f"; to score its rung checkpoint as it is, pass {last}" if last else "")
+                + ("" if status == "stopped" else "; the halving sweep continues it"))
     if status == "ok":
         return (f"{run}: metrics.json says the run finished (status ok) but its adapter (adapter_config.json, "
                 f"adapter_model.safetensors) is not there: copy the whole run dir, or pass a dir rmexp-export wrote")

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger("rmexp.sweep")
 
 # overrides that select the sweep itself; a single job is reproduced without them
-SWEEP_ONLY = ("sweep=", "hydra/launcher=", "hydra/sweeper=", "hydra.")
+SWEEP_ONLY = ("sweep=", "hydra/launcher=", "hydra/sweeper=", "hydra.", "trainer.resume=", "trainer.stop_at_rung=")
 
 
 @dataclass
@@ -53,6 +53,10 @@ class Job:
 
     def command(self) -> str:
         args = [o for o in self.overrides if not o.startswith(SWEEP_ONLY)]
+        if any(o.startswith("trainer.rungs=") for o in args):  # a halving cell: its rung split, which a preset set
+            given = {o.split("=", 1)[0] for o in args}
+            args += [f"{k}={self.setting(k)}" for k in ("data.rung_path", "data.rung_fraction")
+                     if k not in given and self.setting(k) not in ("", "0.0")]
         return " ".join(["python -m rmexp.train", *args])
 
 
@@ -92,13 +96,16 @@ def read_jobs(sweep_dir: str | Path) -> list[Job]:
 
 
 class SweepFailures(Callback):
-    """After a multirun, count the jobs whose metrics.json says failed; exit 1 naming them."""
+    """After a multirun, count the jobs whose metrics.json says failed; exit 1 naming them. A cell a halving sweep
+    stopped (status stopped) did what it was asked to."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         jobs = read_jobs(config.hydra.sweep.dir)
-        failed = [j for j in jobs if j.status != "ok"]
+        failed = [j for j in jobs if j.status not in ("ok", "stopped")]
         if not failed:
-            log.info("sweep finished: %d jobs, all ok", len(jobs))
+            stopped = sum(j.status == "stopped" for j in jobs)
+            log.info("sweep finished: %d jobs, all ok%s", len(jobs),
+                     f" ({stopped} stopped early by halving)" if stopped else "")
             return
         lines = [f"  {j.dir}: {j.metrics.get('error', j.status)}" for j in failed]
         msg = f"{len(failed)} of {len(jobs)} sweep jobs failed:\n" + "\n".join(lines)

@@ -49,6 +49,12 @@ def main(cfg: RMExpConfig | DictConfig, callbacks: list | None = None) -> float:
         from rmexp.recipe import summary_line, train
 
         train(cfg, resume, record, callbacks)
+    if record.result["status"] == "paused":  # a halving sweep's rung (rmexp.rungs): it decides on the rung loss
+        rung = record.result["rung"]
+        if main_process:
+            print(f"paused at rung {rung['rung']} (step {rung['step']}): rung-split loss {rung['loss']:.4f}, "
+                  f"accuracy {rung['accuracy']:.3f} on {rung['n_pairs']} pairs -> {run_dir}")
+        return float("nan")
     if main_process:
         print(summary_line(record.result, run_dir))
     return record.result["pairwise_accuracy"]

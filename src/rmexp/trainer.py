@@ -110,6 +110,7 @@ class PairwiseRewardTrainer(RewardTrainer):
     """
 
     _eval_rewards: list | None = None
+    _quiet = False  # scoring pairs for rmexp.rungs: no metrics into the next log line
     last_eval_rewards: torch.Tensor | None = None
     eval_sources: list[str | None] | None = None  # each eval pair's source/subset: accuracy by source
     eval_categories: dict[str, str] | None = None  # subset -> category: the category-averaged accuracy
@@ -231,7 +232,8 @@ class PairwiseRewardTrainer(RewardTrainer):
             chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
             tokens = inputs["attention_mask"].sum()
         loss, stats = bradley_terry(chosen, rejected, inputs.get("margin"), self.args.center_rewards_coefficient)
-        self.log_pair_metrics(mode, stats, tokens)
+        if not self._quiet:
+            self.log_pair_metrics(mode, stats, tokens)
         if outputs is None:
             outputs = SequenceClassifierOutput(loss=loss, logits=torch.cat([chosen, rejected])[:, None])
         if self.model.training:
@@ -255,6 +257,16 @@ class PairwiseRewardTrainer(RewardTrainer):
                                ("accuracy", self.accelerator.gather_for_metrics(stats["accuracy"]).mean()),
                                ("margin", self.accelerator.gather_for_metrics(stats["margin"]).mean())):
                 log_metric(self, mode, key, value.item())
+
+    def score_pairs(self, dataset) -> torch.Tensor:
+        """Each pair's (chosen, rejected) rewards (n_pairs x 2, dataset order), scored as an evaluation scores them,
+        packed, but neither logged nor kept as the last evaluation's (rmexp.rungs' rung split)."""
+        self._eval_rewards, self._quiet = [], True
+        try:
+            super().evaluation_loop(self.get_eval_dataloader(dataset), "Rung", True, None, "rung")
+            return torch.cat(self._eval_rewards)
+        finally:
+            self._eval_rewards, self._quiet = None, False
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
