@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmexp.halving import State, decide, plan
+from rmexp.halving import STATISTICS, State, decide, per_pair, plan
 from rmexp.rungs import pair_loss, planned_steps, read_rungs
 from rmexp.stats import N_RESAMPLES, decisions, paired_comparison
 from rmexp.sweep import read_jobs, sweep_keys
@@ -40,15 +40,18 @@ ETAS, RULES = (2, 3, 4), ("rank", "guarded")
 # ---------------------------------------------------------------- the grid's per-pair results
 
 
-def export(grid_dir: Path, out: Path) -> dict:
+def export(grid_dir: Path, out: Path, partial: bool = False) -> dict:
     """A trained grid's per-pair results: per cell its swept values, each rung's per-pair rewards with its train_s
     and score_s, and the final pairs' rewards (scores.jsonl) with its metrics; the pair ids once."""
     jobs = read_jobs(grid_dir)
     keys = sweep_keys(grid_dir)
-    cells, rung_ids, final_ids = {}, None, None
+    cells, rung_ids, final_ids, missing = {}, None, None, {}
     for job in jobs:
         if job.status != "ok":
-            raise SystemExit(f"{job.dir}: status {job.status}; the grid must be complete")
+            if partial:  # a grid still training: the cells done so far, the others named
+                missing[job.dir.name] = {k: job.setting(k) for k in keys}
+                continue
+            raise SystemExit(f"{job.dir}: status {job.status}; the grid must be complete (--partial: the cells done)")
         rungs = read_rungs(job.dir)
         ids = rungs[0]["pairs"]["pair_id"]
         rung_ids = rung_ids or ids
@@ -68,18 +71,19 @@ def export(grid_dir: Path, out: Path) -> dict:
                                               "initial_pairwise_accuracy", "length_baseline_accuracy", "train_runtime_s",
                                               "runtime_s", "global_step")}}
     grid = {"source": str(grid_dir), "keys": keys, "rung_pair_ids": rung_ids, "final_pair_ids": final_ids,
-            "cells": cells}
+            "cells": cells} | ({"missing": missing} if missing else {})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(grid, separators=(",", ":")) + "\n")
     return grid
 
 
-def rung_losses(cell: dict, fraction: float, pairs: np.ndarray | None = None) -> np.ndarray:
-    """A cell's per-pair Bradley-Terry loss on the rung split at `fraction` (softplus(rejected - chosen)),
-    optionally on a resample of the pairs."""
+def rung_pairs(cell: dict, fraction: float, pairs: np.ndarray | None = None) -> dict:
+    """A cell's rung-split record at `fraction` as rungs.jsonl holds it (chosen, rejected, the loss as the run
+    computed it: rmexp.rungs.pair_loss), optionally on a resample of the pairs."""
     r = cell["rungs"][repr(fraction)]
-    loss = np.asarray([pair_loss(c, j) for c, j in zip(r["chosen"], r["rejected"], strict=True)])  # as the runs do
-    return loss if pairs is None else loss[pairs]
+    out = {"chosen": np.asarray(r["chosen"]), "rejected": np.asarray(r["rejected"])}
+    out["loss"] = np.asarray([pair_loss(c, j) for c, j in zip(r["chosen"], r["rejected"], strict=True)])
+    return out if pairs is None else {k: v[pairs] for k, v in out.items()}
 
 
 def final_decisions(cell: dict) -> np.ndarray:
@@ -102,7 +106,7 @@ def replay(grid: dict, eta: int, rule: str, pairs: np.ndarray | None = None, sta
         if k == len(fractions) - 1:
             break
         stat = {c: stat_of(grid["cells"][c], f, pairs, statistic) for c in alive}
-        kept, stopped = decide(stat, counts[k + 1], rule, n_resamples=n_resamples)
+        kept, stopped = decide(stat, counts[k + 1], rule, n_resamples=n_resamples, statistic=statistic)
         history.append({"rung": k, "fraction": f, "kept": kept, "stopped": sorted(stopped)})
         alive = kept
     winner = min(alive, key=lambda c: (float(np.mean(stat_of(grid["cells"][c], 1.0, pairs, statistic))), int(c)))
@@ -111,11 +115,8 @@ def replay(grid: dict, eta: int, rule: str, pairs: np.ndarray | None = None, sta
 
 
 def stat_of(cell: dict, fraction: float, pairs, statistic: str) -> np.ndarray:
-    if statistic == "loss":
-        return rung_losses(cell, fraction, pairs)
-    r = cell["rungs"][repr(fraction)]
-    wrong = 1.0 - decisions(r["chosen"], r["rejected"])  # lower is better, as a loss
-    return wrong if pairs is None else wrong[pairs]
+    """The per-pair decision statistic, as rmexp.halving computes it (per_pair)."""
+    return per_pair(rung_pairs(cell, fraction, pairs), statistic)
 
 
 def cost(grid: dict, result: dict) -> dict:
@@ -143,13 +144,14 @@ def beaten(grid: dict, best: str, cell: str) -> tuple[bool, dict]:
     return result["p_value"] < 0.05 and result["delta"] > 0, result
 
 
-def replay_all(grid: dict, n_boot: int, seed: int, statistic: str) -> list[dict]:
+def replay_all(grid: dict, n_boot: int, seed: int, statistic: str, rungs: list[float] | None = None) -> list[dict]:
     cells = grid["cells"]
     best = best_of_grid(grid)
     worst = min(cells, key=lambda c: (final_decisions(cells[c]).mean(), int(c)))
     _, spread = beaten(grid, best, worst)
     print(f"grid: {len(cells)} cells; best cell {best} {fmt_cell(grid, best)}, worst {worst} {fmt_cell(grid, worst)}; "
-          f"best - worst {spread['delta']:+.3f} on {spread['n_pairs']} final pairs, exact paired p {spread['p_value']:.2g}")
+          f"best - worst {spread['delta']:+.3f} on {spread['n_pairs']} final pairs, exact paired p {spread['p_value']:.2g}",
+          file=sys.stderr)
     rows = []
     n_rung = len(grid["rung_pair_ids"])
     rng = np.random.default_rng(seed)
@@ -166,9 +168,9 @@ def replay_all(grid: dict, n_boot: int, seed: int, statistic: str) -> list[dict]
                  "step_ratio": 1.0, "time_ratio": 1.0})
     for eta in ETAS:
         for rule in RULES:
-            result = replay(grid, eta, rule, statistic=statistic)
+            result = replay(grid, eta, rule, statistic=statistic, rungs=rungs)
             lost, comparison = beaten(grid, best, result["winner"])
-            dropped = sum(beaten(grid, best, replay(grid, eta, rule, p, statistic, n_resamples=1000)["winner"])[0]
+            dropped = sum(beaten(grid, best, replay(grid, eta, rule, p, statistic, rungs, 1000)["winner"])[0]
                           for p in resamples)
             rows.append({"eta": eta, "rule": rule, "statistic": statistic, "winner": result["winner"],
                          "winner_values": cells[result["winner"]]["values"],
@@ -217,7 +219,11 @@ def shift_for(gap: float, mean: float, pair: float, noise: float) -> float:
     return 0.0 if gap == 0 else brentq(lambda s: norm.cdf((mean + s) / sd) - base - gap, 0.0, 20 * sd)
 
 
-def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int) -> list[dict]:
+def sim_stat(margin: np.ndarray, statistic: str) -> np.ndarray:
+    return per_pair({"chosen": margin, "rejected": np.zeros_like(margin), "loss": np.logaddexp(0.0, -margin)}, statistic)
+
+
+def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int, statistic: str = "loss") -> list[dict]:
     """Sweeps of `n_cells` simulated cells (cell 0 better by `gap` in expected final accuracy, the same margin
     shift at every rung), for each eta and rule: P(cell 0 dropped), and P(the winner is beaten by the sweep's
     best on the final pairs)."""
@@ -242,7 +248,7 @@ def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int) -> 
         final[0] += shift_final
         fd = (final > 0).astype(np.float64)
         best = int(np.argmax(fd.mean(axis=1)))
-        full = int(np.argmin(np.logaddexp(0.0, -margins[1.0]).mean(axis=1)))  # the full grid, chosen on the rung split
+        full = int(np.argmin([sim_stat(m, statistic).mean() for m in margins[1.0]]))  # the full grid, on the rung split
         test = paired_comparison(fd[full], fd[best], n_resamples=1, interval=(0.0, 0.0))
         outcomes[None, "full grid"][0] += full != 0
         outcomes[None, "full grid"][1] += test["p_value"] < 0.05 and test["delta"] > 0
@@ -251,14 +257,14 @@ def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int) -> 
             for rule in RULES:
                 alive = [str(i) for i in range(n_cells)]
                 for k, f in enumerate(fractions[:-1]):
-                    losses = {c: np.logaddexp(0.0, -margins[f][int(c)]) for c in alive}
-                    alive, _ = decide(losses, counts[k + 1], rule, n_resamples=500)
-                winner = int(min(alive, key=lambda c: np.logaddexp(0.0, -margins[1.0][int(c)]).mean()))
+                    losses = {c: sim_stat(margins[f][int(c)], statistic) for c in alive}
+                    alive, _ = decide(losses, counts[k + 1], rule, n_resamples=500, statistic=statistic)
+                winner = int(min(alive, key=lambda c: sim_stat(margins[1.0][int(c)], statistic).mean()))
                 test = paired_comparison(fd[winner], fd[best], n_resamples=1, interval=(0.0, 0.0))
                 outcomes[eta, rule][0] += winner != 0
                 outcomes[eta, rule][1] += test["p_value"] < 0.05 and test["delta"] > 0
     for (eta, rule), (dropped, beaten_) in outcomes.items():
-        rows.append({"cells": n_cells, "gap": gap, "eta": eta, "rule": rule, "sweeps": n_sweeps,
+        rows.append({"cells": n_cells, "gap": gap, "eta": eta, "rule": rule, "statistic": statistic, "sweeps": n_sweeps,
                      "p_cell0_dropped": round(dropped / n_sweeps, 4), "p_winner_beaten": round(beaten_ / n_sweeps, 4)})
     return rows
 
@@ -277,7 +283,7 @@ def check(grid: dict, sweep_dir: Path) -> dict:
     for cell in state.cells:
         job = next(j for j in read_jobs(sweep_dir) if j.dir.name == cell)
         to_grid[cell] = by_values[json.dumps({k: job.setting(k) for k in keys}, sort_keys=True)]
-    result = replay(grid, state.eta, state.rule, rungs=state.rungs)
+    result = replay(grid, state.eta, state.rule, statistic=state.statistic, rungs=state.rungs)
     real = [sorted(to_grid[c] for c in d["kept"]) for d in state.decisions[:-1]]
     replayed = [sorted(h["kept"]) for h in result["history"]]
     winner = sweep_dir / state.winner
@@ -307,7 +313,7 @@ def table(grid: dict, sweep_dir: Path) -> str:
         d = final_decisions(c)
         low, high = wilson_interval(int(d.sum()), d.size)
         _, cmp_ = beaten(grid, best, name)
-        real = [r for r in read_rungs(sweep_dir / name)] if state is not None else []
+        real = read_rungs(sweep_dir / name) if state is not None else []
         status = json.loads((sweep_dir / name / "metrics.json").read_text())["status"] if real else ""
         reached = (f"rung {real[-1]['rung']} ({status})" if real else "") + (" **winner**" if state and name == state.winner else "")
         vs = "best" if name == best else f"{-cmp_['delta']:+.3f}, p {cmp_['p_value']:.2g}"
@@ -323,16 +329,19 @@ def main() -> None:
     p = sub.add_parser("export")
     p.add_argument("grid_dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench/results/halving_grid.json"))
+    p.add_argument("--partial", action="store_true", help="a grid still training: export the cells done")
     p = sub.add_parser("replay")
     p.add_argument("grid", type=Path)
     p.add_argument("--bootstrap", type=int, default=500, help="resamples of the rung split's pairs")
-    p.add_argument("--statistic", choices=("loss", "accuracy"), default="loss")
+    p.add_argument("--statistic", choices=STATISTICS, default="loss")
+    p.add_argument("--rungs", type=float, nargs="+", help="rungs as fractions (else eta's own), e.g. 0.333333 1.0")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("simulate")
     p.add_argument("--grid", type=Path, required=True, help="the grid whose spreads the simulation takes")
     p.add_argument("--cells", type=int, default=9)
     p.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.03, 0.05])
     p.add_argument("--sweeps", type=int, default=1000)
+    p.add_argument("--statistic", choices=STATISTICS, default="loss")
     p.add_argument("--seed", type=int, default=0)
     for name in ("check", "table"):
         p = sub.add_parser(name)
@@ -340,17 +349,19 @@ def main() -> None:
         p.add_argument("sweep_dir", type=Path)
     args = parser.parse_args()
     if args.command == "export":
-        grid = export(args.grid_dir, args.out)
+        grid = export(args.grid_dir, args.out, args.partial)
         print(f"wrote {args.out}: {len(grid['cells'])} cells, {len(grid['rung_pair_ids'])} rung pairs, "
               f"{len(grid['final_pair_ids'])} final pairs")
         return
     grid = json.loads(args.grid.read_text())
+    if grid.get("missing"):
+        raise SystemExit(f"{args.grid}: cells {sorted(grid['missing'])} were still training when it was exported")
     if args.command == "replay":
-        for row in replay_all(grid, args.bootstrap, args.seed, args.statistic):
+        for row in replay_all(grid, args.bootstrap, args.seed, args.statistic, args.rungs):
             print(json.dumps(row))
     elif args.command == "simulate":
         for gap in args.gaps:
-            for row in simulate(grid, args.cells, gap, args.sweeps, args.seed):
+            for row in simulate(grid, args.cells, gap, args.sweeps, args.seed, args.statistic):
                 print(json.dumps(row))
     elif args.command == "table":
         print(table(grid, args.sweep_dir))

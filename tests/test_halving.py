@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, compose_cfg
-from rmexp.halving import HalvingError, State, decide, plan
+from rmexp.halving import HalvingError, State, decide, per_pair, plan
 from rmexp.rungs import pair_loss, read_rungs, rung_steps
 from wandb_records import OfflineRun
 
@@ -80,6 +80,21 @@ def test_rank_keeps_the_lowest_losses_and_guarded_also_keeps_a_cell_the_best_doe
     assert "interval" in stopped["2"]
     with pytest.raises(HalvingError, match="rule"):
         decide(losses, keep=1, rule="best")
+
+
+def test_the_calibrated_loss_ranks_a_cell_by_its_order_of_the_pairs_not_its_reward_scale():
+    rng = np.random.default_rng(1)
+    margin = rng.normal(0.4, 1.0, 300)
+    pairs = lambda m: {"chosen": m, "rejected": np.zeros_like(m), "loss": np.logaddexp(0.0, -m)}  # noqa: E731
+    calm, swung = per_pair(pairs(margin), "calibrated_loss"), per_pair(pairs(25.0 * margin), "calibrated_loss")
+    # the same order of the pairs at 25x the scale: the same calibrated loss (to the temperature fit's tolerance),
+    # where the raw loss of the swung cell is far worse
+    assert swung.mean() == pytest.approx(calm.mean(), rel=1e-5)
+    assert per_pair(pairs(25.0 * margin), "loss").mean() > 3 * per_pair(pairs(margin), "loss").mean()
+    assert calm.mean() <= per_pair(pairs(margin), "loss").mean() + 1e-12  # T = 1 is among the temperatures tried
+    assert per_pair(pairs(np.array([1.0, -1.0, 0.0])), "error").tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(HalvingError, match="statistic"):
+        per_pair(pairs(margin), "auc")
 
 
 # ---------------------------------------------------------------- a real sweep

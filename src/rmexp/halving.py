@@ -8,7 +8,8 @@ A cell is one run dir (`<sweep dir>/<cell>/`) for its whole life: its first laun
 (`trainer.stop_at_rung=0`), scores the rung split and pauses with a checkpoint; each later launch of a survivor
 continues that checkpoint (`trainer.resume=auto`) to the next rung, with the learning-rate schedule planned for
 the whole run, so the last survivor ends as the uninterrupted run would (rmexp.rungs). The decision at a rung ranks
-the cells by their mean Bradley-Terry loss on the rung split (paired: every cell scores the same pairs); a cell not
+the cells by a statistic of the rung split (hydra.sweeper.statistic: the mean Bradley-Terry loss by default; paired:
+every cell scores the same pairs); a cell not
 kept ends `stopped` (metrics.json, W&B), with its rung and its statistic. The sweep's state (`halving.json`: the
 cells, the plan, each rung's statistics and decisions) is written after every decision, so the same command after
 a kill -9 continues where the sweep stopped.
@@ -65,6 +66,29 @@ def plan(n_cells: int, eta: int, rungs: list[float] | None = None) -> tuple[list
     return [round(float(eta) ** -(n - 1 - k), 6) for k in range(n)], counts
 
 
+STATISTICS = ("loss", "calibrated_loss", "error")
+
+
+def per_pair(pairs: dict, statistic: str = "loss") -> np.ndarray:
+    """Each rung-split pair's value of the decision statistic (lower is better), from a rungs.jsonl record's
+    `pairs`. loss: the Bradley-Terry loss as the run computed it. calibrated_loss: the loss at the one temperature
+    that minimises the cell's mean loss (margin / T), so a cell whose rewards swing to a large scale early is ranked by
+    how it orders the pairs, not by its scale. error: 1 where the pair is decided wrong (ties wrong)."""
+    if statistic not in STATISTICS:
+        raise HalvingError(f"hydra.sweeper.statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    if statistic == "loss":
+        return np.asarray(pairs["loss"], dtype=np.float64)
+    margin = np.asarray(pairs["chosen"], dtype=np.float64) - np.asarray(pairs["rejected"], dtype=np.float64)
+    if statistic == "error":
+        return (margin <= 0).astype(np.float64)
+    from scipy.optimize import minimize_scalar
+
+    scale = float(np.abs(margin).mean()) or 1.0
+    fit = minimize_scalar(lambda log_t: np.logaddexp(0.0, -margin / (scale * np.exp(log_t))).mean(),
+                          bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6})
+    return np.logaddexp(0.0, -margin / (scale * np.exp(fit.x)))
+
+
 @dataclass
 class Decision:
     """One rung's outcome: each cell's statistic (mean rung-split loss and accuracy) and which go on."""
@@ -77,10 +101,11 @@ class Decision:
 
 
 def decide(losses: dict[str, np.ndarray], keep: int, rule: str = "rank", n_resamples: int = 10_000,
-           seed: int = 0) -> tuple[list[str], dict[str, str]]:
-    """The cells that go on and why the others stop, from each cell's per-pair rung losses (the same pairs, in
-    one order). rank: the `keep` lowest mean losses (ties: the earlier cell). guarded: those, and any other cell
-    the rung's best does not beat beyond the 95% paired-bootstrap interval of the per-pair loss difference."""
+           seed: int = 0, statistic: str = "loss") -> tuple[list[str], dict[str, str]]:
+    """The cells that go on and why the others stop, from each cell's per-pair values of the rung statistic (the
+    same pairs, in one order; lower is better). rank: the `keep` lowest means (ties: the earlier cell). guarded:
+    those, and any other cell the rung's best does not beat beyond the 95% paired-bootstrap interval of the
+    per-pair difference."""
     if rule not in RULES:
         raise HalvingError(f"hydra.sweeper.rule must be one of {', '.join(RULES)}, got {rule!r}")
     order = sorted(losses, key=lambda c: (float(np.mean(losses[c])), cell_order(c)))
@@ -100,8 +125,8 @@ def decide(losses: dict[str, np.ndarray], keep: int, rule: str = "rank", n_resam
         if c in kept:
             continue
         gap = float(np.mean(losses[c])) - best_loss
-        why = f"rank {rank} of {len(order)} (keeping {keep}): rung loss {float(np.mean(losses[c])):.4f}, {gap:+.4f} " \
-              f"behind cell {best}"
+        why = f"rank {rank} of {len(order)} (keeping {keep}): rung {statistic.replace('_', ' ')} " \
+              f"{float(np.mean(losses[c])):.4f}, {gap:+.4f} behind cell {best}"
         if c in low:
             why += f" (paired 95% interval of the gap starts at {low[c]:+.4f}, above 0)"
         stopped[c] = why
@@ -124,6 +149,7 @@ class State:
     counts: list[int]
     eta: int
     rule: str
+    statistic: str = "loss"
     decisions: list[dict] = field(default_factory=list)
     launches: list[dict] = field(default_factory=list)  # {rung, cells, started, ended}: the sweep's own wall time
     winner: str | None = None
@@ -209,12 +235,11 @@ class HalvingSweeper:
     """Hydra Sweeper (registered as hydra/sweeper=halving by hydra_plugins.rmexp_halving): the grid of the sweep
     overrides and `params`, halved rung by rung through the configured launcher."""
 
-    def __init__(self, eta: int = 3, rungs: list[float] | None = None, rule: str = "rank",
+    def __init__(self, eta: int = 3, rungs: list[float] | None = None, rule: str = "rank", statistic: str = "loss",
                  params: dict[str, str] | None = None):
         self.eta, self.rungs, self.rule, self.params = int(eta), list(rungs) if rungs else None, rule, params or {}
+        self.statistic = statistic
         self.hydra_context = self.config = self.launcher = None
-        if rule not in RULES:
-            raise HalvingError(f"hydra.sweeper.rule must be one of {', '.join(RULES)}, got {rule!r}")
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
@@ -241,6 +266,9 @@ class HalvingSweeper:
     def sweep(self, arguments: list[str]) -> list:
         from omegaconf import OmegaConf
 
+        if self.rule not in RULES:  # checked here, not in __init__: Hydra would wrap the error in its traceback
+            raise HalvingError(f"hydra.sweeper.rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        per_pair({"loss": [0.0]}, self.statistic)
         cells = self.grid(arguments)
         self.check_rung_split(next(iter(cells.values())))
         fractions, counts = plan(len(cells), self.eta, self.rungs)
@@ -249,15 +277,17 @@ class HalvingSweeper:
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         state = State.read(sweep_dir)
         if state is None:
-            state = State(cells, fractions, counts, self.eta, self.rule)
-        elif (state.cells, state.rungs, state.eta, state.rule) != (cells, fractions, self.eta, self.rule):
+            state = State(cells, fractions, counts, self.eta, self.rule, self.statistic)
+        elif (state.cells, state.rungs, state.eta, state.rule, state.statistic) != (
+                cells, fractions, self.eta, self.rule, self.statistic):
             raise HalvingError(f"{sweep_dir} holds another halving sweep ({sweep_dir / STATE_FILE}: "
-                               f"{len(state.cells)} cells, rungs {state.rungs}, eta {state.eta}, rule {state.rule}); "
-                               "run this one in a new hydra.sweep.dir, or the same command as that sweep's")
+                               f"{len(state.cells)} cells, rungs {state.rungs}, eta {state.eta}, rule {state.rule}, "
+                               f"statistic {state.statistic}); run this one in a new hydra.sweep.dir, or the same "
+                               "command as that sweep's")
         else:
             log.info("halving: continuing %s after rung %d", sweep_dir, len(state.decisions) - 1)
-        log.info("halving: %d cells, eta %d, rule %s: rungs at %s of each cell's planned steps, training %s cells",
-                 len(cells), self.eta, self.rule, fractions, counts)
+        log.info("halving: %d cells, eta %d, rule %s on the rung %s: rungs at %s of each cell's planned steps, "
+                 "training %s cells", len(cells), self.eta, self.rule, self.statistic, fractions, counts)
         state.write(sweep_dir)
         for decision in state.decisions:  # a kill between a decision and its marks: mark again
             self.mark(sweep_dir, decision)
@@ -297,26 +327,27 @@ class HalvingSweeper:
             log.error("halving: cell %s (%s) did not reach rung %d: %s", c, state.label(c), rung,
                       cell_status(sweep_dir / c))
         scored = {c: r for c, r in results.items() if r is not None}
-        statistics = {c: {k: r[k] for k in ("loss", "accuracy", "step", "n_pairs", "train_s")} for c, r in scored.items()}
+        values = {c: per_pair(r["pairs"], state.statistic) for c, r in scored.items()}
+        statistics = {c: {k: r[k] for k in ("loss", "accuracy", "step", "n_pairs", "train_s")}
+                      | {state.statistic: float(values[c].mean())} for c, r in scored.items()}
         if rung == len(state.rungs) - 1:  # the end: no decision, the winner is the best that got here
             kept, stopped = sorted(scored, key=cell_order), {}
             if scored:
-                state.winner = min(scored, key=lambda c: (scored[c]["loss"], cell_order(c)))
+                state.winner = min(scored, key=lambda c: (float(values[c].mean()), cell_order(c)))
         else:
             ids = {tuple(r["pairs"]["pair_id"]) for r in scored.values()}
             if len(ids) > 1:
                 raise HalvingError(f"rung {rung}: the cells scored different rung splits; the rung statistic is "
                                    "paired, so every cell must score the same pairs (one data.rung_* for the sweep)")
-            losses = {c: np.asarray(r["pairs"]["loss"], dtype=np.float64) for c, r in scored.items()}
             keep = min(state.counts[rung + 1], len(scored))
-            kept, stopped = decide(losses, keep, state.rule) if scored else ([], {})
+            kept, stopped = decide(values, keep, state.rule, statistic=state.statistic) if scored else ([], {})
         decision = Decision(rung, statistics, kept, stopped, failed)
         state.decisions.append(asdict(decision))
         state.write(sweep_dir)
         last = rung == len(state.rungs) - 1
         for c in kept:
-            log.info("halving: rung %d: cell %s (%s) %s, rung loss %.4f", rung, c, state.label(c),
-                     "finished" if last else "goes on", statistics[c]["loss"])
+            log.info("halving: rung %d: cell %s (%s) %s, rung %s %.4f", rung, c, state.label(c),
+                     "finished" if last else "goes on", state.statistic, statistics[c][state.statistic])
         self.mark(sweep_dir, asdict(decision))
         return returns
 
