@@ -40,12 +40,15 @@ ETAS, RULES = (2, 3, 4), ("rank", "guarded")
 # ---------------------------------------------------------------- the grid's per-pair results
 
 
-def export(grid_dir: Path, out: Path, partial: bool = False) -> dict:
+def export(grid_dir: Path, out: Path, partial: bool = False, into: dict | None = None) -> dict:
     """A trained grid's per-pair results: per cell its swept values, each rung's per-pair rewards with its train_s
-    and score_s, and the final pairs' rewards (scores.jsonl) with its metrics; the pair ids once."""
+    and score_s, and the final pairs' rewards (scores.jsonl) with its metrics; the pair ids once. `into`: an
+    earlier export whose cells these join (the cells a session could not finish, each run in its own run dir named
+    as its grid job: hydra.run.dir=<dir>/<n>)."""
     jobs = read_jobs(grid_dir)
-    keys = sweep_keys(grid_dir)
-    cells, rung_ids, final_ids, missing = {}, None, None, {}
+    keys = sweep_keys(grid_dir) or (into or {}).get("keys") or []
+    cells, missing = dict((into or {}).get("cells", {})), {}
+    rung_ids, final_ids = (into or {}).get("rung_pair_ids"), (into or {}).get("final_pair_ids")
     for job in jobs:
         if job.status != "ok":
             if partial:  # a grid still training: the cells done so far, the others named
@@ -70,8 +73,11 @@ def export(grid_dir: Path, out: Path, partial: bool = False) -> dict:
             "metrics": {k: m.get(k) for k in ("pairwise_accuracy", "ci_low", "ci_high", "n_eval_pairs", "eval_loss",
                                               "initial_pairwise_accuracy", "length_baseline_accuracy", "train_runtime_s",
                                               "runtime_s", "global_step")}}
-    grid = {"source": str(grid_dir), "keys": keys, "rung_pair_ids": rung_ids, "final_pair_ids": final_ids,
-            "cells": cells} | ({"missing": missing} if missing else {})
+    missing = {k: v for k, v in missing.items() if k not in cells}
+    cells = dict(sorted(cells.items(), key=lambda kv: int(kv[0])))
+    sources = [*(into or {}).get("sources", [(into or {}).get("source")] if into else []), str(grid_dir)]
+    grid = {"sources": [x for x in sources if x], "keys": keys, "rung_pair_ids": rung_ids,
+            "final_pair_ids": final_ids, "cells": cells} | ({"missing": missing} if missing else {})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(grid, separators=(",", ":")) + "\n")
     return grid
@@ -330,6 +336,7 @@ def main() -> None:
     p.add_argument("grid_dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench/results/halving_grid.json"))
     p.add_argument("--partial", action="store_true", help="a grid still training: export the cells done")
+    p.add_argument("--into", type=Path, help="an earlier export the cells join (it is rewritten: --out)")
     p = sub.add_parser("replay")
     p.add_argument("grid", type=Path)
     p.add_argument("--bootstrap", type=int, default=500, help="resamples of the rung split's pairs")
@@ -349,7 +356,8 @@ def main() -> None:
         p.add_argument("sweep_dir", type=Path)
     args = parser.parse_args()
     if args.command == "export":
-        grid = export(args.grid_dir, args.out, args.partial)
+        into = json.loads(args.into.read_text()) if args.into else None
+        grid = export(args.grid_dir, args.out, args.partial, into)
         print(f"wrote {args.out}: {len(grid['cells'])} cells, {len(grid['rung_pair_ids'])} rung pairs, "
               f"{len(grid['final_pair_ids'])} final pairs")
         return
