@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from rmexp.errors import UserError
+from rmexp.rundir import write_json
 from rmexp.rungs import read_rungs
 
 log = logging.getLogger("rmexp.halving")
@@ -162,10 +162,7 @@ class State:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
     def write(self, sweep_dir: Path) -> None:
-        path = Path(sweep_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(Path(sweep_dir) / STATE_FILE, asdict(self))
 
     def label(self, cell: str) -> str:
         """The cell's swept values (`lora.r=8 trainer.learning_rate=0.0002`), what tells it from the others."""
@@ -223,9 +220,7 @@ def mark_stopped(run_dir: Path, rung: int, statistic: dict, why: str, logger_cfg
             log.warning("halving: cell %s: W&B run %s not marked stopped (%s: %s)", run_dir.name,
                         metrics["wandb_run_id"], type(e).__name__, e)
     metrics |= {"status": "stopped", "stopped_at_rung": rung, "rung_statistic": statistic, "stop_reason": why}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, metrics)
 
 
 # ---------------------------------------------------------------- the sweeper
