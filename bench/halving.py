@@ -178,7 +178,8 @@ def replay_all(grid: dict, n_boot: int, seed: int, statistic: str, rungs: list[f
             lost, comparison = beaten(grid, best, result["winner"])
             dropped = sum(beaten(grid, best, replay(grid, eta, rule, p, statistic, rungs, 1000)["winner"])[0]
                           for p in resamples)
-            rows.append({"eta": eta, "rule": rule, "statistic": statistic, "winner": result["winner"],
+            rows.append({"eta": eta, "rungs": result["rungs"], "rule": rule, "statistic": statistic,
+                         "winner": result["winner"],
                          "winner_values": cells[result["winner"]]["values"],
                          "winner_accuracy": round(final_decisions(cells[result["winner"]]).mean(), 4),
                          "best": best, "best_accuracy": round(final_decisions(cells[best]).mean(), 4),
@@ -229,7 +230,8 @@ def sim_stat(margin: np.ndarray, statistic: str) -> np.ndarray:
     return per_pair({"chosen": margin, "rejected": np.zeros_like(margin), "loss": np.logaddexp(0.0, -margin)}, statistic)
 
 
-def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int, statistic: str = "loss") -> list[dict]:
+def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int, statistic: str = "loss",
+             rungs: list[float] | None = None) -> list[dict]:
     """Sweeps of `n_cells` simulated cells (cell 0 better by `gap` in expected final accuracy, the same margin
     shift at every rung), for each eta and rule: P(cell 0 dropped), and P(the winner is beaten by the sweep's
     best on the final pairs)."""
@@ -259,7 +261,7 @@ def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int, sta
         outcomes[None, "full grid"][0] += full != 0
         outcomes[None, "full grid"][1] += test["p_value"] < 0.05 and test["delta"] > 0
         for eta in ETAS:
-            fractions, counts = plan(n_cells, eta)
+            fractions, counts = plan(n_cells, eta, rungs)
             for rule in RULES:
                 alive = [str(i) for i in range(n_cells)]
                 for k, f in enumerate(fractions[:-1]):
@@ -270,7 +272,8 @@ def simulate(grid: dict, n_cells: int, gap: float, n_sweeps: int, seed: int, sta
                 outcomes[eta, rule][0] += winner != 0
                 outcomes[eta, rule][1] += test["p_value"] < 0.05 and test["delta"] > 0
     for (eta, rule), (dropped, beaten_) in outcomes.items():
-        rows.append({"cells": n_cells, "gap": gap, "eta": eta, "rule": rule, "statistic": statistic, "sweeps": n_sweeps,
+        rows.append({"cells": n_cells, "gap": gap, "eta": eta, "rungs": rungs, "rule": rule, "statistic": statistic,
+                     "sweeps": n_sweeps,
                      "p_cell0_dropped": round(dropped / n_sweeps, 4), "p_winner_beaten": round(beaten_ / n_sweeps, 4)})
     return rows
 
@@ -307,14 +310,16 @@ def check(grid: dict, sweep_dir: Path) -> dict:
 
 def table(grid: dict, sweep_dir: Path) -> str:
     """docs/sweeps.md's table: every cell of the full grid (its final accuracy with its interval, against the grid's
-    best on the same pairs) beside what the halving sweep in `sweep_dir` did with it (rung reached, rung losses)."""
+    best on the same pairs) beside what the halving sweep in `sweep_dir` did with it (rung reached, and the mean rung
+    statistic it decided on at each rung)."""
     from rmexp.metrics import wilson_interval
 
     state = State.read(sweep_dir)
     cells, best = grid["cells"], best_of_grid(grid)
     keys = grid["keys"]
-    lines = ["| cell | " + " | ".join(keys) + " | full grid: accuracy [95% CI] | vs best, exact p | rung losses (halving) "
-             "| halving: reached |", "|" + " --- |" * (len(keys) + 5)]
+    statistic = state.statistic.replace("_", " ") if state else "loss"
+    lines = ["| cell | " + " | ".join(keys) + f" | full grid: accuracy [95% CI] | vs best, exact p | rung {statistic} "
+             "(halving) | halving: reached |", "|" + " --- |" * (len(keys) + 5)]
     for name, c in cells.items():
         d = final_decisions(c)
         low, high = wilson_interval(int(d.sum()), d.size)
@@ -325,7 +330,8 @@ def table(grid: dict, sweep_dir: Path) -> str:
         vs = "best" if name == best else f"{-cmp_['delta']:+.3f}, p {cmp_['p_value']:.2g}"
         lines.append(f"| {name} | " + " | ".join(str(c["values"][k]) for k in keys)
                      + f" | {d.mean():.3f} [{low:.2f}, {high:.2f}] | {vs} | "
-                     + " / ".join(f"{r['loss']:.3f}" for r in real) + f" | {reached} |")
+                     + " / ".join(f"{per_pair(r['pairs'], state.statistic).mean():.3f}" for r in real)
+                     + f" | {reached} |")
     return "\n".join(lines)
 
 
@@ -349,6 +355,7 @@ def main() -> None:
     p.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.03, 0.05])
     p.add_argument("--sweeps", type=int, default=1000)
     p.add_argument("--statistic", choices=STATISTICS, default="loss")
+    p.add_argument("--rungs", type=float, nargs="+", help="rungs as fractions (else eta's own), e.g. 0.25 0.5 1.0")
     p.add_argument("--seed", type=int, default=0)
     for name in ("check", "table"):
         p = sub.add_parser(name)
@@ -369,7 +376,7 @@ def main() -> None:
             print(json.dumps(row))
     elif args.command == "simulate":
         for gap in args.gaps:
-            for row in simulate(grid, args.cells, gap, args.sweeps, args.seed, args.statistic):
+            for row in simulate(grid, args.cells, gap, args.sweeps, args.seed, args.statistic, args.rungs):
                 print(json.dumps(row))
     elif args.command == "table":
         print(table(grid, args.sweep_dir))

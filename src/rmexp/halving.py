@@ -69,13 +69,17 @@ def plan(n_cells: int, eta: int, rungs: list[float] | None = None) -> tuple[list
 STATISTICS = ("loss", "calibrated_loss", "error")
 
 
+def check_statistic(statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise HalvingError(f"hydra.sweeper.statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+
+
 def per_pair(pairs: dict, statistic: str = "loss") -> np.ndarray:
     """Each rung-split pair's value of the decision statistic (lower is better), from a rungs.jsonl record's
     `pairs`. loss: the Bradley-Terry loss as the run computed it. calibrated_loss: the loss at the one temperature
     that minimises the cell's mean loss (margin / T), so a cell whose rewards swing to a large scale early is ranked by
     how it orders the pairs, not by its scale. error: 1 where the pair is decided wrong (ties wrong)."""
-    if statistic not in STATISTICS:
-        raise HalvingError(f"hydra.sweeper.statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    check_statistic(statistic)
     if statistic == "loss":
         return np.asarray(pairs["loss"], dtype=np.float64)
     margin = np.asarray(pairs["chosen"], dtype=np.float64) - np.asarray(pairs["rejected"], dtype=np.float64)
@@ -230,8 +234,8 @@ class HalvingSweeper:
     """Hydra Sweeper (registered as hydra/sweeper=halving by hydra_plugins.rmexp_halving): the grid of the sweep
     overrides and `params`, halved rung by rung through the configured launcher."""
 
-    def __init__(self, eta: int = 3, rungs: list[float] | None = None, rule: str = "rank", statistic: str = "loss",
-                 params: dict[str, str] | None = None):
+    def __init__(self, eta: int = 3, rungs: list[float] | None = None, rule: str = "rank",
+                 statistic: str = "calibrated_loss", params: dict[str, str] | None = None):
         self.eta, self.rungs, self.rule, self.params = int(eta), list(rungs) if rungs else None, rule, params or {}
         self.statistic = statistic
         self.hydra_context = self.config = self.launcher = None
@@ -263,7 +267,7 @@ class HalvingSweeper:
 
         if self.rule not in RULES:  # checked here, not in __init__: Hydra would wrap the error in its traceback
             raise HalvingError(f"hydra.sweeper.rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        per_pair({"loss": [0.0]}, self.statistic)
+        check_statistic(self.statistic)
         cells = self.grid(arguments)
         self.check_rung_split(next(iter(cells.values())))
         fractions, counts = plan(len(cells), self.eta, self.rungs)

@@ -14,7 +14,7 @@ class HalvingSweeperConf:
     eta: int = 3                          # keep the best 1/eta of the cells at each rung
     rungs: list[float] | None = None   # the rungs as fractions of the planned steps; null: eta^-k, ..., 1/eta, 1
     rule: str = "rank"                    # rank: the best 1/eta by rung loss; guarded: and any the best does not beat
-    statistic: str = "loss"               # the rung split's per-pair statistic: loss, calibrated_loss or error
+    statistic: str = "calibrated_loss"    # the rung split's per-pair statistic: calibrated_loss, loss or error
     params: dict[str, str] | None = None  # the grid, as the basic sweeper's: {lora.r: "4,8,16", ...}
 
 
