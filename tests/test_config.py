@@ -123,8 +123,10 @@ def test_every_checked_value_fails_naming_its_key_before_data_or_model(tmp_path,
 
 # The same for the scoring apps' own keys (their configs hold no training groups): app, overrides, key.
 APP_REQUIRED = {"evaluate": "checkpoint=x data.path=y.jsonl paths.output_dir=z logger=none",
-                "score": "checkpoint=x question=q answer=a", "serve": "checkpoint=x", "export": "checkpoint=x output_dir=y"}
-APP_CHECKED = [(app, "device=gpu", "device") for app in sorted(APP_REQUIRED)]
+                "score": "checkpoint=x question=q answer=a", "serve": "checkpoint=x", "export": "checkpoint=x output_dir=y",
+                "ensemble": "members=[a,b] output_dir=y data.path=s.jsonl"}
+APP_CHECKED = [(app, "device=gpu", "device") for app in sorted(APP_REQUIRED)] + [
+    ("ensemble", "top=0", "top"), ("ensemble", "mode=mean greedy=true", "greedy")]
 
 
 @pytest.mark.parametrize("app,overrides,key", APP_CHECKED)

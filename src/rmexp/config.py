@@ -504,6 +504,30 @@ class ReportConfig:
     n_resamples: int = MISSING
 
 
+class EnsembleMode(str, Enum):
+    mean = "mean"
+    soup = "soup"
+
+
+@dataclass
+class EnsembleConfig:
+    members: list[str] = MISSING
+    top: int | None = MISSING
+    mode: EnsembleMode = MISSING
+    greedy: bool = MISSING
+    output_dir: str = MISSING
+    device: str = MISSING
+    eval: ScoringConfig = MISSING
+    data: DataConfig = MISSING
+
+    def __post_init__(self):
+        check_device(self)
+        if _given(self.top) and self.top is not None:
+            require(self.top >= 1, "top", "a number of members >= 1 (or null: all of them)", self.top)
+        if _given(self.greedy) and self.greedy and _given(self.mode):
+            require(self.mode == EnsembleMode.soup, "greedy", "false unless mode=soup (a greedy soup)", self.greedy)
+
+
 @dataclass
 class CompareConfig:
     a: str = MISSING
@@ -543,6 +567,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="rmexp_export_schema", node=ExportConfig)
     ConfigStore.instance().store(name="rmexp_report_schema", node=ReportConfig)
     ConfigStore.instance().store(name="rmexp_compare_schema", node=CompareConfig)
+    ConfigStore.instance().store(name="rmexp_ensemble_schema", node=EnsembleConfig)
 
 
 register_configs()

@@ -352,10 +352,13 @@ def export(checkpoint: str | Path, output_dir: str | Path, dtype: str = "bfloat1
     from peft import PeftConfig, PeftModel
 
     from rmexp.model import load_tokenizer, torch_dtype
-    from rmexp.rundir import CheckpointPathError, read_run_config, reward_stats
+    from rmexp.rundir import CheckpointPathError, mean_ensemble, read_run_config, reward_stats
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     run = locate(checkpoint)  # the run dir whose config it was trained with (itself, or above a checkpoint)
+    if mean_ensemble(checkpoint) is not None:
+        raise CheckpointPathError(f"{checkpoint} is a mean ensemble, its members' adapters scored one by one: no one "
+                                  f"model to export; export a soup of them (rmexp-ensemble mode=soup), or each member")
     if run is None:
         raise CheckpointPathError(f"{checkpoint} is an exported model already: AutoModelForSequenceClassification "
                                   "loads it as it is")

@@ -35,7 +35,14 @@ from rmexp.device import Placement, place
 from rmexp.errors import UserError
 from rmexp.packing import PackedPairCollator, packed_rewards, uses_packed_attention
 from rmexp.prepare import for_scoring
-from rmexp.rundir import RUN_OR_EXPORT, CheckpointPathError, locate, read_run_config, reward_stats
+from rmexp.rundir import (
+    RUN_OR_EXPORT,
+    CheckpointPathError,
+    locate,
+    mean_ensemble,
+    read_run_config,
+    reward_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,8 @@ class RewardModel:
         `rmexp.device.place` decides and logs. A device this machine lacks is a UserError, before anything loads."""
         path = Path(path).expanduser()
         run = locate(path)
+        if (record := mean_ensemble(path)) is not None:
+            return EnsembleRewardModel.from_record(path, record, packed, row_tokens, place(device))
         if normalize and run is not None and run != path:
             raise NormalizeError(f"{path}: normalize=True needs the reward mean and std of the model's evaluation, and "
                                  f"a checkpoint has none (the run's metrics.json describes its final model, {run}): "
@@ -244,6 +253,85 @@ class RewardModel:
         """The reward mean/std of the run's evaluation, and what an exported model recorded about itself."""
         run = reward_stats(Path(self.path)) if (Path(self.path) / "metrics.json").is_file() else {}
         return run | dict(getattr(self.model.config, "rmexp", None) or {}) | {"path": self.path}
+
+
+class EnsembleRewardModel(RewardModel):
+    """A mean ensemble (rmexp-ensemble mode=mean): the members' LoRA adapters on one base, each scored in turn
+    (peft's set_adapter; the packed forward of one member at a time), each member's rewards standardized by its
+    own mean and spread on the selection pairs (ensemble.json). Every scoring method returns the members' mean;
+    `last_members` (K x ...) holds the standardized member rewards of the last call and `last_uncertainty` their
+    standard deviation (population: a one-member ensemble's is 0). As a TRL reward function (`__call__`) it returns
+    mean - uncertainty_penalty * std, or with `worst_case` the lowest member's reward (Coste et al. 2024).
+    Its rewards are standardized already: `normalize` changes nothing."""
+
+    def __init__(self, *args, adapters: list[str], stats: list[tuple[float, float]], members: list[str],
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapters, self.stats, self.members = adapters, stats, members
+        self.uncertainty_penalty, self.worst_case = 0.0, False
+        self.last_members: torch.Tensor | None = None
+        self.last_uncertainty: torch.Tensor | None = None
+
+    @classmethod
+    def from_record(cls, path: Path, record: dict, packed: bool, row_tokens: int,
+                    placement: Placement) -> EnsembleRewardModel:
+        members = [Path(m["path"]) for m in record["members"]]
+        for member in members:
+            locate(member)  # each a finished run dir, before anything loads
+        first = RewardModel._load(members[0], members[0], packed, row_tokens, placement)
+        names = [f"member{k}" for k in range(len(members))]
+        for name, member in zip(names[1:], members[1:], strict=True):
+            first.model.load_adapter(str(member), adapter_name=name, torch_device=str(placement.device))
+        names[0] = "default"  # the adapter PeftModel.from_pretrained loaded
+        rm = cls(first.model, first.tokenizer, first.max_length, str(path), first.system_prompt, packed, row_tokens,
+                 adapters=names, stats=[(m["reward_mean"], m["reward_std"]) for m in record["members"]],
+                 members=[str(m) for m in members])
+        rm.packed = first.packed
+        return rm
+
+    def _each(self, score) -> torch.Tensor:
+        """score() under every member's adapter, standardized (float64), stacked: K x ..."""
+        out = []
+        try:
+            for name, (mean, std) in zip(self.adapters, self.stats, strict=True):
+                self.model.set_adapter(name)
+                out.append((torch.as_tensor(score()).double() - mean) / std)
+        finally:
+            self.model.set_adapter(self.adapters[0])
+        members = torch.stack(out)
+        self.last_members = members.float()
+        self.last_uncertainty = members.std(dim=0, correction=0).float()
+        return members
+
+    def score_tokens(self, sequences: list[list[int]], batch_size: int = 8) -> list[float]:
+        pad = self.tokenizer.pad_token_id
+        if self.packed:
+            members = self._each(lambda: score_sequences_packed(self.model, sequences, pad, self.row_tokens))
+        else:
+            members = self._each(lambda: score_sequences(self.model, sequences, pad, batch_size))
+        return members.mean(dim=0).float().tolist()
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        mean = torch.tensor(super().__call__(prompts, completions, **kwargs), dtype=torch.float64)
+        if self.worst_case:
+            return self.last_members.double().min(dim=0).values.tolist()
+        return (mean - self.uncertainty_penalty * self.last_uncertainty.double()).tolist()
+
+    def score_encoded(self, encoded, batch_size: int = 8, progress=None) -> torch.Tensor:
+        normalize, self.normalize = self.normalize, False
+        try:
+            bar = progress
+            def one():  # noqa: E306
+                nonlocal bar
+                rewards = RewardModel.score_encoded(self, encoded, batch_size, bar)
+                bar = None  # the bar counts pairs once, not once per member
+                return rewards
+            return self._each(one).mean(dim=0).float()
+        finally:
+            self.normalize = normalize
+
+    def info(self) -> dict:
+        return {"path": self.path, "mode": "mean", "members": self.members, "reward_mean": 0.0, "reward_std": 1.0}
 
 
 # ---------------------------------------------------------------- forward passes

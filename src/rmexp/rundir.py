@@ -442,6 +442,17 @@ def run_record(run_dir: Path, write: bool = True, carried: dict | None = None) -
 
 
 RUN_OR_EXPORT = "a run dir rmexp-train wrote (outputs/runs/<date>/<time>) or a dir rmexp-export wrote"
+ENSEMBLE_FILE = "ensemble.json"  # rmexp-ensemble's record: its mode, members and their standardization
+
+
+def mean_ensemble(path: Path) -> dict | None:
+    """rmexp-ensemble's record of a mean ensemble dir (its members' adapters scored on one base), else None; a soup
+    dir holds one too but is a run dir like any other."""
+    record = path / ENSEMBLE_FILE
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text(encoding="utf-8"))
+    return data if data.get("mode") == "mean" else None
 
 
 class CheckpointPathError(UserError, FileNotFoundError):
@@ -463,6 +474,8 @@ def locate(path: Path) -> Path | None:
         holder = _run_above(path)
         raise CheckpointPathError(f"{path} is a file, not a model dir: pass "
                                   + (f"the run dir it is in, {holder}" if holder else f"the dir that holds it ({RUN_OR_EXPORT})"))
+    if mean_ensemble(path) is not None:  # scored as its members' run dirs are (rmexp.reward_model.EnsembleRewardModel)
+        return path
     if is_run_dir(path):  # an adapter: a run dir, or a checkpoint of one
         if _has_run_config(path):
             _check_finished(path)
