@@ -215,6 +215,7 @@ DEFAULTS_FILES = {
     "ServerConfig": ("serve.yaml", "serve"), "EvaluateConfig": ("evaluate.yaml", None),
     "ServeConfig": ("serve.yaml", None), "ScoreConfig": ("score.yaml", None), "ExportConfig": ("export.yaml", None),
     "ReportConfig": ("report.yaml", None), "CompareConfig": ("compare.yaml", None),
+    "EnsembleConfig": ("ensemble.yaml", None),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -194,3 +195,58 @@ def test_members_that_would_score_text_differently_are_refused_by_name(members, 
     with pytest.raises(EnsembleError, match=f"differ in their {field}"):
         build(ensemble_cfg([members[0], other], tmp_path / "refused", selection))
     assert not (tmp_path / "refused").exists()
+
+
+def test_evaluate_of_a_mean_ensemble_writes_member_rewards_and_judges_its_uncertainty(members, selection, tmp_path):
+    from conftest import compose_evaluate
+    from rmexp.evaluate import evaluate
+
+    build(ensemble_cfg(members, tmp_path / "mean", selection))
+    metrics = evaluate(compose_evaluate(tmp_path / "mean", selection, tmp_path / "eval"))
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == metrics["n_pairs"] and all(len(line["members_chosen"]) == 3 for line in lines)
+    for line in lines:  # the reward is the members' mean, the uncertainty the spread of their margins
+        margins = torch.tensor(line["members_chosen"], dtype=torch.float64) - torch.tensor(line["members_rejected"],
+                                                                                          dtype=torch.float64)
+        assert line["uncertainty"] == pytest.approx(float(margins.std(correction=0)), rel=1e-6)
+        assert line["reward_chosen"] == pytest.approx(sum(line["members_chosen"]) / 3, rel=1e-6, abs=1e-6)
+    assert set(metrics["uncertainty"]) == {"abs_margin", "spread", "disagreement"}
+    # one run gets the |margin| baseline only
+    single = evaluate(compose_evaluate(members[0], selection, tmp_path / "eval1"))
+    assert set(single["uncertainty"]) == {"abs_margin"}
+
+
+def test_the_server_answers_an_ensembles_uncertainty_beside_openrlhfs_rewards(members, selection, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from rmexp.serve import build_app
+    from test_serve import COMPLETIONS, PROMPTS, serve_config
+
+    build(ensemble_cfg(members, tmp_path / "mean", selection))
+    rm = RewardModel.load(tmp_path / "mean")
+    expected = rm(prompts=PROMPTS, completions=COMPLETIONS)
+    spread = rm.last_uncertainty.tolist()
+    with TestClient(build_app(rm, serve_config())) as client:
+        got = client.post("/score", json={"prompts": PROMPTS, "completions": COMPLETIONS})
+        openrlhf = client.post("/get_reward", json={"query": [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)],
+                                                    "prompts": PROMPTS, "labels": ["x"] * len(PROMPTS)})
+    assert got.status_code == 200, got.text
+    assert got.json()["rewards"] == pytest.approx(expected, abs=1e-6)
+    assert got.json()["uncertainty"] == pytest.approx(spread, abs=1e-6)
+    assert openrlhf.status_code == 200, openrlhf.text
+    body = openrlhf.json()
+    assert len(body["rewards"]) == len(body["uncertainty"]) == len(PROMPTS)
+
+
+def test_grpo_steps_on_an_ensemble_with_an_uncertainty_penalty(members, selection, tmp_path):
+    from test_serve import grpo_steps
+
+    build(ensemble_cfg(members, tmp_path / "mean", selection))
+    rm = RewardModel.load(tmp_path / "mean")
+    rm.uncertainty_penalty = 1.0
+    single = RewardModel.load(members[0])
+    assert rm.__name__ != single.__name__  # TRL logs each under its own name
+    history, moved = grpo_steps(tmp_path, [rm, single], "ensemble")
+    assert moved
+    for name in (rm.__name__, single.__name__):
+        assert any(f"rewards/{name}/mean" in h for h in history), name

@@ -195,12 +195,12 @@ def write_soup(runs: list[Path], weights: list[float], out: Path) -> None:
     load_tokenizer(str(runs[0])).save_pretrained(str(out))
 
 
-def soup_accuracy(runs: list[Path], pairs, cfg, placement, where: Path) -> tuple[float, torch.Tensor]:
+def soup_accuracy(runs: list[Path], pairs, cfg, where: Path) -> tuple[float, torch.Tensor]:
     from rmexp.reward_model import RewardModel
 
     shutil.rmtree(where, ignore_errors=True)
     write_soup(runs, [1 / len(runs)] * len(runs), where)
-    rm = RewardModel._load(where, where, cfg.eval.packed, cfg.eval.row_tokens, placement)
+    rm = RewardModel.load(where, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens, device=cfg.device)
     rewards = rm.score_encoded(rm.encode(pairs))
     return accuracy(rewards), rewards
 
@@ -246,7 +246,7 @@ def build(cfg) -> dict:
         trials = []
         if cfg.greedy:  # Wortsman et al. 2022: add a member only if the soup's selection accuracy does not drop
             for k in order[1:]:
-                acc, _ = soup_accuracy([runs[j] for j in chosen + [k]], pairs, cfg, placement, out / ".trial")
+                acc, _ = soup_accuracy([runs[j] for j in chosen + [k]], pairs, cfg, out / ".trial")
                 trials.append({"path": records[k]["path"], "selection_accuracy": acc, "kept": acc >= best})
                 log.info("greedy soup: + %s -> selection accuracy %.3f (%s)", runs[k], acc,
                          "kept" if acc >= best else f"dropped: below {best:.3f}")
@@ -256,7 +256,7 @@ def build(cfg) -> dict:
         else:
             chosen = order
         write_soup([runs[k] for k in chosen], [1 / len(chosen)] * len(chosen), out)
-        rm = RewardModel._load(out, out, cfg.eval.packed, cfg.eval.row_tokens, placement)
+        rm = RewardModel.load(out, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens, device=cfg.device)
         scored = rm.score_encoded(rm.encode(pairs))
         rewards = scored.double().flatten()
         result |= {"members": [records[k] for k in chosen], "weights": [1 / len(chosen)] * len(chosen),

@@ -38,7 +38,7 @@ DUPLICATES_LOGGED = 3  # of which the log line names
 
 
 def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
-    from rmexp import diagnostics
+    from rmexp import diagnostics, uncertainty
     from rmexp.dataset import log_truncation, source_pairs, sources_of
     from rmexp.metrics import accuracy_by, length_baseline_accuracy, pairwise_metrics
     from rmexp.reward_model import RewardModel
@@ -57,7 +57,7 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     model = RewardModel.load(cfg.checkpoint, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens, device=cfg.device)
     if cfg.data.system_prompt:  # else the one the model was trained with
         model.system_prompt = cfg.data.system_prompt
-    rewards, lengths, prompt_buckets, truncation = score_file(model, pairs, cfg, out_dir / "scores.jsonl")
+    rewards, lengths, prompt_buckets, truncation, members = score_file(model, pairs, cfg, out_dir / "scores.jsonl")
     log_truncation({origin: truncation}, f"max_length={model.max_length} (the run's trainer.max_length)", log)
     chosen, rejected = rewards[:, 0].numpy(), rewards[:, 1].numpy()
     correct = [bool(c > r) for c, r in zip(chosen, rejected, strict=True)]
@@ -69,6 +69,8 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     metrics |= diag
     images = diagnostics.write(out_dir, chosen, rejected, diag)
     metrics["n_truncated"] = truncation["n_truncated"]
+    # which pairs it is unsure of: |margin| for every model, the members' spread and disagreement for an ensemble
+    metrics["uncertainty"] = uncertainty.summary(chosen, rejected, None if members is None else members.numpy())
     runtime = time.time() - started
     metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
                    data_format=data_format, n_duplicates=len(stats.duplicates),
@@ -81,6 +83,10 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     print(f"pairwise accuracy {metrics['pairwise_accuracy']:.3f} [{metrics['ci_low']:.2f}, {metrics['ci_high']:.2f}] "
           f"on {metrics['n_pairs']} pairs of {cfg.data.path}; length alone {metrics['length_baseline_accuracy']:.2f} "
           f"-> {out_dir}")
+    if len(metrics["uncertainty"]) > 1:  # an ensemble: does its uncertainty find the wrong pairs better than |margin|?
+        print("uncertainty against error, AUROC: " + ", ".join(
+            f"{name} {u['auroc']:.3f}" if u["auroc"] is not None else f"{name} -"
+            for name, u in metrics["uncertainty"].items()))
     if cfg.logger.backend is LoggerBackend.wandb:
         log_to_wandb(cfg, out_dir, metrics, pairs, rewards, images)
     return metrics
@@ -107,8 +113,9 @@ def log_read(origin: str, stats, data_format: str, data_cfg) -> None:
 def score_file(model, pairs, cfg, path: Path):
     """Score pairs a chunk at a time, appending each chunk's lines to `<path>.partial` (renamed to `path`
     at the end), so only one chunk's tokens are held at once. Returns rewards (n x 2), answer lengths in
-    tokens (n x 2), each pair's prompt-length bucket and the truncation counts (rmexp.dataset.truncation_counts:
-    n_truncated, n_prompt_truncated, n_answer_truncated, n_identical_after_truncation)."""
+    tokens (n x 2), each pair's prompt-length bucket, the truncation counts (rmexp.dataset.truncation_counts:
+    n_truncated, n_prompt_truncated, n_answer_truncated, n_identical_after_truncation) and, for an ensemble, its
+    members' standardized rewards (K x n x 2; else None), which each line of scores.jsonl also carries."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -119,6 +126,7 @@ def score_file(model, pairs, cfg, path: Path):
 
     rewards, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2, dtype=torch.long)
     buckets, flags = [], {"prompt_truncated": [], "answer_truncated": [], "identical": []}
+    members = []
     partial = path.with_name(path.name + ".partial")
     chunk = max(1, int(cfg.eval.chunk_pairs))
     with partial.open("w", encoding="utf-8") as f, \
@@ -133,11 +141,19 @@ def score_file(model, pairs, cfg, path: Path):
             flags["prompt_truncated"] += [e.chosen.prompt_truncated or e.rejected.prompt_truncated for e in encoded]
             flags["answer_truncated"] += [e.chosen.answer_truncated or e.rejected.answer_truncated for e in encoded]
             flags["identical"] += [e.identical for e in encoded]
-            f.writelines(score_lines(part, start, [pair_identity(pair_id(p), p.source)
-                                                   for p in pairs[start:start + len(encoded)]]))
+            identity = [pair_identity(pair_id(p), p.source) for p in pairs[start:start + len(encoded)]]
+            if getattr(model, "last_members", None) is not None:  # an ensemble: each member's rewards, their spread
+                members.append(model.last_members)
+                margins = model.last_members[..., 0].double() - model.last_members[..., 1].double()
+                identity = [ident | {"members_chosen": model.last_members[:, k, 0].tolist(),
+                                     "members_rejected": model.last_members[:, k, 1].tolist(),
+                                     "uncertainty": float(margins[:, k].std(correction=0))}
+                            for k, ident in enumerate(identity)]
+            f.writelines(score_lines(part, start, identity))
             f.flush()
     os.replace(partial, path)
-    return rewards, lengths, buckets, truncation_counts({k: np.array(v, dtype=bool) for k, v in flags.items()})
+    return (rewards, lengths, buckets, truncation_counts({k: np.array(v, dtype=bool) for k, v in flags.items()}),
+            torch.cat(members, dim=1) if members else None)
 
 
 def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards, images: dict) -> None:
@@ -152,6 +168,8 @@ def log_to_wandb(cfg, out_dir: Path, metrics: dict, pairs, rewards, images: dict
     try:
         run.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
                 | {f"eval/{k}": v for k, v in diagnostics.scalars(metrics).items()}
+                | {f"eval/uncertainty/{name}/{k}": v for name, figures in metrics["uncertainty"].items()
+                   for k, v in figures.items() if v is not None}
                 | diagnostics.images_payload(rewards[:, 0].numpy(), rewards[:, 1].numpy(), images))
         margins = (rewards[:, 0] - rewards[:, 1]).tolist()
         worst = sorted(range(len(pairs)), key=lambda i: margins[i])[:cfg.worst_pairs]

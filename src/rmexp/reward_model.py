@@ -64,6 +64,8 @@ class RewardModel:
         self.n_truncated = 0  # answers scored that lost tokens to max_length
         self._count = threading.Lock()  # tokens() may run on several threads (the reward server)
         self._template: dict[str, str] | None = None
+        # TRL logs a reward function under its __name__ (rewards/<name>/mean): the run's, so two models differ
+        self.__name__ = "-".join(Path(path).resolve().parts[-2:])
 
     @classmethod
     def load(cls, path: str | Path, packed: bool = True, row_tokens: int = 2048, normalize: bool = False,

@@ -7,6 +7,7 @@ FastAPI on uvicorn, listening on `serve.host`:`serve.port` (127.0.0.1:5000):
   start with its prompt; the rest is the response. Other fields (OpenRLHF's `labels`) are ignored.
 - `POST /score` `{"prompts": [...], "completions": [...]}` -> `{"rewards": [...]}`: TRL's
   reward-function call; prompts and completions are strings or chat message lists.
+- A mean ensemble (rmexp-ensemble) answers both with `uncertainty` too: per item, its members' spread.
 - `GET /health` (and `HEAD`) -> status, requests and texts served, how many lost tokens to max_length.
 
 Prompts and responses are formatted exactly as in training (chat template, system prompt,
@@ -284,7 +285,13 @@ def is_loopback(host: str) -> bool:
 def build_app(model, serve_cfg):
     """The FastAPI app around a loaded `RewardModel`."""
     stats = {"requests": 0, "texts": 0, "started": time.time()}
-    batcher = Batcher(model.score_tokens, int(serve_cfg.max_batch), float(serve_cfg.batch_window_ms) / 1000)
+    ensemble = hasattr(model, "last_uncertainty")  # an EnsembleRewardModel (rmexp-ensemble mode=mean)
+
+    def score(sequences):  # on the batcher's one scoring thread: last_uncertainty is this batch's
+        rewards = model.score_tokens(sequences)
+        return list(zip(rewards, model.last_uncertainty.tolist(), strict=True)) if ensemble else rewards
+
+    batcher = Batcher(score, int(serve_cfg.max_batch), float(serve_cfg.batch_window_ms) / 1000)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -330,6 +337,8 @@ def build_app(model, serve_cfg):
         rewards = await batcher.submit(sequences)  # normalized by score_tokens under serve.normalize
         stats["requests"] += 1
         stats["texts"] += len(items)
+        if ensemble:  # `rewards` as OpenRLHF reads it, and the members' spread beside it
+            return JSONResponse({"rewards": [r for r, _ in rewards], "uncertainty": [u for _, u in rewards]})
         return JSONResponse({"rewards": rewards})
 
     max_items = int(serve_cfg.max_items)
