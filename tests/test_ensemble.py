@@ -103,6 +103,13 @@ def members(tmp_path_factory, selection):
     return runs
 
 
+@pytest.fixture(scope="module")
+def mean_ensemble(members, selection, tmp_path_factory):
+    """The three members' mean ensemble, built once: (its dir, rmexp-ensemble's record)."""
+    out = tmp_path_factory.mktemp("mean") / "ensemble"
+    return out, build(ensemble_cfg(members, out, selection))
+
+
 def ensemble_cfg(runs, out, selection, *extra):
     with initialize_config_module(config_module="rmexp.conf", version_base="1.3"):
         cfg = compose("ensemble", overrides=[f"members=[{','.join(str(m) for m in runs)}]", f"output_dir={out}",
@@ -116,7 +123,6 @@ def selection_pairs(selection):
     return pairs
 
 
-@pytest.mark.numerics
 def test_a_one_member_mean_ensemble_scores_as_the_member_standardized(members, selection, tmp_path):
     record = build(ensemble_cfg(members[:1], tmp_path / "one", selection))
     member = RewardModel.load(members[0])
@@ -132,10 +138,9 @@ def test_a_one_member_mean_ensemble_scores_as_the_member_standardized(members, s
     assert record["selection_accuracy"] == float((raw[:, 0] > raw[:, 1]).double().mean())
 
 
-@pytest.mark.numerics
-def test_mean_ensemble_is_the_mean_of_each_member_scored_alone(members, selection, tmp_path):
-    record = build(ensemble_cfg(members, tmp_path / "mean", selection))
-    ens = RewardModel.load(tmp_path / "mean")
+def test_mean_ensemble_is_the_mean_of_each_member_scored_alone(mean_ensemble, selection):
+    path, record = mean_ensemble
+    ens = RewardModel.load(path)
     pairs = selection_pairs(selection)
     mean = ens.score_pairs(pairs).double()
     alone = []
@@ -197,12 +202,12 @@ def test_members_that_would_score_text_differently_are_refused_by_name(members, 
     assert not (tmp_path / "refused").exists()
 
 
-def test_evaluate_of_a_mean_ensemble_writes_member_rewards_and_judges_its_uncertainty(members, selection, tmp_path):
+def test_evaluate_of_a_mean_ensemble_writes_member_rewards_and_judges_its_uncertainty(members, mean_ensemble, selection,
+                                                                                      tmp_path):
     from conftest import compose_evaluate
     from rmexp.evaluate import evaluate
 
-    build(ensemble_cfg(members, tmp_path / "mean", selection))
-    metrics = evaluate(compose_evaluate(tmp_path / "mean", selection, tmp_path / "eval"))
+    metrics = evaluate(compose_evaluate(mean_ensemble[0], selection, tmp_path / "eval"))
     lines = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
     assert len(lines) == metrics["n_pairs"] and all(len(line["members_chosen"]) == 3 for line in lines)
     for line in lines:  # the reward is the members' mean, the uncertainty the spread of their margins
@@ -216,14 +221,13 @@ def test_evaluate_of_a_mean_ensemble_writes_member_rewards_and_judges_its_uncert
     assert set(single["uncertainty"]) == {"abs_margin"}
 
 
-def test_the_server_answers_an_ensembles_uncertainty_beside_openrlhfs_rewards(members, selection, tmp_path):
+def test_the_server_answers_an_ensembles_uncertainty_beside_openrlhfs_rewards(mean_ensemble):
     from fastapi.testclient import TestClient
 
     from rmexp.serve import build_app
     from test_serve import COMPLETIONS, PROMPTS, serve_config
 
-    build(ensemble_cfg(members, tmp_path / "mean", selection))
-    rm = RewardModel.load(tmp_path / "mean")
+    rm = RewardModel.load(mean_ensemble[0])
     expected = rm(prompts=PROMPTS, completions=COMPLETIONS)
     spread = rm.last_uncertainty.tolist()
     with TestClient(build_app(rm, serve_config())) as client:
@@ -238,11 +242,10 @@ def test_the_server_answers_an_ensembles_uncertainty_beside_openrlhfs_rewards(me
     assert len(body["rewards"]) == len(body["uncertainty"]) == len(PROMPTS)
 
 
-def test_grpo_steps_on_an_ensemble_with_an_uncertainty_penalty(members, selection, tmp_path):
+def test_grpo_steps_on_an_ensemble_with_an_uncertainty_penalty(members, mean_ensemble, tmp_path):
     from test_serve import grpo_steps
 
-    build(ensemble_cfg(members, tmp_path / "mean", selection))
-    rm = RewardModel.load(tmp_path / "mean")
+    rm = RewardModel.load(mean_ensemble[0])
     rm.uncertainty_penalty = 1.0
     single = RewardModel.load(members[0])
     assert rm.__name__ != single.__name__  # TRL logs each under its own name
