@@ -94,8 +94,7 @@ def read_adapter(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     config = json.loads((run / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    unsupported = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)] + \
-        [k for k in ("use_dora", "lora_bias") if config.get(k)]
+    unsupported = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias") if config.get(k)]
     if config.get("peft_type") != "LORA" or unsupported:
         raise EnsembleError(f"{run}: a soup averages plain LoRA adapters; this one has "
                             f"{unsupported or config.get('peft_type')}: use mode=mean")
@@ -123,8 +122,6 @@ def soup(adapters: list[tuple[dict, dict[str, torch.Tensor]]], weights: list[flo
             out[key] = torch.cat([t[key].float() for _, t in adapters], 1)
         else:
             out[key] = sum(w * t[key].float() for (_, t), w in zip(adapters, weights, strict=True))
-    for key in out:
-        out[key] = out[key].contiguous()
     config = dict(configs[0], r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
     return config, out
 
@@ -243,21 +240,22 @@ def build(cfg) -> dict:
     else:
         chosen = [order[0]]
         best = records[order[0]]["selection_accuracy"]
-        trials = []
+        trials, scored = [], None  # scored: the selection rewards of the soup of `chosen`, once a trial has them
         if cfg.greedy:  # Wortsman et al. 2022: add a member only if the soup's selection accuracy does not drop
             for k in order[1:]:
-                acc, _ = soup_accuracy([runs[j] for j in chosen + [k]], pairs, cfg, out / ".trial")
+                acc, trial = soup_accuracy([runs[j] for j in chosen + [k]], pairs, cfg, out / ".trial")
                 trials.append({"path": records[k]["path"], "selection_accuracy": acc, "kept": acc >= best})
                 log.info("greedy soup: + %s -> selection accuracy %.3f (%s)", runs[k], acc,
                          "kept" if acc >= best else f"dropped: below {best:.3f}")
                 if acc >= best:
-                    chosen, best = chosen + [k], acc
+                    chosen, best, scored = chosen + [k], acc, trial
             shutil.rmtree(out / ".trial", ignore_errors=True)
         else:
             chosen = order
         write_soup([runs[k] for k in chosen], [1 / len(chosen)] * len(chosen), out)
-        rm = RewardModel.load(out, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens, device=cfg.device)
-        scored = rm.score_encoded(rm.encode(pairs))
+        if scored is None:  # no trial scored this soup (the same tensors score the same)
+            rm = RewardModel.load(out, packed=cfg.eval.packed, row_tokens=cfg.eval.row_tokens, device=cfg.device)
+            scored = rm.score_encoded(rm.encode(pairs))
         rewards = scored.double().flatten()
         result |= {"members": [records[k] for k in chosen], "weights": [1 / len(chosen)] * len(chosen),
                    "greedy": bool(cfg.greedy), "greedy_trials": trials, "selection_accuracy": accuracy(scored)}
