@@ -202,6 +202,57 @@ def test_members_that_would_score_text_differently_are_refused_by_name(members, 
     assert not (tmp_path / "refused").exists()
 
 
+def test_members_with_another_chat_template_are_refused_by_name(members, selection, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(members[1], other)
+    (other / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(EnsembleError, match="differ in their chat template"):
+        build(ensemble_cfg([members[0], other], tmp_path / "refused", selection))
+    assert not (tmp_path / "refused").exists()
+
+
+def sweep_dir(tmp_path, statuses):
+    """A sweep dir as Hydra's multirun leaves it, its jobs with the given metrics.json statuses (None: none yet)."""
+    sweep = tmp_path / "sweep"
+    for n, status in enumerate(statuses):
+        (sweep / str(n) / ".hydra").mkdir(parents=True)
+        (sweep / str(n) / ".hydra" / "overrides.yaml").write_text(f"- lora.r={4 * (n + 1)}\n")
+        if status is not None:
+            (sweep / str(n) / "metrics.json").write_text(json.dumps({"status": status}))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return sweep
+
+
+@pytest.mark.parametrize(("members_of", "extra", "message"), [
+    (lambda runs, tmp: [], (), r"members=\[\] is empty"),
+    (lambda runs, tmp: [runs[0], runs[0]], (), "lists a run twice"),
+    (lambda runs, tmp: runs[:2], ("top=1",), "top=<k> ranks a sweep's runs"),
+    (lambda runs, tmp: [next((runs[0] / "checkpoints").glob("checkpoint-*"))], (), "not a checkpoint"),
+    (lambda runs, tmp: [sweep_dir(tmp, ["failed", None])], ("top=1",), "no finished run"),
+])
+def test_member_lists_that_make_no_ensemble_are_refused_before_anything_loads(members, selection, tmp_path, members_of,
+                                                                              extra, message):
+    runs = members_of(members, tmp_path)
+    with initialize_config_module(config_module="rmexp.conf", version_base="1.3"):
+        cfg = compose("ensemble", overrides=[f"members=[{','.join(str(m) for m in runs)}]",
+                                             f"output_dir={tmp_path / 'refused'}", f"data.path={selection}", *extra])
+    with pytest.raises(EnsembleError, match=message):
+        build(to_typed(cfg))
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("use_dora", True), ("rank_pattern", {"q_proj": 2}),
+                                            ("target_modules", ["q_proj"])])
+def test_a_soup_refuses_adapters_it_cannot_average_before_scoring(members, selection, tmp_path, monkeypatch, key, value):
+    other = tmp_path / "other"
+    shutil.copytree(members[1], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {key: value}))
+    monkeypatch.setattr("rmexp.ensemble.score_members", lambda *a: pytest.fail("scored before refusing"))
+    with pytest.raises(EnsembleError, match="use mode=mean"):
+        build(ensemble_cfg([members[0], other], tmp_path / "refused", selection, "mode=soup"))
+
+
 def test_evaluate_of_a_mean_ensemble_writes_member_rewards_and_judges_its_uncertainty(members, mean_ensemble, selection,
                                                                                       tmp_path):
     from conftest import compose_evaluate

@@ -96,6 +96,63 @@ def test_report_marks_exactly_the_jobs_the_paired_test_cannot_separate_from_the_
     assert "| p_vs_best | tied_with_best |" in (tmp_path / "summary.md").read_text()
 
 
+def fake_eval(root: Path, name: str, correct, checkpoint: Path) -> Path:
+    """An rmexp-evaluate dir of `checkpoint` on the jobs' pairs: eval_metrics.json and scores.jsonl."""
+    out = fake_job(root / "evals", name, [], correct)
+    (out / "metrics.json").unlink()
+    (out / "eval_metrics.json").write_text(json.dumps({"pairwise_accuracy": float(np.mean(correct)), "ci_low": 0.5,
+                                                       "ci_high": 0.9, "n_pairs": len(correct),
+                                                       "checkpoint": str(checkpoint)}))
+    return out
+
+
+def test_an_ensemble_of_the_jobs_is_a_row_beside_them_paired_with_the_best_job(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    jobs = [fake_job(sweep, str(k), [f"trainer.learning_rate={k + 1}e-4"], first(n)) for k, n in enumerate((30, 20))]
+    ensemble = tmp_path / "mean2"
+    ensemble.mkdir()
+    (ensemble / "ensemble.json").write_text(json.dumps({"mode": "mean", "members": [{"path": str(j)} for j in jobs]}))
+    better = first(38)  # 8 pairs better than job 0, none worse: p = 2 / 2^8
+    ens_eval = fake_eval(tmp_path, "eval-mean2", better, ensemble)
+    other = fake_eval(tmp_path, "eval-other", first(20)[::-1][:N], tmp_path / "elsewhere")
+    result = report(sweep, use_wandb=False, n_resamples=2000, also=[ens_eval, other])
+    # the best is a job's (the ensemble is compared with it, never chosen): the verdict is the sweep's own
+    assert result["best"] == "0" and result["tied_with_best"] == ["0"]
+    rows = read_rows(sweep)
+    row = rows["also: eval-mean2"]
+    assert row["model"] == "mean ensemble of jobs 0, 1"
+    assert float(row["delta_vs_best"]) == pytest.approx(8 / 40)
+    # Holm over job 1 (10 worse: p = 2 / 2^10), the ensemble and the other eval (10 better, 20 worse): the
+    # ensemble's p is the second smallest, times 2
+    assert float(row["p_vs_best"]) == pytest.approx(2 * 2 / 2**8) and row["tied_with_best"] == "False"
+    assert rows["also: eval-other"]["model"] == str(tmp_path / "elsewhere")
+    assert result["also"]["also: eval-mean2"]["delta"] == pytest.approx(8 / 40)
+    out = capsys.readouterr().out
+    assert "also: eval-mean2 (mean ensemble of jobs 0, 1): 0.9500 [0.5000, 0.9000]; - best job 0: +0.2000" in out
+    with pytest.raises(Exception, match="neither an rmexp-evaluate dir"):
+        report(sweep, use_wandb=False, also=[ensemble])
+
+
+def test_compare_shows_a_mean_ensemble_beside_each_of_its_members(tmp_path):
+    ensemble = tmp_path / "mean2"
+    ensemble.mkdir()
+    (ensemble / "ensemble.json").write_text(json.dumps({"mode": "mean", "members": [{"path": "run-a"},
+                                                                                     {"path": "run-b"}]}))
+    mean = first(30)
+    out = fake_eval(tmp_path, "eval-mean2", mean, ensemble)
+    member_right = [first(26), first(34)]  # member a: 4 pairs worse than the mean; member b: 4 better
+    lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    for i, line in enumerate(lines):
+        line["members_chosen"] = [1.0 if m[i] else -1.0 for m in member_right]
+        line["members_rejected"] = [0.0, 0.0]
+    (out / "scores.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = compare(fake_job(tmp_path, "single", [], first(30)), out, n_resamples=2000)
+    assert result["members_a"] == {} and list(result["members_b"]) == ["run-a", "run-b"]
+    a, b = result["members_b"]["run-a"], result["members_b"]["run-b"]
+    assert (a["accuracy_a"], a["delta"], a["n_b_better"], a["p_value"]) == pytest.approx((26 / 40, 4 / 40, 4, 2 / 2**4))
+    assert (b["delta"], b["n_a_better"]) == pytest.approx((-4 / 40, 4))
+
+
 def test_a_seed_axis_is_one_row_per_setting_with_the_mean_sd_and_a_test_on_seed_averaged_decisions(tmp_path):
     correct = {"1e-4": [first(30), first(32), first(34)], "2e-4": [first(20), first(22), first(24)]}
     for k, (lr, seed) in enumerate((lr, s) for lr in correct for s in (1, 2, 3)):

@@ -38,6 +38,7 @@ class Scores:
     pair_ids: list[str]
     decisions: np.ndarray
     sources: list[str | None]
+    members: np.ndarray | None = None  # a mean ensemble's: each member's decisions (K x pairs), from its rewards
 
     @property
     def accuracy(self) -> float:
@@ -51,7 +52,7 @@ def read_scores(path: str | Path) -> Scores:
     file = path / SCORES if path.is_dir() else path
     if not file.is_file():
         raise PairingError(f"{path}: no {SCORES} (not a finished rmexp run or rmexp-evaluate dir)")
-    ids, decided, sources, seen = [], [], [], set()
+    ids, decided, sources, members, seen = [], [], [], [], set()
     with file.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             row = json.loads(line)
@@ -64,9 +65,36 @@ def read_scores(path: str | Path) -> Scores:
             ids.append(row["pair_id"])
             decided.append(float(row["reward_chosen"] > row["reward_rejected"]))
             sources.append(row.get("source"))
+            if "members_chosen" in row:
+                members.append(np.greater(row["members_chosen"], row["members_rejected"]).astype(float))
     if not ids:
         raise PairingError(f"{file}: no scored pairs")
-    return Scores(str(path), ids, np.asarray(decided), sources)
+    return Scores(str(path), ids, np.asarray(decided), sources,
+                  np.stack(members, axis=1) if len(members) == len(ids) else None)
+
+
+def member_names(path: str | Path, k: int) -> list[str]:
+    """The run dirs of a mean ensemble's members, by the ensemble.json of the dir an eval dir evaluated."""
+    from rmexp.rundir import ENSEMBLE_FILE
+
+    metrics = Path(path) / "eval_metrics.json"
+    checkpoint = json.loads(metrics.read_text(encoding="utf-8")).get("checkpoint") if metrics.is_file() else None
+    record = Path(checkpoint or path) / ENSEMBLE_FILE
+    if record.is_file():
+        names = [m["path"] for m in json.loads(record.read_text(encoding="utf-8"))["members"]]
+        if len(names) == k:
+            return names
+    return [f"member {i}" for i in range(k)]
+
+
+def against_members(scores: Scores, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, dict]:
+    """A mean ensemble against each of its members on the same pairs (paired_comparison(member, ensemble): delta
+    is the ensemble's gain), by member run dir; empty for any other model."""
+    if scores.members is None:
+        return {}
+    names = member_names(scores.where, len(scores.members))
+    return {name: paired_comparison(member, scores.decisions, n_resamples, seed)
+            for name, member in zip(names, scores.members, strict=True)}
 
 
 def aligned(reference: Scores, other: Scores, require_same: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -109,20 +137,23 @@ def compare(a: str | Path | Scores, b: str | Path | Scores, n_resamples: int = N
         mask = sources == name
         by_source[name] = paired_comparison(da[mask], db[mask], n_resamples, seed)
     return {"a": a.where, "b": b.where, "n_only_a": len(a.pair_ids) - len(ia), "n_only_b": len(b.pair_ids) - len(ib),
-            "overall": paired_comparison(da, db, n_resamples, seed), "by_source": by_source}
+            "overall": paired_comparison(da, db, n_resamples, seed), "by_source": by_source,
+            "members_a": against_members(a, n_resamples, seed), "members_b": against_members(b, n_resamples, seed)}
 
 
 TABLE_COLUMNS = ["n_pairs", "accuracy_a", "accuracy_b", "delta", "delta_ci_low", "delta_ci_high", "n_a_better",
                  "n_b_better", "p_value"]
 
 
-def table(result: dict) -> str:
-    """The comparison as a markdown table: overall, then one row per source."""
+def table(result: dict, key: str = "by_source", first: str = "pairs") -> str:
+    """The comparison as a markdown table: overall, then one row per source (or per `key`'s rows: a mean
+    ensemble's members, `members_a`/`members_b`, each a against the ensemble as b)."""
     def cell(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    lines = ["| pairs | " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
-    for name, row in [("all", result["overall"]), *result["by_source"].items()]:
+    lines = [f"| {first} | " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    rows = [("all", result["overall"]), *result[key].items()] if key == "by_source" else result[key].items()
+    for name, row in rows:
         lines.append(f"| {name} | " + " | ".join(cell(row[c]) for c in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -153,6 +184,10 @@ def app(cfg: DictConfig) -> dict | None:
     print(f"a = {result['a']}\nb = {result['b']}\n")
     print(table(result))
     print("\n" + verdict(result))
+    for side in ("a", "b"):
+        if result[f"members_{side}"]:
+            print(f"\n{side} is a mean ensemble; each member (a) against it (b) on all of {side}'s pairs:\n"
+                  + table(result, f"members_{side}", "member"))
     return result
 
 

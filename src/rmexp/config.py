@@ -499,6 +499,7 @@ class ExportConfig:
 @dataclass
 class ReportConfig:
     sweep_dir: str = MISSING
+    also: list[str] = MISSING
     wandb: bool = MISSING
     seed: int = MISSING
     n_resamples: int = MISSING

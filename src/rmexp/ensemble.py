@@ -90,15 +90,31 @@ def lora_scaling(config: dict) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def read_adapter(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def adapter_config(run: Path) -> dict:
+    """A member's adapter config, refused unless a soup can average it (plain LoRA: no DoRA, no per-module ranks)."""
     config = json.loads((run / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias") if config.get(k)]
     if config.get("peft_type") != "LORA" or unsupported:
         raise EnsembleError(f"{run}: a soup averages plain LoRA adapters; this one has "
                             f"{unsupported or config.get('peft_type')}: use mode=mean")
-    return config, load_file(str(run / ADAPTER_WEIGHTS))
+    return config
+
+
+def check_soup(runs: list[Path]) -> None:
+    """Refuse, before anything is scored, members a soup cannot average: other adapters than plain LoRA, or LoRA
+    on other modules."""
+    configs = [adapter_config(r) for r in runs]
+    for run, config in zip(runs[1:], configs[1:], strict=True):
+        if set(config["target_modules"]) != set(configs[0]["target_modules"]):
+            raise EnsembleError(f"{run} and {runs[0]} adapt different modules (lora.target_modules: "
+                                f"{sorted(config['target_modules'])} vs {sorted(configs[0]['target_modules'])}): a soup "
+                                "needs the same ones; use mode=mean")
+
+
+def read_adapter(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return adapter_config(run), load_file(str(run / ADAPTER_WEIGHTS))
 
 
 def soup(adapters: list[tuple[dict, dict[str, torch.Tensor]]], weights: list[float]) -> tuple[dict, dict]:
@@ -180,14 +196,15 @@ def write_soup(runs: list[Path], weights: list[float], out: Path) -> None:
     from safetensors.torch import save_file
 
     from rmexp.model import load_tokenizer
-    from rmexp.rundir import RUN_CONFIG
+    from rmexp.rundir import RUN_CONFIG, read_run_config
 
     config, tensors = soup([read_adapter(r) for r in runs], weights)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    run_cfg = OmegaConf.load(runs[0] / RUN_CONFIG)
+    run_cfg = OmegaConf.structured(read_run_config(runs[0]))  # a run of any rmexp version: today's schema
     run_cfg.lora.r, run_cfg.lora.lora_alpha = config["r"], config["lora_alpha"]
+    run_cfg.paths.output_dir = str(out.resolve())
     OmegaConf.save(run_cfg, out / RUN_CONFIG)
     load_tokenizer(str(runs[0])).save_pretrained(str(out))
 
@@ -219,6 +236,9 @@ def build(cfg) -> dict:
         raise EnsembleError(f"{out} holds a model already: pass a new output_dir")
     runs = resolve_members(list(cfg.members), cfg.top)
     check_members(runs)
+    mode = getattr(cfg.mode, "value", cfg.mode)
+    if mode == "soup":
+        check_soup(runs)
     pairs, stats, origin, data_format = source_pairs(SourceConfig(path=cfg.data.path, split=cfg.data.split), cfg.data,
                                                      on_duplicate="skip")
     log_read(origin, stats, data_format, cfg.data)
@@ -230,7 +250,6 @@ def build(cfg) -> dict:
         order = order[:cfg.top]
     for k in order:
         log.info("member %s: selection accuracy %.3f", runs[k], records[k]["selection_accuracy"])
-    mode = getattr(cfg.mode, "value", cfg.mode)
     result = {"mode": mode, "selection": {"path": str(cfg.data.path), "n_pairs": len(pairs)}}
     if mode == "mean":
         members = [records[k] for k in order]

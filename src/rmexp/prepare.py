@@ -282,14 +282,17 @@ def for_training(model, options=None, fsdp: bool = False, accelerator=None, plan
     return model
 
 
-def for_scoring(model, packed: bool = True, attention: str = "auto"):
+def for_scoring(model, packed: bool = True, attention: str = "auto", dequant_cache: str = "auto"):
     """Every change scoring makes to a loaded model: rewards from an fp32 head on fp32 hidden states and, with
     `packed`, the packed attention kernel wherever the model's attention can take it (else the padded forward
     scores): `attention` (auto, sdpa_segments, flex) picks it as trainer.attention does, for the device the model
-    is on. On a base whose saved adapter is still to load, before it loads: the adapter's fp32 head weights
-    must land in fp32 modules."""
+    is on. The 4-bit base dequantized once where the copy fits (`dequant_cache`, as trainer.dequant_cache): the
+    matmuls training's evaluation does, so a model scores as it was evaluated, and on CPU the only fast 4-bit
+    path (bitsandbytes' repacked inference kernel is what scoring would run otherwise). On a base whose saved
+    adapter is still to load, before it loads: the adapter's fp32 head weights must land in fp32 modules."""
     upcast_reward_head(model)
     if packed and can_pack(model):
         device = next(model.parameters()).device
         use_packed_attention(model, *flex.kernel_for(attention, device, model.config, key="attention"))
+    cache_dequantized_base(model, dequant_cache)
     return model

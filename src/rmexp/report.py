@@ -19,6 +19,7 @@ decisions, and the heatmap shows the mean.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from rmexp.config import CONF_PATH, ReportConfig, to_typed
 from rmexp.errors import MissingPathError, UserError
 from rmexp.halving import State
 from rmexp.metrics import wilson_interval
+from rmexp.rundir import ENSEMBLE_FILE
 from rmexp.rungs import planned_steps, read_rungs
 from rmexp.stats import ALPHA, N_RESAMPLES, against_best, min_detectable_difference, paired_bootstrap
 from rmexp.sweep import Job, read_jobs, sweep_group, sweep_keys
@@ -66,10 +68,12 @@ class Entry:
     scores: Scores | None = None  # per-pair decisions, seed-averaged for a group
     pairing: str = ""  # why the entry is not paired with the best
     paired: dict = field(default_factory=dict)  # its stats.against_best result
+    label: str = ""  # an also row's name
+    model: str = ""  # an also row: what the model is
 
     @property
     def name(self) -> str:
-        return ", ".join(j.dir.name for j in self.jobs)
+        return self.label or ", ".join(j.dir.name for j in self.jobs)
 
     @property
     def done(self) -> list[Job]:
@@ -122,6 +126,8 @@ def rows_of(entries: list[Entry], keys: list[str]) -> list[dict]:
             row.update({c: job.metrics.get(c, "") for c in RESULT_COLUMNS})
             row["status"] = job.status
         row.update(paired_cells(entry))
+        if entry.model:
+            row["model"] = entry.model
         if entry.pairing:
             row["pairing"] = entry.pairing
         errors = [(f"{j.dir.name}: " if seeds else "") + j.metrics.get("error", "") for j in entry.jobs
@@ -154,6 +160,43 @@ def paired_cells(entry: Entry) -> dict:
     return cells
 
 
+ALSO_PREFIX = "also: "  # an also row's name, so it never collides with a job's
+
+
+def also_entry(path: str | Path, sweep_dir: Path) -> Entry:
+    """Another model's row: an rmexp-evaluate dir (eval_metrics.json) or a run dir (metrics.json) holding
+    scores.jsonl, as a one-job entry named after its dir; `model` says what it is (an ensemble or soup of which
+    jobs, from the evaluated dir's ensemble.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingPathError(f"also: no such eval dir {path}")
+    if (path / "eval_metrics.json").is_file():
+        found = json.loads((path / "eval_metrics.json").read_text(encoding="utf-8"))
+        metrics = {k: found[k] for k in ("pairwise_accuracy", "ci_low", "ci_high", "runtime_s") if k in found}
+        metrics |= {"status": "ok", "n_eval_pairs": found.get("n_pairs"), "checkpoint": found.get("checkpoint")}
+    elif (path / "metrics.json").is_file():
+        metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8")) | {"checkpoint": str(path)}
+    else:
+        raise MissingPathError(f"also: {path} is neither an rmexp-evaluate dir (eval_metrics.json) nor a run dir "
+                               "(metrics.json): evaluate the model on the jobs' eval pairs and pass that dir")
+    return Entry([Job(path, [], metrics)], label=ALSO_PREFIX + path.name, model=describe(metrics["checkpoint"], sweep_dir))
+
+
+def describe(checkpoint: str | None, sweep_dir: Path) -> str:
+    """What a model dir is: `mean ensemble of jobs 1, 7` (members named by job where they are the sweep's), a
+    soup or greedy soup of them, else the dir."""
+    if not checkpoint:
+        return ""
+    record_file = Path(checkpoint) / ENSEMBLE_FILE
+    if not record_file.is_file():
+        return str(checkpoint)
+    record = json.loads(record_file.read_text(encoding="utf-8"))
+    sweep = sweep_dir.resolve()
+    names = [Path(m["path"]).name if Path(m["path"]).resolve().parent == sweep else m["path"] for m in record["members"]]
+    kind = "mean ensemble" if record.get("mode") == "mean" else "greedy soup" if record.get("greedy") else "soup"
+    return f"{kind} of jobs {', '.join(names)}"
+
+
 def best_entry(entries: list[Entry]) -> Entry | None:
     done = [e for e in entries if e.accuracy is not None]
     # ties on accuracy: lower eval loss wins
@@ -173,13 +216,16 @@ class Verdict:
     reason: str = ""  # why there is no paired comparison at all
 
 
-def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: int = 0) -> Verdict:
+def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: int = 0,
+                   also: list[Entry] = ()) -> Verdict:
     """Read every finished entry's scores (seed-averaged for a group), take the best by mean accuracy, and test
     each entry scored on the best's pairs against it (stats.against_best, Holm over the entries compared); an
     entry scored on other pairs is refused, its `pairing` saying why. The smallest detectable gap is
     stats.min_detectable_difference at the observed share of pairs the entries decide unlike the best
-    (averaged over the entries compared), or 2p(1-p) at the best's accuracy p when none is compared."""
-    for entry in entries:
+    (averaged over the entries compared), or 2p(1-p) at the best's accuracy p when none is compared.
+    `also` (other models on the same pairs: an ensemble of the jobs) are tested against the best job likewise,
+    in the same correction, but are never the best, and the verdict and its detectable gap are the jobs' own."""
+    for entry in [*entries, *also]:
         if entry.done:
             try:
                 entry.scores = averaged([read_scores(j.dir) for j in entry.done], f"job {entry.name}")
@@ -191,7 +237,7 @@ def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: i
     if best.scores is None:
         return Verdict(best, reason=f"the best job has no per-pair scores ({best.pairing or 'no scores.jsonl'})")
     decisions = {best.name: best.scores.decisions}
-    for entry in entries:
+    for entry in [*entries, *also]:
         if entry is best or entry.scores is None:
             continue
         try:
@@ -203,10 +249,10 @@ def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: i
         ordered[ref_idx] = entry.scores.decisions[idx]  # in the best's pair order
         decisions[entry.name] = ordered
     results = against_best(decisions, best.name, n_resamples, seed)
-    for entry in entries:
+    for entry in [*entries, *also]:
         entry.paired = results.get(entry.name, {})
     n = len(best.scores.decisions)
-    shares = [(r["n_a_better"] + r["n_b_better"]) / n for k, r in results.items() if k != best.name]
+    shares = [(e.paired["n_a_better"] + e.paired["n_b_better"]) / n for e in entries if e.paired and e is not best]
     psi = statistics.fmean(shares) if shares and any(shares) else 2 * best.scores.accuracy * (1 - best.scores.accuracy)
     return Verdict(best, [e for e in entries if e.paired.get("tied_with_best")], entries, n,
                    min_detectable_difference(n, psi))
@@ -387,7 +433,10 @@ def log_to_wandb(sweep_dir: Path, jobs: list[Job], rows: list[dict], heatmap: Pa
         wandb.finish()
 
 
-def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
+def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_RESAMPLES, seed: int = 0,
+           also: list[str | Path] = ()) -> dict:
+    """`also`: eval dirs of other models on the jobs' eval pairs (an ensemble or soup of the jobs), each a row
+    after the jobs', paired with the best job."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise MissingPathError(f"sweep_dir: no such dir {sweep_dir} (a multirun dir, e.g. outputs/multirun/<date>/<time>)")
@@ -396,8 +445,9 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
         raise UserError(f"{sweep_dir}: no sweep jobs found (no */.hydra/overrides.yaml): sweep_dir is a multirun's dir")
     keys = swept_keys(sweep_dir, jobs)
     entries = entries_of(jobs, keys)
-    verdict = pair_with_best(entries, n_resamples, seed)
-    rows = rows_of(entries, keys)
+    others = [also_entry(p, sweep_dir) for p in also]
+    verdict = pair_with_best(entries, n_resamples, seed, others)
+    rows = rows_of(entries + others, keys)
     add_rung_history(rows, jobs)
     write_tables(rows, sweep_dir)
     heatmap = sweep_dir / "heatmap.png"
@@ -422,10 +472,26 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
                 print(f"  job {entry.name}: {entry.pairing}")
         top = max(best.done, key=lambda j: j.metrics["pairwise_accuracy"])
         print(f"reproduce: {top.command()}")
+        for entry in others:
+            print(also_line(entry, best))
     run_id = log_to_wandb(sweep_dir, jobs, rows, heatmap if has_heatmap else None, verdict) if use_wandb else None
     return {"jobs": len(jobs), **counts, "best": best.name if best else None, "halving": halving,
+            "also": {e.name: e.paired or {"pairing": e.pairing} for e in others},
             "tied_with_best": [e.name for e in verdict.tied], "n_eval_pairs": verdict.n_pairs,
             "min_detectable_gap": verdict.min_detectable, "wandb_run": run_id}
+
+
+def also_line(entry: Entry, best: Entry) -> str:
+    """E.g. "also: eval-mean4 (mean ensemble of jobs 1, 7, 6, 0): 0.6247 [0.5761, 0.6709]; - best job 7: -0.0101
+    [-0.0428, +0.0227], p 0.70 (Holm) on 397 pairs"."""
+    metrics = entry.jobs[0].metrics
+    head = f"{entry.name}" + (f" ({entry.model})" if entry.model else "")
+    if not entry.paired:
+        return f"{head}: {entry.pairing or 'not paired'}"
+    p = entry.paired
+    interval = f" [{metrics['ci_low']:.4f}, {metrics['ci_high']:.4f}]" if "ci_low" in metrics else ""
+    return (f"{head}: {p['accuracy_b']:.4f}{interval}; - best job {best.name}: {p['delta']:+.4f} "
+            f"[{p['delta_ci_low']:+.4f}, {p['delta_ci_high']:+.4f}], p {p['p_holm']:.2g} (Holm) on {p['n_pairs']} pairs")
 
 
 def add_rung_history(rows: list[dict], jobs: list[Job]) -> None:
@@ -482,7 +548,8 @@ def halving_report(sweep_dir: Path, jobs: list[Job]) -> dict | None:
 def app(cfg: DictConfig) -> dict:
     with console.reported():
         args = to_typed(cfg)
-        return report(args.sweep_dir, use_wandb=args.wandb, n_resamples=args.n_resamples, seed=args.seed)
+        return report(args.sweep_dir, use_wandb=args.wandb, n_resamples=args.n_resamples, seed=args.seed,
+                      also=args.also)
 
 
 def cli() -> None:
