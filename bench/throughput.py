@@ -194,7 +194,6 @@ def eval_worker(args) -> dict:
     from rmexp.config import CONF_MODULE
     from rmexp.dataset import read_pairs
     from rmexp.model import load_reward_model
-    from rmexp.prepare import keep_4bit_layers_trainable
     from rmexp.reward_model import RewardModel
 
     dtype = [f"model.dtype={args.dtype}", f"quantization.bnb_4bit_compute_dtype={args.dtype}"]
@@ -204,12 +203,10 @@ def eval_worker(args) -> dict:
     pairs, _ = read_pairs(args.data, max_pairs=args.pairs, on_error="skip")
     torch.manual_seed(0)  # the same head in both processes
     model, tok, _ = load_reward_model(cfg.model, cfg.quantization)
-    if args.dtype == "float32":  # bitsandbytes' AVX512-BF16 inference kernel rounds to bf16: keep fp32 matmuls
-        keep_4bit_layers_trainable(model)
     rm = RewardModel(model, tok, args.max_length, "bench", packed=args.worker == "eval_packed",
                      row_tokens=args.row_tokens)
     encoded = rm.encode(pairs)
-    rm.score_encoded(encoded[:4], batch_size=args.batch)  # warm-up (bitsandbytes repacks its weights once)
+    rm.score_encoded(encoded[:4], batch_size=args.batch)  # warm-up (the 4-bit base is dequantized once)
     started = time.perf_counter()
     rewards = rm.score_encoded(encoded, batch_size=args.batch)
     seconds = time.perf_counter() - started

@@ -293,6 +293,19 @@ def test_the_server_answers_an_ensembles_uncertainty_beside_openrlhfs_rewards(me
     assert len(body["rewards"]) == len(body["uncertainty"]) == len(PROMPTS)
 
 
+def test_rmexp_score_prints_an_ensembles_uncertainty_beside_its_reward(mean_ensemble, capsys):
+    from rmexp.config import ScoreConfig
+    from rmexp.score import score
+
+    question, answer = "Why is the sky blue?", "Rayleigh scattering."
+    reward = score(ScoreConfig(checkpoint=str(mean_ensemble[0]), question=question, answer=answer, device="auto"))
+    rm = RewardModel.load(mean_ensemble[0])
+    assert reward == rm.score(question, answer)
+    printed = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert float(printed[0]) == pytest.approx(reward, abs=1e-6) and printed[1] == "uncertainty"
+    assert float(printed[2]) == pytest.approx(float(rm.last_uncertainty[0]), abs=1e-6)
+
+
 def test_grpo_steps_on_an_ensemble_with_an_uncertainty_penalty(members, mean_ensemble, tmp_path):
     from test_serve import grpo_steps
 

@@ -98,6 +98,20 @@ def test_evaluate_scores_match_the_training_run_scores(run):
     assert metrics["data_formats"] == {str(ROOT / "data/preference.jsonl"): "triple"}  # what auto chose, named
 
 
+def test_scoring_multiplies_the_4bit_base_as_training_did(run):
+    """Every 4-bit layer scores through the weight dequantized once (what training and its evaluation use), never
+    through bitsandbytes' CPU inference repacking, whose kernel rounds even an fp32 model's matmuls to bf16."""
+    from bitsandbytes.nn import Linear4bit
+
+    from rmexp._compat import cpu_inference_packed
+
+    pairs, _ = read_pairs(ROOT / "data/preference.jsonl", max_pairs=4)
+    run.model.score_pairs(pairs)
+    layers = [m for m in run.model.model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(type(m).__name__.startswith("Cached") for m in layers)
+    assert all(m.rmexp_dequantized is not None and not cpu_inference_packed(m.weight.quant_state) for m in layers)
+
+
 def test_skip_drops_the_bad_line_not_the_file(run):
     f = run.tmp / "one-bad-byte.jsonl"
     rows = [json.dumps(r, ensure_ascii=False).encode() for r in FORMATS["seed.jsonl"]]

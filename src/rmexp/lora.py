@@ -117,9 +117,9 @@ def dequant_cache_fits(model, layers, setting="auto", budget: float = 0.2) -> bo
 
         free = psutil.virtual_memory().available
     if needed > budget * free:
-        log.info("trainer.dequant_cache=auto: off (%.1f GB of dequantized weights, %.1f GB free)",
-                 needed / 2**30, free / 2**30)
+        log.info("dequant_cache=auto: the 4-bit base dequantized at each use (a copy would take %.1f GB, %.1f GB "
+                 "free)", needed / 2**30, free / 2**30)
         return False
-    log.info("trainer.dequant_cache=auto: on (%.2f GB of dequantized weights, %.1f GB free)",
+    log.info("dequant_cache=auto: the 4-bit base kept dequantized (%.2f GB, %.1f GB free)",
              needed / 2**30, free / 2**30)
     return True

@@ -1,4 +1,5 @@
-"""Print the reward of one answer: `rmexp-score checkpoint=<dir> question=... answer=...`.
+"""Print the reward of one answer: `rmexp-score checkpoint=<dir> question=... answer=...` (a mean ensemble's dir:
+its uncertainty too, on the same line).
 
 `question=` and `answer=` take any text as the shell passes it (Chinese punctuation, quotes, commas,
 `${`): it is quoted for Hydra's override grammar before Hydra parses it.
@@ -35,10 +36,15 @@ def quote_free_text(argv: list[str]) -> list[str]:
 
 
 def score(cfg: ScoreConfig) -> float:
+    """Print the reward; a mean ensemble's line adds its uncertainty (the members' spread) after it."""
     from rmexp.reward_model import RewardModel
 
-    reward = RewardModel.load(cfg.checkpoint, device=cfg.device).score(cfg.question, cfg.answer)
-    print(f"{reward:.6f}")
+    rm = RewardModel.load(cfg.checkpoint, device=cfg.device)
+    reward = rm.score(cfg.question, cfg.answer)
+    spread = getattr(rm, "last_uncertainty", None)  # an EnsembleRewardModel's, of this answer
+    print(f"{reward:.6f}" if spread is None else
+          f"{reward:.6f} uncertainty {float(spread[0]):.6f} (the spread of {len(rm.adapters)} members' standardized "
+          "rewards)")
     return reward
 
 
