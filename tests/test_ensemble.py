@@ -242,15 +242,22 @@ def test_member_lists_that_make_no_ensemble_are_refused_before_anything_loads(me
 
 
 @pytest.mark.parametrize(("key", "value"), [("use_dora", True), ("rank_pattern", {"q_proj": 2}),
-                                            ("target_modules", ["q_proj"])])
+                                            ("target_modules", ["q_proj"]), ("modules_to_save", None)])
 def test_a_soup_refuses_adapters_it_cannot_average_before_scoring(members, selection, tmp_path, monkeypatch, key, value):
     other = tmp_path / "other"
     shutil.copytree(members[1], other)
-    config = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps(config | {key: value}))
+    if key == "modules_to_save":  # the same config, another saved tensor: the head left out of the weights
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(other / "adapter_model.safetensors"))
+        save_file({k: v for k, v in tensors.items() if ".score." not in k}, str(other / "adapter_model.safetensors"))
+    else:
+        config = json.loads((other / "adapter_config.json").read_text())
+        (other / "adapter_config.json").write_text(json.dumps(config | {key: value}))
     monkeypatch.setattr("rmexp.ensemble.score_members", lambda *a: pytest.fail("scored before refusing"))
     with pytest.raises(EnsembleError, match="use mode=mean"):
         build(ensemble_cfg([members[0], other], tmp_path / "refused", selection, "mode=soup"))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_evaluate_of_a_mean_ensemble_writes_member_rewards_and_judges_its_uncertainty(members, mean_ensemble, selection,

@@ -115,15 +115,17 @@ def test_an_ensemble_of_the_jobs_is_a_row_beside_them_paired_with_the_best_job(t
     better = first(38)  # 8 pairs better than job 0, none worse: p = 2 / 2^8
     ens_eval = fake_eval(tmp_path, "eval-mean2", better, ensemble)
     other = fake_eval(tmp_path, "eval-other", first(20)[::-1][:N], tmp_path / "elsewhere")
+    alone = report(sweep, use_wandb=False, n_resamples=2000)
+    jobs_alone = read_rows(sweep)
     result = report(sweep, use_wandb=False, n_resamples=2000, also=[ens_eval, other])
     # the best is a job's (the ensemble is compared with it, never chosen): the verdict is the sweep's own
-    assert result["best"] == "0" and result["tied_with_best"] == ["0"]
+    assert result["best"] == "0" and result["tied_with_best"] == alone["tied_with_best"] == ["0"]
     rows = read_rows(sweep)
+    assert all(rows[j]["p_vs_best"] == jobs_alone[j]["p_vs_best"] for j in ("0", "1"))  # the rows added change no p
     row = rows["also: eval-mean2"]
     assert row["model"] == "mean ensemble of jobs 0, 1"
     assert float(row["delta_vs_best"]) == pytest.approx(8 / 40)
-    # Holm over job 1 (10 worse: p = 2 / 2^10), the ensemble and the other eval (10 better, 20 worse): the
-    # ensemble's p is the second smallest, times 2
+    # Holm over the two added rows: the ensemble's p the smaller (the other: 10 better, 20 worse), times 2
     assert float(row["p_vs_best"]) == pytest.approx(2 * 2 / 2**8) and row["tied_with_best"] == "False"
     assert rows["also: eval-other"]["model"] == str(tmp_path / "elsewhere")
     assert result["also"]["also: eval-mean2"]["delta"] == pytest.approx(8 / 40)
@@ -131,6 +133,8 @@ def test_an_ensemble_of_the_jobs_is_a_row_beside_them_paired_with_the_best_job(t
     assert "also: eval-mean2 (mean ensemble of jobs 0, 1): 0.9500 [0.5000, 0.9000]; - best job 0: +0.2000" in out
     with pytest.raises(Exception, match="neither an rmexp-evaluate dir"):
         report(sweep, use_wandb=False, also=[ensemble])
+    with pytest.raises(Exception, match="two dirs share a name"):
+        report(sweep, use_wandb=False, also=[ens_eval, ens_eval])
 
 
 def test_compare_shows_a_mean_ensemble_beside_each_of_its_members(tmp_path):

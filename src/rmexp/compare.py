@@ -75,16 +75,10 @@ def read_scores(path: str | Path) -> Scores:
 
 def member_names(path: str | Path, k: int) -> list[str]:
     """The run dirs of a mean ensemble's members, by the ensemble.json of the dir an eval dir evaluated."""
-    from rmexp.rundir import ENSEMBLE_FILE
+    from rmexp.rundir import evaluated_ensemble
 
-    metrics = Path(path) / "eval_metrics.json"
-    checkpoint = json.loads(metrics.read_text(encoding="utf-8")).get("checkpoint") if metrics.is_file() else None
-    record = Path(checkpoint or path) / ENSEMBLE_FILE
-    if record.is_file():
-        names = [m["path"] for m in json.loads(record.read_text(encoding="utf-8"))["members"]]
-        if len(names) == k:
-            return names
-    return [f"member {i}" for i in range(k)]
+    names = [m["path"] for m in (evaluated_ensemble(Path(path)) or {}).get("members", [])]
+    return names if len(names) == k else [f"member {i}" for i in range(k)]
 
 
 def against_members(scores: Scores, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, dict]:

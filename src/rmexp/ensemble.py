@@ -100,15 +100,31 @@ def adapter_config(run: Path) -> dict:
     return config
 
 
+def _modules(config: dict):
+    targets = config["target_modules"]  # a list of names, or one regex string
+    return targets if isinstance(targets, str) else sorted(targets)
+
+
+def check_soupable(names: list[str], configs: list[dict], keys: list[set[str]]) -> None:
+    """Members a soup can average: LoRA on the same modules, saving the same tensors (score head, modules_to_save,
+    layers); else an EnsembleError naming the two members."""
+    for name, config, saved in zip(names[1:], configs[1:], keys[1:], strict=True):
+        if _modules(config) != _modules(configs[0]) or saved != keys[0]:
+            raise EnsembleError(f"{name} and {names[0]} adapt different modules (lora.target_modules "
+                                f"{_modules(config)} vs {_modules(configs[0])}, or other saved tensors): a soup needs "
+                                "the same ones; use mode=mean")
+
+
 def check_soup(runs: list[Path]) -> None:
     """Refuse, before anything is scored, members a soup cannot average: other adapters than plain LoRA, or LoRA
-    on other modules."""
-    configs = [adapter_config(r) for r in runs]
-    for run, config in zip(runs[1:], configs[1:], strict=True):
-        if set(config["target_modules"]) != set(configs[0]["target_modules"]):
-            raise EnsembleError(f"{run} and {runs[0]} adapt different modules (lora.target_modules: "
-                                f"{sorted(config['target_modules'])} vs {sorted(configs[0]['target_modules'])}): a soup "
-                                "needs the same ones; use mode=mean")
+    on other modules (read from the files' headers: no tensor loads)."""
+    from safetensors import safe_open
+
+    keys = []
+    for run in runs:
+        with safe_open(str(run / ADAPTER_WEIGHTS), framework="pt") as f:
+            keys.append(set(f.keys()))
+    check_soupable([str(r) for r in runs], [adapter_config(r) for r in runs], keys)
 
 
 def read_adapter(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -126,9 +142,7 @@ def soup(adapters: list[tuple[dict, dict[str, torch.Tensor]]], weights: list[flo
         raise EnsembleError(f"{len(adapters)} adapters and {len(weights)} weights")
     configs = [c for c, _ in adapters]
     keys = set(adapters[0][1])
-    for config, tensors in adapters[1:]:
-        if set(tensors) != keys or set(config["target_modules"]) != set(configs[0]["target_modules"]):
-            raise EnsembleError("the members adapt different modules (lora.target_modules): a soup needs the same ones")
+    check_soupable([f"member {k}" for k in range(len(adapters))], configs, [set(t) for _, t in adapters])
     rank = sum(c["r"] for c in configs)
     out: dict[str, torch.Tensor] = {}
     for key in sorted(keys):

@@ -72,7 +72,7 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     # which pairs it is unsure of: |margin| for every model, the members' spread and disagreement for an ensemble
     metrics["uncertainty"] = uncertainty.summary(chosen, rejected, None if members is None else members.numpy())
     runtime = time.time() - started
-    metrics.update(checkpoint=str(cfg.checkpoint), data=str(cfg.data.path), data_stats=stats.as_dict(),
+    metrics.update(checkpoint=str(Path(cfg.checkpoint).expanduser().resolve()), data=str(cfg.data.path), data_stats=stats.as_dict(),
                    data_format=data_format, n_duplicates=len(stats.duplicates),
                    duplicates=[{"line": f"{origin}:{line}", "first": f"{origin}:{first}"}
                                for line, first in list(stats.duplicates.items())[:DUPLICATES_LISTED]],

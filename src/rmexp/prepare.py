@@ -168,6 +168,8 @@ def cache_dequantized_base(model, setting="auto") -> int:
         layers = []
     else:
         layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if layers and all(_MAKER.get(type(m)) is cached_class for m in layers):
+        return len(layers)  # decided already (a model for_scoring prepares before and after its adapter loads)
     if not lora.dequant_cache_fits(model, layers, setting):
         return 0
     for module in layers:
@@ -288,7 +290,8 @@ def for_scoring(model, packed: bool = True, attention: str = "auto", dequant_cac
     scores): `attention` (auto, sdpa_segments, flex) picks it as trainer.attention does, for the device the model
     is on. The 4-bit base multiplies as in training: bitsandbytes' plain layout (its CPU inference kernel, which
     it would switch to here on AVX512-BF16, rounds even an fp32 model's matmuls to bf16), dequantized once where
-    the copy fits (`dequant_cache`, as trainer.dequant_cache; 3.1x the pairs/s on a 2-core Intel Xeon with AMX).
+    the copy fits (`dequant_cache`, as trainer.dequant_cache, `auto` off on CUDA; 3.1x the pairs/s on a 2-core
+    Intel Xeon with AMX).
     On a base whose saved adapter is still to load, before it loads: the adapter's fp32 head weights must land in
     fp32 modules."""
     upcast_reward_head(model)
@@ -296,5 +299,7 @@ def for_scoring(model, packed: bool = True, attention: str = "auto", dequant_cac
         device = next(model.parameters()).device
         use_packed_attention(model, *flex.kernel_for(attention, device, model.config, key="attention"))
     keep_4bit_layers_trainable(model)
-    cache_dequantized_base(model, dequant_cache)
+    device = next(model.parameters()).device
+    # on a GPU a scorer often shares the device with a policy that allocates after it loads: no copy unless asked
+    cache_dequantized_base(model, "false" if dequant_cache == "auto" and device.type == "cuda" else dequant_cache)
     return model

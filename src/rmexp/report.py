@@ -36,7 +36,7 @@ from rmexp.config import CONF_PATH, ReportConfig, to_typed
 from rmexp.errors import MissingPathError, UserError
 from rmexp.halving import State
 from rmexp.metrics import wilson_interval
-from rmexp.rundir import ENSEMBLE_FILE
+from rmexp.rundir import evaluated_ensemble
 from rmexp.rungs import planned_steps, read_rungs
 from rmexp.stats import ALPHA, N_RESAMPLES, against_best, min_detectable_difference, paired_bootstrap
 from rmexp.sweep import Job, read_jobs, sweep_group, sweep_keys
@@ -179,22 +179,22 @@ def also_entry(path: str | Path, sweep_dir: Path) -> Entry:
     else:
         raise MissingPathError(f"also: {path} is neither an rmexp-evaluate dir (eval_metrics.json) nor a run dir "
                                "(metrics.json): evaluate the model on the jobs' eval pairs and pass that dir")
-    return Entry([Job(path, [], metrics)], label=ALSO_PREFIX + path.name, model=describe(metrics["checkpoint"], sweep_dir))
+    return Entry([Job(path, [], metrics)], label=ALSO_PREFIX + path.name,
+                 model=describe(path, metrics["checkpoint"], sweep_dir))
 
 
-def describe(checkpoint: str | None, sweep_dir: Path) -> str:
-    """What a model dir is: `mean ensemble of jobs 1, 7` (members named by job where they are the sweep's), a
-    soup or greedy soup of them, else the dir."""
-    if not checkpoint:
-        return ""
-    record_file = Path(checkpoint) / ENSEMBLE_FILE
-    if not record_file.is_file():
-        return str(checkpoint)
-    record = json.loads(record_file.read_text(encoding="utf-8"))
+def describe(path: Path, checkpoint: str | None, sweep_dir: Path) -> str:
+    """What the model an eval dir evaluated is: `mean ensemble of jobs 1, 7` (members named by job when they are
+    all the sweep's, else by path), a soup or greedy soup of them, else its dir."""
+    record = evaluated_ensemble(path)
+    if record is None:
+        return str(checkpoint or "")
     sweep = sweep_dir.resolve()
-    names = [Path(m["path"]).name if Path(m["path"]).resolve().parent == sweep else m["path"] for m in record["members"]]
+    paths = [Path(m["path"]).resolve() for m in record["members"]]
+    names = ("jobs " + ", ".join(p.name for p in paths) if all(p.parent == sweep for p in paths)
+             else ", ".join(map(str, paths)))
     kind = "mean ensemble" if record.get("mode") == "mean" else "greedy soup" if record.get("greedy") else "soup"
-    return f"{kind} of jobs {', '.join(names)}"
+    return f"{kind} of {names}"
 
 
 def best_entry(entries: list[Entry]) -> Entry | None:
@@ -224,7 +224,7 @@ def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: i
     stats.min_detectable_difference at the observed share of pairs the entries decide unlike the best
     (averaged over the entries compared), or 2p(1-p) at the best's accuracy p when none is compared.
     `also` (other models on the same pairs: an ensemble of the jobs) are tested against the best job likewise,
-    in the same correction, but are never the best, and the verdict and its detectable gap are the jobs' own."""
+    Holm-corrected over themselves; they are never the best, and change nothing of the jobs' verdict."""
     for entry in [*entries, *also]:
         if entry.done:
             try:
@@ -236,21 +236,22 @@ def pair_with_best(entries: list[Entry], n_resamples: int = N_RESAMPLES, seed: i
         return Verdict(None, reason="no finished job yet")
     if best.scores is None:
         return Verdict(best, reason=f"the best job has no per-pair scores ({best.pairing or 'no scores.jsonl'})")
-    decisions = {best.name: best.scores.decisions}
-    for entry in [*entries, *also]:
-        if entry is best or entry.scores is None:
-            continue
-        try:
-            ref_idx, idx = aligned(best.scores, entry.scores, require_same=True)
-        except PairingError as e:
-            entry.pairing = f"refused: {e}"
-            continue
-        ordered = np.empty_like(best.scores.decisions)
-        ordered[ref_idx] = entry.scores.decisions[idx]  # in the best's pair order
-        decisions[entry.name] = ordered
-    results = against_best(decisions, best.name, n_resamples, seed)
-    for entry in [*entries, *also]:
-        entry.paired = results.get(entry.name, {})
+    for group in (entries, also):  # one correction each: rows added beside the jobs change nothing of theirs
+        decisions = {best.name: best.scores.decisions}
+        for entry in group:
+            if entry is best or entry.scores is None:
+                continue
+            try:
+                ref_idx, idx = aligned(best.scores, entry.scores, require_same=True)
+            except PairingError as e:
+                entry.pairing = f"refused: {e}"
+                continue
+            ordered = np.empty_like(best.scores.decisions)
+            ordered[ref_idx] = entry.scores.decisions[idx]  # in the best's pair order
+            decisions[entry.name] = ordered
+        results = against_best(decisions, best.name, n_resamples, seed)
+        for entry in group:
+            entry.paired = results.get(entry.name, {})
     n = len(best.scores.decisions)
     shares = [(e.paired["n_a_better"] + e.paired["n_b_better"]) / n for e in entries if e.paired and e is not best]
     psi = statistics.fmean(shares) if shares and any(shares) else 2 * best.scores.accuracy * (1 - best.scores.accuracy)
@@ -446,6 +447,10 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
     keys = swept_keys(sweep_dir, jobs)
     entries = entries_of(jobs, keys)
     others = [also_entry(p, sweep_dir) for p in also]
+    names = [e.name for e in others]
+    if len(set(names)) != len(names):
+        raise UserError(f"also: two dirs share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                        "the rows are named by dir; give each evaluation its own dir name (hydra.run.dir=...)")
     verdict = pair_with_best(entries, n_resamples, seed, others)
     rows = rows_of(entries + others, keys)
     add_rung_history(rows, jobs)
@@ -482,14 +487,15 @@ def report(sweep_dir: str | Path, use_wandb: bool = True, n_resamples: int = N_R
 
 
 def also_line(entry: Entry, best: Entry) -> str:
-    """E.g. "also: eval-mean4 (mean ensemble of jobs 1, 7, 6, 0): 0.6247 [0.5761, 0.6709]; - best job 7: -0.0101
-    [-0.0428, +0.0227], p 0.70 (Holm) on 397 pairs"."""
+    """E.g. "also: eval-mean4 (mean ensemble of jobs 1, 7, 0, 3): 0.6322 [0.5838, 0.6782]; - best job 7: +0.0076
+    [-0.0302, +0.0453], p 1 (Holm) on 397 pairs"."""
     metrics = entry.jobs[0].metrics
     head = f"{entry.name}" + (f" ({entry.model})" if entry.model else "")
     if not entry.paired:
         return f"{head}: {entry.pairing or 'not paired'}"
     p = entry.paired
-    interval = f" [{metrics['ci_low']:.4f}, {metrics['ci_high']:.4f}]" if "ci_low" in metrics else ""
+    interval = (f" [{metrics['ci_low']:.4f}, {metrics['ci_high']:.4f}]" if {"ci_low", "ci_high"} <= set(metrics)
+                else "")
     return (f"{head}: {p['accuracy_b']:.4f}{interval}; - best job {best.name}: {p['delta']:+.4f} "
             f"[{p['delta_ci_low']:+.4f}, {p['delta_ci_high']:+.4f}], p {p['p_holm']:.2g} (Holm) on {p['n_pairs']} pairs")
 

@@ -455,6 +455,15 @@ def mean_ensemble(path: Path) -> dict | None:
     return data if data.get("mode") == "mean" else None
 
 
+def evaluated_ensemble(eval_dir: Path) -> dict | None:
+    """rmexp-ensemble's record (mean or soup) of the model an rmexp-evaluate dir evaluated (its eval_metrics.json's
+    `checkpoint`), or of `eval_dir` itself; None for any other model."""
+    metrics = Path(eval_dir) / "eval_metrics.json"
+    checkpoint = json.loads(metrics.read_text(encoding="utf-8")).get("checkpoint") if metrics.is_file() else None
+    record = Path(checkpoint or eval_dir) / ENSEMBLE_FILE
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
+
 class CheckpointPathError(UserError, FileNotFoundError):
     """A path that is there but holds no model to load as given (a run that failed or is still training, a
     dir inside a run, a damaged checkpoint): the message names what to pass instead."""
