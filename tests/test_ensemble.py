@@ -172,6 +172,12 @@ def test_a_soup_dir_is_a_run_dir_that_scores_its_merged_adapter(members, selecti
     pairs = selection_pairs(selection)
     rewards = rm.score_pairs(pairs)
     assert record["selection_accuracy"] == float((rewards[:, 0] > rewards[:, 1]).double().mean())
+    # and it exports as a run does: one standalone model scoring as the soup, within a run's export bound
+    from rmexp.export import export
+    from test_evaluate import EXPORT_TOLERANCE
+
+    exported = RewardModel.load(export(tmp_path / "soup", tmp_path / "exported"))
+    assert (exported.score_pairs(pairs[:8]) - rewards[:8]).abs().max().item() < EXPORT_TOLERANCE
 
 
 def test_greedy_soup_keeps_a_member_only_when_selection_accuracy_holds(members, selection, tmp_path):
