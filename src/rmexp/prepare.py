@@ -290,7 +290,7 @@ def for_scoring(model, packed: bool = True, attention: str = "auto", dequant_cac
     scores): `attention` (auto, sdpa_segments, flex) picks it as trainer.attention does, for the device the model
     is on. The 4-bit base multiplies as in training: bitsandbytes' plain layout (its CPU inference kernel, which
     it would switch to here on AVX512-BF16, rounds even an fp32 model's matmuls to bf16), dequantized once where
-    the copy fits (`dequant_cache`, as trainer.dequant_cache, `auto` off on CUDA; 3.1x the pairs/s on a 2-core
+    the copy fits (`dequant_cache`, as trainer.dequant_cache, `auto` off on CUDA; 2.9x the pairs/s on a 2-core
     Intel Xeon with AMX).
     On a base whose saved adapter is still to load, before it loads: the adapter's fp32 head weights must land in
     fp32 modules."""
