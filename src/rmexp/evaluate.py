@@ -72,7 +72,8 @@ def evaluate(cfg: EvaluateConfig | DictConfig) -> dict:
     # which pairs it is unsure of: |margin| for every model, the members' spread and disagreement for an ensemble
     metrics["uncertainty"] = uncertainty.summary(chosen, rejected, None if members is None else members.numpy())
     runtime = time.time() - started
-    metrics.update(checkpoint=str(Path(cfg.checkpoint).expanduser().resolve()), data=str(cfg.data.path), data_stats=stats.as_dict(),
+    metrics.update(checkpoint=str(Path(cfg.checkpoint).expanduser().resolve()), data=str(cfg.data.path),
+                   data_stats=stats.as_dict(),
                    data_format=data_format, n_duplicates=len(stats.duplicates),
                    duplicates=[{"line": f"{origin}:{line}", "first": f"{origin}:{first}"}
                                for line, first in list(stats.duplicates.items())[:DUPLICATES_LISTED]],
@@ -123,6 +124,7 @@ def score_file(model, pairs, cfg, path: Path):
     from rmexp.dataset import truncation_counts
     from rmexp.metrics import bucket_of
     from rmexp.rundir import pair_id, pair_identity, score_lines
+    from rmexp.uncertainty import member_margins
 
     rewards, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2, dtype=torch.long)
     buckets, flags = [], {"prompt_truncated": [], "answer_truncated": [], "identical": []}
@@ -144,10 +146,10 @@ def score_file(model, pairs, cfg, path: Path):
             identity = [pair_identity(pair_id(p), p.source) for p in pairs[start:start + len(encoded)]]
             if getattr(model, "last_members", None) is not None:  # an ensemble: each member's rewards, their spread
                 members.append(model.last_members)
-                margins = model.last_members[..., 0].double() - model.last_members[..., 1].double()
+                spread = member_margins(model.last_members.numpy()).std(axis=0)
                 identity = [ident | {"members_chosen": model.last_members[:, k, 0].tolist(),
                                      "members_rejected": model.last_members[:, k, 1].tolist(),
-                                     "uncertainty": float(margins[:, k].std(correction=0))}
+                                     "uncertainty": float(spread[k])}
                             for k, ident in enumerate(identity)]
             f.writelines(score_lines(part, start, identity))
             f.flush()

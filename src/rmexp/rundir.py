@@ -445,14 +445,17 @@ RUN_OR_EXPORT = "a run dir rmexp-train wrote (outputs/runs/<date>/<time>) or a d
 ENSEMBLE_FILE = "ensemble.json"  # rmexp-ensemble's record: its mode, members and their standardization
 
 
+def ensemble_record(path: Path) -> dict | None:
+    """rmexp-ensemble's record in a dir it wrote (mean or soup), else None."""
+    record = Path(path) / ENSEMBLE_FILE
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
+
 def mean_ensemble(path: Path) -> dict | None:
     """rmexp-ensemble's record of a mean ensemble dir (its members' adapters scored on one base), else None; a soup
     dir holds one too but is a run dir like any other."""
-    record = path / ENSEMBLE_FILE
-    if not record.is_file():
-        return None
-    data = json.loads(record.read_text(encoding="utf-8"))
-    return data if data.get("mode") == "mean" else None
+    record = ensemble_record(path)
+    return record if record is not None and record.get("mode") == "mean" else None
 
 
 def evaluated_ensemble(eval_dir: Path) -> dict | None:
@@ -460,8 +463,7 @@ def evaluated_ensemble(eval_dir: Path) -> dict | None:
     `checkpoint`), or of `eval_dir` itself; None for any other model."""
     metrics = Path(eval_dir) / "eval_metrics.json"
     checkpoint = json.loads(metrics.read_text(encoding="utf-8")).get("checkpoint") if metrics.is_file() else None
-    record = Path(checkpoint or eval_dir) / ENSEMBLE_FILE
-    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    return ensemble_record(Path(checkpoint or eval_dir))
 
 
 class CheckpointPathError(UserError, FileNotFoundError):

@@ -46,6 +46,12 @@ def judge(uncertainty: np.ndarray, wrong: np.ndarray, n_resamples: int = 1000, s
             **{f"selective_accuracy_{int(c * 100)}": selective_accuracy(uncertainty, wrong, c) for c in COVERAGES}}
 
 
+def member_margins(members: np.ndarray) -> np.ndarray:
+    """Each member's margin of each pair (K x n, float64) from an ensemble's standardized rewards (K x n x 2); their
+    population standard deviation over members is the ensemble's per-pair uncertainty."""
+    return members[..., 0].astype(np.float64) - members[..., 1].astype(np.float64)
+
+
 def summary(chosen: np.ndarray, rejected: np.ndarray, members: np.ndarray | None = None) -> dict:
     """`chosen`, `rejected`: the model's rewards (n); `members`: an ensemble's standardized member rewards (K x n x 2).
     Ties count as wrong, as pairwise accuracy counts them."""
@@ -53,7 +59,7 @@ def summary(chosen: np.ndarray, rejected: np.ndarray, members: np.ndarray | None
     wrong = margin <= 0
     out = {"abs_margin": judge(-np.abs(margin), wrong)}
     if members is not None and len(members) > 1:
-        member_margins = members[..., 0].astype(np.float64) - members[..., 1].astype(np.float64)  # K x n
-        out["spread"] = judge(member_margins.std(axis=0), wrong)
-        out["disagreement"] = judge(((member_margins > 0) != (margin > 0)[None, :]).mean(axis=0), wrong)
+        margins = member_margins(members)
+        out["spread"] = judge(margins.std(axis=0), wrong)
+        out["disagreement"] = judge(((margins > 0) != (margin > 0)[None, :]).mean(axis=0), wrong)
     return out
