@@ -674,6 +674,9 @@ def trained_run_section(entries: dict, work: Path, args, placement) -> dict:
         out[kind] = {"path": str(path), "load_s": round(load_s, 2), "score_s": round(time.perf_counter() - started, 3),
                      "devices": sorted({str(p.device) for p in params}), "head": head_info(rm.model),
                      "4bit": where_4bit(rm.model), "packed": rm.packed, "finite": bool(torch.isfinite(rewards).all()),
+                     # rmexp.prepare.scoring_dequant_cache: kept on a CPU where it fits, none on CUDA
+                     "dequantized_4bit_layers": sum(getattr(m, "rmexp_dequantized", None) is not None
+                                                    for m in rm.model.modules()),
                      "accuracy_on_scored_pairs": (rewards[:, 0] > rewards[:, 1]).double().mean().item()}
         del rm
     out["placement"] = str(placement)

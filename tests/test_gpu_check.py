@@ -113,6 +113,7 @@ def check_training(report: dict) -> None:
         assert trained[kind]["devices"] == ["cpu"] and trained[kind]["finite"], kind
         assert trained[kind]["head"]["dtypes"] == ["float32"], kind
     assert trained["run"]["4bit"]["n_4bit_layers"] == 14 and trained["export"]["4bit"]["n_4bit_layers"] == 0
+    assert trained["run"]["dequantized_4bit_layers"] == 14  # on a CPU scoring keeps each one dequantized
     assert math.isfinite(trained["max_abs_export_vs_run"])
 
 

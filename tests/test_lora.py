@@ -207,6 +207,15 @@ def test_dequant_cache_auto_stays_off_when_the_copy_would_not_fit(monkeypatch):
         cache_dequantized_base(layer, "yes")
 
 
+def test_scoring_keeps_no_dequantized_copy_on_cuda_unless_asked():
+    from rmexp.prepare import scoring_dequant_cache
+
+    assert scoring_dequant_cache("auto", torch.device("cuda:0")) == "false"
+    assert scoring_dequant_cache("AUTO", "cuda") == "false"
+    assert scoring_dequant_cache("true", torch.device("cuda", 1)) == "true"
+    assert scoring_dequant_cache("auto", torch.device("cpu")) == "auto"  # the fit decides (rmexp.lora)
+
+
 def test_flop_count_is_transformers_own_with_parameters_counted_once():
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_labels=1, pad_token_id=0)

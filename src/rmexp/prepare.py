@@ -299,7 +299,11 @@ def for_scoring(model, packed: bool = True, attention: str = "auto", dequant_cac
         device = next(model.parameters()).device
         use_packed_attention(model, *flex.kernel_for(attention, device, model.config, key="attention"))
     keep_4bit_layers_trainable(model)
-    device = next(model.parameters()).device
-    # on a GPU a scorer often shares the device with a policy that allocates after it loads: no copy unless asked
-    cache_dequantized_base(model, "false" if dequant_cache == "auto" and device.type == "cuda" else dequant_cache)
+    cache_dequantized_base(model, scoring_dequant_cache(dequant_cache, next(model.parameters()).device))
     return model
+
+
+def scoring_dequant_cache(setting: str, device) -> str:
+    """`dequant_cache` as scoring applies it on `device`: `auto` is off on CUDA, where a scorer often shares the GPU
+    with a policy that allocates after the scorer loads (the fit is judged at load time); anything else as given."""
+    return "false" if str(setting).lower() == "auto" and torch.device(device).type == "cuda" else setting
